@@ -1,0 +1,254 @@
+"""The batch-size decision: pure arithmetic over a ``measure(batch)`` callable.
+
+No torch, no ray. ``decide`` probes batch sizes geometrically, fits peak bytes
+against batch size with least squares, extends probing toward the prediction,
+then *measures the batch it is about to return* and narrows a bracket
+(interpolation, with bisection as the safeguard) until the answer is known to be
+within ``tolerance`` of the largest batch that fits. Every batch it returns has
+been measured within budget; it never returns a size at or above one that failed.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+
+class OutOfMemory(Exception):
+    """Raised by a ``measure`` callable when the batch does not fit on the device."""
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One measured training step: ``peak_bytes`` is None when it ran out of memory."""
+
+    batch: int
+    peak_bytes: int | None
+
+    @property
+    def oom(self) -> bool:
+        return self.peak_bytes is None
+
+
+@dataclass(frozen=True)
+class Fit:
+    """``peak_bytes ~= fixed_bytes + bytes_per_sample * batch`` over ``points`` probes."""
+
+    bytes_per_sample: float
+    fixed_bytes: float
+    r2: float
+    points: int
+
+    def predict_batch(self, budget_bytes: int) -> int | None:
+        """Largest batch the line keeps within ``budget_bytes``; None if the line has no slope."""
+        if self.bytes_per_sample <= 0:
+            return None
+        return math.floor((budget_bytes - self.fixed_bytes) / self.bytes_per_sample)
+
+
+@dataclass
+class Decision:
+    """What ``decide`` found. ``batch_size`` is 0 when status is ``no-fit``."""
+
+    batch_size: int
+    status: str  # "ok" | "no-fit"
+    budget_bytes: int
+    peak_bytes: int | None  # measured at batch_size
+    bytes_per_sample: float | None
+    fixed_bytes: float | None
+    r2: float | None
+    probes: list[Probe] = field(default_factory=list)
+    clamped: bool = False  # True when max_batch fits, so the true limit may be higher
+    reason: str = ""
+
+    @property
+    def measurements(self) -> int:
+        return len(self.probes)
+
+
+def fit_line(points: list[tuple[int, int]]) -> Fit | None:
+    """Least-squares line through (batch, peak_bytes) pairs; None with fewer than 2 batches."""
+    xs = [float(b) for b, _ in points]
+    ys = [float(y) for _, y in points]
+    n = len(xs)
+    if n < 2 or len(set(xs)) < 2:
+        return None
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    slope = sxy / sxx
+    intercept = my - slope * mx
+    ss_tot = sum((y - my) ** 2 for y in ys)
+    ss_res = sum((y - (intercept + slope * x)) ** 2 for x, y in zip(xs, ys))
+    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0
+    return Fit(bytes_per_sample=slope, fixed_bytes=intercept, r2=r2, points=n)
+
+
+def monotonic(points: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted by batch, dropping any point whose peak is below a smaller batch's peak.
+
+    A larger batch that needs less memory is measurement noise (or an allocator
+    artefact); fitting it would tilt the line.
+    """
+    kept: list[tuple[int, int]] = []
+    for b, y in sorted(points):
+        if kept and y < kept[-1][1]:
+            continue
+        kept.append((b, y))
+    return kept
+
+
+class _Search:
+    """The probes so far, and what they say about where the limit is."""
+
+    def __init__(self, measure: Callable[[int], int], budget_bytes: int):
+        self.measure = measure
+        self.budget_bytes = budget_bytes
+        self.probes: list[Probe] = []
+
+    def run(self, batch: int) -> bool:
+        """Measure ``batch``; True when it fits the budget. Only OutOfMemory is caught."""
+        try:
+            peak = int(self.measure(batch))
+        except OutOfMemory:
+            peak = None
+        self.probes.append(Probe(batch, peak))
+        log.debug("batch %d -> %s", batch, "OOM" if peak is None else f"{peak} B")
+        return peak is not None and peak <= self.budget_bytes
+
+    def fits(self, probe: Probe) -> bool:
+        return probe.peak_bytes is not None and probe.peak_bytes <= self.budget_bytes
+
+    @property
+    def hi(self) -> int | None:
+        """Smallest batch that failed (OOM or over budget), if any."""
+        bad = [p.batch for p in self.probes if not self.fits(p)]
+        return min(bad) if bad else None
+
+    @property
+    def lo(self) -> int:
+        """Largest batch that fit and lies below every failure (0 if none)."""
+        hi = self.hi
+        good = [p.batch for p in self.probes if self.fits(p) and (hi is None or p.batch < hi)]
+        return max(good, default=0)
+
+    def peak_at(self, batch: int) -> int | None:
+        return next((p.peak_bytes for p in reversed(self.probes) if p.batch == batch), None)
+
+    def fit(self) -> Fit | None:
+        """Line through the monotonic measured points nearest the limit.
+
+        The curve is piecewise at small batches (the optimizer step, not the
+        activations, sets the peak), so fit only points at or above 1/8 of the
+        largest measured batch, keeping at least the two largest.
+        """
+        pts = monotonic([(p.batch, p.peak_bytes) for p in self.probes if p.peak_bytes is not None])
+        if len(pts) < 2:
+            return None
+        top = pts[-1][0]
+        window = [pt for pt in pts if pt[0] * 8 >= top]
+        return fit_line(window if len(window) >= 2 else pts[-2:])
+
+
+def decide(
+    measure: Callable[[int], int],
+    budget_bytes: int,
+    *,
+    max_batch: int = 1024,
+    tolerance: float = 0.02,
+    first_probes: tuple[int, ...] = (1, 2, 4, 8),
+    max_measurements: int = 24,
+) -> Decision:
+    """Largest batch whose measured peak is <= ``budget_bytes``.
+
+    ``measure(batch)`` returns the peak bytes of one training step at that batch
+    or raises ``OutOfMemory``; any other exception propagates (only OOM is data).
+    The result is within ``tolerance`` (relative) of the largest fitting batch,
+    assuming peak memory grows with batch size; it is capped at ``max_batch``.
+    """
+    if budget_bytes <= 0:
+        raise ValueError(f"budget_bytes={budget_bytes} must be > 0: raise fraction or free the device")
+    if max_batch < 1:
+        raise ValueError(f"max_batch={max_batch} must be >= 1")
+    s = _Search(measure, budget_bytes)
+    if not s.run(1):
+        return _result(s, "no-fit", max_batch=max_batch, reason=_no_fit_reason(s.probes[0], budget_bytes))
+    for b in first_probes:
+        if b <= 1 or b > max_batch:
+            continue
+        if not s.run(b):
+            break
+    while len(s.probes) < max_measurements:
+        nxt = _next_batch(s, max_batch, tolerance)
+        if nxt is None:
+            break
+        s.run(nxt)
+    else:
+        log.warning("stopped after %d measurements; returning the largest verified batch", len(s.probes))
+    return _result(s, "ok", max_batch=max_batch)
+
+
+def _next_batch(s: _Search, max_batch: int, tolerance: float) -> int | None:
+    """The next batch to measure, or None when the answer is settled."""
+    lo, hi = s.lo, s.hi
+    upper = max_batch if hi is None else min(max_batch, hi - 1)
+    if lo >= upper:
+        return None  # bracket closed, or max_batch verified
+    if hi is None:
+        fit = s.fit()
+        predicted = fit.predict_batch(s.budget_bytes) if fit else None
+        if predicted is None:
+            return min(upper, lo * 2)  # flat so far: keep doubling
+        if predicted <= lo * (1 + tolerance):
+            return None  # the line through measured points says lo is (nearly) the limit
+        if predicted > lo * 4:
+            # far beyond the probes: measure halfway first, so the line that picks the
+            # answer is fitted near the limit rather than extrapolated from small batches
+            return min(upper, predicted // 2)
+        return min(upper, predicted)
+    if hi - lo <= max(1, math.floor(tolerance * hi)):
+        return None  # lo is within tolerance of the limit
+    # inside the bracket: interpolate between its ends (regula falsi); bisect when the
+    # failed end has no reading (OOM) or the last two guesses fell on the same side
+    peak_lo, peak_hi = s.peak_at(lo), s.peak_at(hi)
+    if peak_hi is None or peak_hi <= peak_lo or _stalled(s):
+        return (lo + hi) // 2
+    predicted = lo + math.floor((s.budget_bytes - peak_lo) * (hi - lo) / (peak_hi - peak_lo))
+    if predicted <= lo * (1 + tolerance):
+        return None
+    return min(predicted, upper)
+
+
+def _stalled(s: _Search) -> bool:
+    """True when the last two probes landed on the same side of the limit: interpolation is creeping."""
+    if len(s.probes) < 3:
+        return False
+    a, b = s.probes[-2], s.probes[-1]
+    return s.fits(a) == s.fits(b)
+
+
+def _no_fit_reason(probe: Probe, budget_bytes: int) -> str:
+    if probe.peak_bytes is None:
+        return "batch 1 ran out of memory"
+    return f"batch 1 needs {probe.peak_bytes} B, budget is {budget_bytes} B"
+
+
+def _result(s: _Search, status: str, max_batch: int, reason: str = "") -> Decision:
+    fit = s.fit()
+    batch = s.lo if status == "ok" else 0
+    return Decision(
+        batch_size=batch,
+        status=status,
+        budget_bytes=s.budget_bytes,
+        peak_bytes=s.peak_at(batch) if batch else None,
+        bytes_per_sample=fit.bytes_per_sample if fit else None,
+        fixed_bytes=fit.fixed_bytes if fit else None,
+        r2=fit.r2 if fit else None,
+        probes=list(s.probes),
+        clamped=status == "ok" and batch == max_batch,
+        reason=reason or (f"capped at max_batch={max_batch}" if batch == max_batch else ""),
+    )
+

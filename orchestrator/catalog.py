@@ -1,0 +1,66 @@
+"""GPU cards as data: what the driver reports, and what the simulator adds around it.
+
+``total_bytes`` is ``torch.cuda.get_device_properties(i).total_memory`` as seen on
+that card (nvidia-smi's MiB x 2**20; it varies a little with driver and ECC
+settings). ``context_bytes`` is device memory the CUDA context and kernel images
+take outside PyTorch's allocator, and ``workspace_bytes`` the cuBLAS workspace the
+allocator holds once a matmul has run. Both are estimates until calibrated on real
+hardware (see benchmarks/calibrate_cuda.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MiB = 2**20
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class Card:
+    key: str  # the name users type: "A100-80GB"
+    name: str  # torch.cuda.get_device_name() on that card
+    total_bytes: int
+    capability: tuple[int, int]
+    context_bytes: int
+    workspace_bytes: int
+
+    @property
+    def total_gib(self) -> float:
+        return self.total_bytes / GiB
+
+
+def _card(key, name, total_mib, capability, context_mib, workspace_mib=8):
+    return Card(key, name, total_mib * MiB, capability, context_mib * MiB, workspace_mib * MiB)
+
+
+# Context sizes grow with the kernel images loaded for the architecture; Hopper's
+# cuBLAS takes a 32 MiB workspace per handle where older parts take 8 MiB.
+CATALOG: dict[str, Card] = {c.key: c for c in [
+    _card("T4", "Tesla T4", 15_102, (7, 5), 360),
+    _card("V100-16GB", "Tesla V100-SXM2-16GB", 16_160, (7, 0), 380),
+    _card("V100-32GB", "Tesla V100-SXM2-32GB", 32_510, (7, 0), 380),
+    _card("L4", "NVIDIA L4", 22_491, (8, 9), 420),
+    _card("A10G", "NVIDIA A10G", 22_491, (8, 6), 420),
+    _card("RTX-3090", "NVIDIA GeForce RTX 3090", 24_260, (8, 6), 420),
+    _card("RTX-4090", "NVIDIA GeForce RTX 4090", 24_210, (8, 9), 420),
+    _card("A100-40GB", "NVIDIA A100-SXM4-40GB", 40_326, (8, 0), 430),
+    _card("A100-80GB", "NVIDIA A100-SXM4-80GB", 81_038, (8, 0), 430),
+    _card("H100-80GB", "NVIDIA H100 80GB HBM3", 81_090, (9, 0), 520, 32),
+    _card("H200", "NVIDIA H200", 143_166, (9, 0), 520, 32),
+]}
+
+
+def card(key: str) -> Card:
+    """The catalog entry for ``key`` (case-insensitive); ValueError names the known cards."""
+    for k, c in CATALOG.items():
+        if k.lower() == key.strip().lower():
+            return c
+    raise ValueError(f"unknown GPU {key!r}: known cards are {', '.join(CATALOG)}")
+
+
+def by_device_name(name: str, total_bytes: int) -> Card | None:
+    """The catalog card a real device matches (name and total within 2%), if any."""
+    for c in CATALOG.values():
+        if c.name.lower() == name.lower() and abs(c.total_bytes - total_bytes) <= 0.02 * c.total_bytes:
+            return c
+    return None

@@ -1,0 +1,100 @@
+"""Command line: one function per subcommand, each a few calls into the library.
+
+Exit codes: 0 done, 1 runtime failure, 2 bad input, 130 interrupted (SIGINT),
+143 terminated (SIGTERM).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import traceback
+
+from .spec import PRECISIONS, SpecError
+from .units import gib, mib
+
+log = logging.getLogger("orchestrator")
+
+
+def _add_workload_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fraction", type=float, default=0.8,
+                   help="share of the card's total memory the whole device may use at the step's peak "
+                        "(default 0.8, as YOLO; lower it if other jobs share the card)")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="fp16",
+                   help="fp16: AMP with grad scaler (YOLO's default); bf16: AMP; fp32: no autocast")
+    p.add_argument("--optimizer", choices=["SGD", "AdamW"], default="SGD",
+                   help="SGD keeps 1 state tensor per weight, AdamW 2 (default SGD, YOLO's)")
+    p.add_argument("--no-ema", dest="ema", action="store_false",
+                   help="leave out the EMA copy of the weights (YOLO trainers keep one)")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="profile with torch.backends.cudnn.benchmark=True if your trainer sets it (real GPUs)")
+    p.add_argument("--max-batch", type=int, default=1024,
+                   help="never answer above this (default 1024, as YOLO's autobatch)")
+
+
+def cmd_autobatch(args) -> int:
+    from .engine import autobatch
+
+    r = autobatch(args.model, args.imgsz, args.fraction, gpu=args.gpu, precision=args.precision,
+                  optimizer=args.optimizer, ema=args.ema, cudnn_benchmark=args.cudnn_benchmark,
+                  max_batch=args.max_batch)
+    d, dev = r.decision, r.device
+    if args.json:
+        print(json.dumps({"workload": r.workload.as_dict(), "device": dev.as_dict(), "fraction": r.fraction,
+                          "batch_size": d.batch_size, "status": d.status, "peak_bytes": d.peak_bytes,
+                          "budget_bytes": d.budget_bytes, "bytes_per_sample": d.bytes_per_sample,
+                          "fixed_bytes": d.fixed_bytes, "r2": d.r2, "clamped": d.clamped, "reason": d.reason,
+                          "probes": [[p.batch, p.peak_bytes] for p in d.probes], "seconds": r.seconds}))
+        return 0
+    print(f"{r.workload.label()} on {dev.name} ({dev.backend}, {gib(dev.total_bytes)} total, "
+          f"{gib(dev.outside_bytes)} outside the allocator)")
+    print(f"  budget      {gib(d.budget_bytes)}  (fraction {r.fraction:g} of total, less outside)")
+    print(f"  batch size  {d.batch_size}  status {d.status}  peak {gib(d.peak_bytes)}"
+          + (f"  ({d.reason})" if d.reason else ""))
+    if d.bytes_per_sample is not None:
+        print(f"  fit         {mib(d.bytes_per_sample)}/sample + {mib(d.fixed_bytes)} fixed  R^2 {d.r2:.4f}")
+    probes = "  ".join(f"{p.batch}:{'OOM' if p.oom else f'{p.peak_bytes / 2**30:.2f}'}" for p in d.probes)
+    print(f"  probes      {probes}  (GiB; {d.measurements} measurements, {r.seconds:.1f} s)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m orchestrator",
+                                     description="Largest training batch sizes for GPU fleets.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO) on stderr")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("autobatch", help="decide the batch size for one model on one device")
+    p.add_argument("--model", required=True,
+                   help="torchvision:resnet50, timm:convnext_tiny, ultralytics:yolov8s.yaml or pkg.module:callable")
+    p.add_argument("--imgsz", type=int, default=640, help="square input size in pixels (default 640)")
+    p.add_argument("--gpu", default=None,
+                   help="simulate this catalog card (T4, A100-80GB, ...); default: the real CUDA device 0")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    _add_workload_flags(p)
+    p.set_defaults(func=cmd_autobatch)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except SpecError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a runtime failure: one line unless --debug
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1

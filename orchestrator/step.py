@@ -1,0 +1,131 @@
+"""One measured training step, as a trainer runs it, and the out-of-memory classifier.
+
+The same code runs on a real device (CUDA, or CPU in tests) and on fake tensors
+for the simulated backend; ``fake=True`` swaps the two things fake tensors cannot
+do (data-dependent losses, the grad scaler's ``.item()``) for equivalents that
+allocate the same memory.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .models import Built
+from .spec import Workload
+
+AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+STEPS = 2  # optimizer state is created lazily in the first step; the peak can be in either
+
+# Substrings of messages that mean "the device ran out of memory". cuDNN reports an
+# allocation failure inside a kernel as NOT_SUPPORTED / INTERNAL_ERROR or as no engine.
+_OOM_MESSAGES = (
+    "out of memory",  # CUDA, HIP, XPU, MPS
+    "cudnn_status_not_supported",
+    "cudnn_status_internal_error",
+    "unable to find an engine",
+    "defaultcpuallocator: can't allocate memory",
+    "not enough memory",  # CPU allocator
+)
+
+
+def is_oom(exc: BaseException) -> bool:
+    """True when ``exc`` means the device ran out of memory; anything else is a real error."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    if isinstance(exc, (RuntimeError, MemoryError)):
+        msg = str(exc).lower()
+        return isinstance(exc, MemoryError) or any(m in msg for m in _OOM_MESSAGES)
+    return False
+
+
+def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
+    """YOLO's optimizers; ``foreach=True`` as PyTorch picks on CUDA (its temporaries count)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "SGD":
+        return torch.optim.SGD(params, lr=0.01, momentum=0.937, nesterov=True, foreach=True)
+    if name == "AdamW":
+        return torch.optim.AdamW(params, lr=0.001, betas=(0.937, 0.999), weight_decay=0.0005, foreach=True)
+    raise ValueError(f"optimizer={name!r} must be SGD or AdamW")
+
+
+class EMA:
+    """An exponential moving average of the weights, updated as ultralytics' ModelEMA does.
+
+    Holds a copy of every parameter and buffer (ModelEMA deep-copies the model:
+    the same bytes), and updates floats in place with one temporary per tensor.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999):
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        msd = model.state_dict()
+        for k, v in self.state.items():
+            if v.dtype.is_floating_point:
+                v *= self.decay
+                v += (1 - self.decay) * msd[k].detach()
+
+
+class _FakeScaler:
+    """GradScaler's memory without its host sync: scale the loss, unscale the grads in place."""
+
+    def __init__(self, scale: float = 2.0**16):
+        self.scale_value = scale
+
+    def scale(self, loss):
+        return loss * self.scale_value
+
+    def step(self, optimizer):
+        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        found_inf = torch.zeros(1, device=grads[0].device) if grads else None
+        if grads:
+            torch._foreach_mul_(grads, 1.0 / self.scale_value)
+        del found_inf
+        optimizer.step()
+
+    def update(self):
+        pass
+
+
+def _scaler(workload: Workload, device: torch.device, fake: bool):
+    if workload.precision != "fp16":
+        return None
+    if fake:
+        return _FakeScaler()
+    return torch.amp.GradScaler(device.type)
+
+
+def train(built: Built, workload: Workload, batch: int, device: torch.device, *, fake: bool = False) -> None:
+    """Run ``STEPS`` training steps at ``batch`` on ``device``; the caller reads the peak.
+
+    Mirrors a trainer: train mode, random images and labels, forward and loss under
+    autocast, backward (scaled for fp16), optimizer step (state created lazily),
+    ``zero_grad(set_to_none=True)``, and the EMA update.
+    """
+    model = built.module.train()
+    optimizer = make_optimizer(workload.optimizer, model)
+    ema = EMA(model) if workload.ema else None
+    scaler = _scaler(workload, device, fake)
+    dtype = AMP_DTYPES.get(workload.precision)
+    for _ in range(STEPS):
+        images = torch.randn(batch, 3, workload.imgsz, workload.imgsz, device=device)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            outputs = model(images)
+            loss = built.loss(outputs, batch, fake)
+        del images, outputs
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        del loss
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(model)
+    del optimizer, ema, scaler
