@@ -1,0 +1,205 @@
+"""The batch table: one row per (card type, workload, fraction), as CSV on disk.
+
+Every write is read-merge-write under an advisory lock (``fcntl.lockf`` on
+``TABLE.lock``, which also works on NFS mounts with lockd), into a temp file in the
+same folder that is fsynced and renamed over the table: a reader, an interrupt or
+a second sweep never sees a half-written table, and two sweeps writing one table
+both keep their rows.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+import pandas as pd
+
+from .spec import SpecError
+
+log = logging.getLogger(__name__)
+
+KEY = ["gpu_name", "gpu_total_bytes", "model", "imgsz", "precision", "optimizer", "ema",
+       "cudnn_benchmark", "fraction"]
+COLUMNS = KEY + [
+    "batch_size", "status", "gpu_count", "card", "peak_bytes", "budget_bytes", "outside_bytes",
+    "bytes_per_sample", "fixed_bytes", "r2", "clamped", "probes", "probe_peak_bytes", "measurements",
+    "backend", "seconds", "attempts", "error", "host", "torch", "cuda", "driver", "orchestrator", "time",
+]
+STATUSES = ("ok", "no-fit", "error")
+
+
+class TableError(SpecError):
+    """The file at the table path cannot be used as a table; it is left as it is."""
+
+
+def empty() -> pd.DataFrame:
+    return pd.DataFrame(columns=COLUMNS)
+
+
+def read(path: str | os.PathLike) -> pd.DataFrame:
+    """The table at ``path`` (empty if absent); TableError if the file is not one of ours."""
+    path = Path(path)
+    if not path.exists():
+        return empty()
+    raw = path.read_bytes()
+    if not raw.strip():
+        return empty()
+    if not raw.endswith(b"\n"):
+        raise TableError(f"{path} ends mid-row (truncated): restore it or choose another --out; it was not changed")
+    try:
+        df = pd.read_csv(path, keep_default_na=False, na_values=[""])
+    except Exception as e:
+        raise TableError(f"{path} is not a readable CSV ({e}): choose another --out; it was not changed") from None
+    missing = [c for c in KEY + ["batch_size", "status"] if c not in df.columns]
+    if missing:
+        raise TableError(f"{path} is not an orchestrator batch table (no column {', '.join(missing)}): "
+                         "choose another --out or move the file; it was not changed")
+    if df[KEY].isna().any(axis=None) or not df["status"].isin(STATUSES).all():
+        raise TableError(f"{path} has rows with empty keys or unknown status: restore it or choose another --out; "
+                         "it was not changed")
+    return _normalize(df)
+
+
+def _normalize(df: pd.DataFrame) -> pd.DataFrame:
+    for c in COLUMNS:
+        if c not in df.columns:
+            df[c] = None
+    df["imgsz"] = df["imgsz"].astype(int)
+    df["gpu_total_bytes"] = df["gpu_total_bytes"].astype("int64")
+    df["batch_size"] = df["batch_size"].fillna(0).astype(int)
+    df["fraction"] = df["fraction"].astype(float)
+    for c in ("ema", "cudnn_benchmark", "clamped"):
+        df[c] = df[c].map(_as_bool)
+    return df[COLUMNS + [c for c in df.columns if c not in COLUMNS]]
+
+
+def _as_bool(v):
+    if isinstance(v, str):
+        return v.strip().lower() in ("true", "1", "yes")
+    return bool(v) if v is not None and v == v else False
+
+
+def key_of(row) -> tuple:
+    return tuple(_key_value(c, row[c]) for c in KEY)
+
+
+def _key_value(col, v):
+    if col in ("imgsz", "gpu_total_bytes"):
+        return int(v)
+    if col == "fraction":
+        return round(float(v), 6)
+    if col in ("ema", "cudnn_benchmark"):
+        return _as_bool(v)
+    return str(v)
+
+
+def merge(old: pd.DataFrame, rows: Iterable[dict]) -> pd.DataFrame:
+    """``old`` with ``rows`` added; a new row replaces an old one with the same key."""
+    new = pd.DataFrame(list(rows), columns=COLUMNS)
+    if new.empty:
+        return old
+    new = _normalize(new)
+    new_keys = {key_of(r) for _, r in new.iterrows()}
+    kept = old[[key_of(r) not in new_keys for _, r in old.iterrows()]] if len(old) else old
+    frames = [f for f in (kept, new) if len(f)]
+    out = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0].reset_index(drop=True)
+    return out.sort_values(["model", "imgsz", "precision", "optimizer", "gpu_total_bytes", "gpu_name"],
+                           kind="stable", ignore_index=True)
+
+
+@contextlib.contextmanager
+def locked(path: Path):
+    lock_path = path.with_name(path.name + ".lock")
+    with open(lock_path, "a+") as fh:
+        fcntl.lockf(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.lockf(fh, fcntl.LOCK_UN)
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """Fail early, before any work, when the table cannot be written where asked."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise SpecError(f"out={str(path)!r}: folder {str(folder)!r} does not exist; create it or choose another --out")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise SpecError(f"out={str(path)!r}: folder {str(folder)!r} is not writable; choose another --out")
+    if path.exists() and not os.access(path, os.R_OK):
+        raise SpecError(f"out={str(path)!r} is not readable; fix its permissions or choose another --out")
+    read(path)  # refuse a foreign or damaged table now, not after an hour of work
+    return path
+
+
+def write_rows(path: str | os.PathLike, rows: list[dict]) -> pd.DataFrame:
+    """Merge ``rows`` into the table at ``path`` atomically; returns the table as written."""
+    path = Path(path)
+    with locked(path):
+        df = merge(read(path), rows)
+        _write_atomic(path, df)
+    return df
+
+
+def _write_atomic(path: Path, df: pd.DataFrame) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "w", newline="") as fh:
+            df.to_csv(fh, index=False)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def done_keys(df: pd.DataFrame) -> set[tuple]:
+    """Keys already decided (status ok): a re-run skips them unless forced."""
+    return {key_of(r) for _, r in df[df["status"] == "ok"].iterrows()}
+
+
+def decision_row(result, *, gpu_count: int = 1, attempts: int = 1) -> dict:
+    """A table row from an ``engine.Result``."""
+    from datetime import datetime, timezone
+
+    from . import __version__
+
+    w, dev, d = result.workload, result.device, result.decision
+    return {
+        "gpu_name": dev.name, "gpu_total_bytes": dev.total_bytes, "model": w.model, "imgsz": w.imgsz,
+        "precision": w.precision, "optimizer": w.optimizer, "ema": w.ema, "cudnn_benchmark": w.cudnn_benchmark,
+        "fraction": result.fraction, "batch_size": d.batch_size, "status": d.status, "gpu_count": gpu_count,
+        "card": dev.card, "peak_bytes": d.peak_bytes, "budget_bytes": d.budget_bytes,
+        "outside_bytes": dev.outside_bytes, "bytes_per_sample": d.bytes_per_sample, "fixed_bytes": d.fixed_bytes,
+        "r2": d.r2, "clamped": d.clamped, "probes": ",".join(str(p.batch) for p in d.probes),
+        "probe_peak_bytes": ",".join("oom" if p.oom else str(p.peak_bytes) for p in d.probes),
+        "measurements": d.measurements, "backend": dev.backend, "seconds": round(result.seconds, 3),
+        "attempts": attempts, "error": d.reason if d.status != "ok" else "", "host": dev.host,
+        "torch": dev.torch, "cuda": dev.cuda, "driver": dev.driver, "orchestrator": __version__,
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def error_row(workload, device, fraction: float, error: str, *, gpu_count: int = 1, attempts: int = 1,
+              seconds: float = 0.0) -> dict:
+    """A row for a combination that failed for a reason other than memory."""
+    from datetime import datetime, timezone
+
+    from . import __version__
+
+    return {
+        "gpu_name": device.name, "gpu_total_bytes": device.total_bytes, "model": workload.model,
+        "imgsz": workload.imgsz, "precision": workload.precision, "optimizer": workload.optimizer,
+        "ema": workload.ema, "cudnn_benchmark": workload.cudnn_benchmark, "fraction": fraction,
+        "batch_size": 0, "status": "error", "gpu_count": gpu_count, "card": device.card,
+        "outside_bytes": device.outside_bytes, "backend": device.backend, "seconds": round(seconds, 3),
+        "attempts": attempts, "error": error.replace("\n", " ")[:500], "host": device.host, "torch": device.torch,
+        "cuda": device.cuda, "driver": device.driver, "orchestrator": __version__,
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
