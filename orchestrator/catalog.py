@@ -23,30 +23,31 @@ class Card:
     capability: tuple[int, int]
     context_bytes: int
     workspace_bytes: int
+    ray_type: str | None = None  # Ray's accelerator_type label (ray.util.accelerators)
 
     @property
     def total_gib(self) -> float:
         return self.total_bytes / GiB
 
 
-def _card(key, name, total_mib, capability, context_mib, workspace_mib=8):
-    return Card(key, name, total_mib * MiB, capability, context_mib * MiB, workspace_mib * MiB)
+def _card(key, name, total_mib, capability, context_mib, workspace_mib=8, ray_type=None):
+    return Card(key, name, total_mib * MiB, capability, context_mib * MiB, workspace_mib * MiB, ray_type)
 
 
 # Context sizes grow with the kernel images loaded for the architecture; Hopper's
 # cuBLAS takes a 32 MiB workspace per handle where older parts take 8 MiB.
 CATALOG: dict[str, Card] = {c.key: c for c in [
-    _card("T4", "Tesla T4", 15_102, (7, 5), 360),
-    _card("V100-16GB", "Tesla V100-SXM2-16GB", 16_160, (7, 0), 380),
-    _card("V100-32GB", "Tesla V100-SXM2-32GB", 32_510, (7, 0), 380),
-    _card("L4", "NVIDIA L4", 22_491, (8, 9), 420),
-    _card("A10G", "NVIDIA A10G", 22_491, (8, 6), 420),
+    _card("T4", "Tesla T4", 15_102, (7, 5), 360, ray_type="T4"),
+    _card("V100-16GB", "Tesla V100-SXM2-16GB", 16_160, (7, 0), 380, ray_type="V100"),
+    _card("V100-32GB", "Tesla V100-SXM2-32GB", 32_510, (7, 0), 380, ray_type="V100"),
+    _card("L4", "NVIDIA L4", 22_491, (8, 9), 420, ray_type="L4"),
+    _card("A10G", "NVIDIA A10G", 22_491, (8, 6), 420, ray_type="A10G"),
     _card("RTX-3090", "NVIDIA GeForce RTX 3090", 24_260, (8, 6), 420),
     _card("RTX-4090", "NVIDIA GeForce RTX 4090", 24_210, (8, 9), 420),
-    _card("A100-40GB", "NVIDIA A100-SXM4-40GB", 40_326, (8, 0), 430),
-    _card("A100-80GB", "NVIDIA A100-SXM4-80GB", 81_038, (8, 0), 430),
-    _card("H100-80GB", "NVIDIA H100 80GB HBM3", 81_090, (9, 0), 520, 32),
-    _card("H200", "NVIDIA H200", 143_166, (9, 0), 520, 32),
+    _card("A100-40GB", "NVIDIA A100-SXM4-40GB", 40_326, (8, 0), 430, ray_type="A100-40G"),
+    _card("A100-80GB", "NVIDIA A100-SXM4-80GB", 81_038, (8, 0), 430, ray_type="A100-80G"),
+    _card("H100-80GB", "NVIDIA H100 80GB HBM3", 81_090, (9, 0), 520, 32, ray_type="H100"),
+    _card("H200", "NVIDIA H200", 143_166, (9, 0), 520, 32, ray_type="H200"),
 ]}
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import traceback
 
@@ -59,6 +60,40 @@ def cmd_autobatch(args) -> int:
     return 0
 
 
+def _csv_list(kind):
+    def parse(text: str):
+        try:
+            return [kind(x.strip()) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} must be a comma-separated list of {kind.__name__}") from None
+
+    return parse
+
+
+def cmd_sweep(args) -> int:
+    from tqdm import tqdm
+
+    from . import fleet, job as jobs, summary
+
+    job = jobs.with_overrides(
+        jobs.load(args.job), models=args.models, imgsz=args.imgsz, fraction=args.fraction,
+        precision=args.precision, optimizer=args.optimizer, simulate=args.simulate, address=args.address,
+        out=args.out, ema=args.ema, max_batch=args.max_batch, every_device=args.every_device or None,
+        real=args.real,
+    )
+    n = len(job.sweep.workloads())
+    print(f"sweep {job.source}: {n} workloads -> {job.sweep.out}", file=sys.stderr)
+    with tqdm(total=0, desc="combinations", unit="row", file=sys.stderr, dynamic_ncols=True) as bar:
+        stats, df = fleet.run_sweep(job, force=args.force, progress=bar)
+    mine = df[df["fraction"].round(6) == round(job.sweep.fraction, 6)]
+    mine = mine[mine["model"].isin({w.model for w in job.sweep.workloads()})]
+    print(summary.pivot(mine).to_string())
+    print(f"\n{stats.rows} rows written ({stats.ok} ok, {stats.no_fit} no-fit, {stats.errors} error), "
+          f"{stats.skipped} already in the table, {stats.actor_restarts} actor restarts, {stats.seconds:.1f} s")
+    print(f"table: {job.sweep.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m orchestrator",
                                      description="Largest training batch sizes for GPU fleets.")
@@ -75,12 +110,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     _add_workload_flags(p)
     p.set_defaults(func=cmd_autobatch)
+
+    p = sub.add_parser("sweep", help="build the batch table for every GPU type x workload in a job")
+    p.add_argument("job", nargs="?", default=None,
+                   help="job file (TOML, see jobs/); default: the built-in jobs/quickstart.toml")
+    p.add_argument("--models", type=_csv_list(str), help="comma-separated models, replacing the job's grid")
+    p.add_argument("--imgsz", type=_csv_list(int), help="comma-separated image sizes, e.g. 320,640")
+    p.add_argument("--fraction", type=float, help="share of each card's memory to use at peak (job default 0.8)")
+    p.add_argument("--precision", type=_csv_list(str), help="comma-separated: fp16,bf16,fp32")
+    p.add_argument("--optimizer", type=_csv_list(str), help="comma-separated: SGD,AdamW")
+    p.add_argument("--no-ema", dest="ema", action="store_const", const=False, default=None,
+                   help="leave out the EMA weight copy")
+    p.add_argument("--max-batch", type=int, help="never answer above this (default 1024)")
+    p.add_argument("--simulate", help="simulate this fleet of catalog cards, e.g. 'T4 x2, A100-80GB'")
+    p.add_argument("--real", action="store_true", help="require real GPUs (fail instead of simulating)")
+    p.add_argument("--address", help="Ray cluster to join: auto, HOST:PORT or ray://HOST:10001 "
+                                     "(default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--out", help="table path (default results/batch_table.csv); rows merge into an existing table")
+    p.add_argument("--force", action="store_true", help="re-measure combinations already ok in the table")
+    p.add_argument("--every-device", action="store_true",
+                   help="measure on every device of a type (checks that they agree) instead of once per type")
+    p.set_defaults(func=cmd_sweep)
     return parser
+
+
+class Terminated(Exception):
+    """SIGTERM, raised in the main thread so that cleanup (Ray shutdown) runs."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -91,8 +156,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted: the table holds every finished row; run again to do the rest", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated: the table holds every finished row; run again to do the rest", file=sys.stderr)
+        return 143
     except Exception as e:  # a runtime failure: one line unless --debug
         if args.debug:
             traceback.print_exc()

@@ -37,6 +37,8 @@ class DeviceInfo:
     torch: str = torch.__version__
     host: str = ""
     card: str = ""  # catalog key, when known
+    pid: int = 0  # the process that owns the device (a Ray actor in a sweep)
+    node: str = ""  # Ray node id, in a sweep
 
     def budget_bytes(self, fraction: float) -> int:
         """Bytes our allocator may reserve so that whole-device usage stays <= fraction x total."""

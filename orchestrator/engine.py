@@ -21,6 +21,8 @@ class Result:
     fraction: float
     decision: core.Decision
     seconds: float
+    profile_seconds: float = 0.0
+    """Simulated: time spent tracing the workload (shared by every card that replays it)."""
 
 
 def check_fraction(fraction) -> float:
@@ -44,7 +46,8 @@ def decide_on(backend, workload: Workload, fraction: float, *, max_batch: int = 
     seconds = time.perf_counter() - t0
     log.info("%s on %s: batch %d (%s) after %d measurements in %.1fs", workload.label(), info.name,
              decision.batch_size, decision.status, decision.measurements, seconds)
-    return Result(workload, info, fraction, decision, seconds)
+    prof = getattr(backend, "_profiles", {}).get(workload)
+    return Result(workload, info, fraction, decision, seconds, prof.trace_seconds if prof else 0.0)
 
 
 def autobatch(model: str, imgsz: int = 640, fraction: float = 0.8, *, gpu: str | None = None,

@@ -27,7 +27,7 @@ KEY = ["gpu_name", "gpu_total_bytes", "model", "imgsz", "precision", "optimizer"
 COLUMNS = KEY + [
     "batch_size", "status", "gpu_count", "card", "peak_bytes", "budget_bytes", "outside_bytes",
     "bytes_per_sample", "fixed_bytes", "r2", "clamped", "probes", "probe_peak_bytes", "measurements",
-    "backend", "seconds", "attempts", "error", "host", "torch", "cuda", "driver", "orchestrator", "time",
+    "device_batches", "backend", "seconds", "profile_seconds", "attempts", "error", "host", "torch", "cuda", "driver", "orchestrator", "time",
 ]
 STATUSES = ("ok", "no-fit", "error")
 
@@ -180,6 +180,7 @@ def decision_row(result, *, gpu_count: int = 1, attempts: int = 1) -> dict:
         "r2": d.r2, "clamped": d.clamped, "probes": ",".join(str(p.batch) for p in d.probes),
         "probe_peak_bytes": ",".join("oom" if p.oom else str(p.peak_bytes) for p in d.probes),
         "measurements": d.measurements, "backend": dev.backend, "seconds": round(result.seconds, 3),
+        "profile_seconds": round(result.profile_seconds, 3),
         "attempts": attempts, "error": d.reason if d.status != "ok" else "", "host": dev.host,
         "torch": dev.torch, "cuda": dev.cuda, "driver": dev.driver, "orchestrator": __version__,
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),

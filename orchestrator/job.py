@@ -1,0 +1,280 @@
+"""Sweep jobs: TOML files in jobs/, validated into typed configs, overridden by CLI flags.
+
+```toml
+[sweep]
+fraction = 0.8
+precision = ["fp16"]
+optimizer = ["SGD"]
+out = "results/batch_table.csv"
+
+[[sweep.grid]]                      # the cross product within each grid entry
+models = ["ultralytics:yolov8s.yaml"]
+imgsz = [640]
+
+[fleet]
+mode = "auto"                       # auto | real | simulate
+simulate = "T4, A10G, A100-80GB"    # catalog cards with counts: "T4 x2, H100-80GB"
+address = ""                        # "" local, "auto", "HOST:PORT", "ray://HOST:10001"
+```
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+from . import catalog
+from .spec import OPTIMIZERS, PRECISIONS, SpecError, Workload
+
+DEFAULT_JOB = Path(__file__).resolve().parent.parent / "jobs" / "quickstart.toml"
+
+
+@dataclass(frozen=True)
+class GridEntry:
+    """Every model in ``models`` at every size in ``imgsz``."""
+
+    models: tuple[str, ...]
+    imgsz: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    grid: tuple[GridEntry, ...]
+    """Model x image-size cross products; the sweep measures their union."""
+    fraction: float = 0.8
+    """Whole-device usage at the step's peak <= fraction x total (YOLO's default 0.8)."""
+    precision: tuple[str, ...] = ("fp16",)
+    """fp16 (AMP + scaler, YOLO's default), bf16 (AMP) and/or fp32."""
+    optimizer: tuple[str, ...] = ("SGD",)
+    """SGD (YOLO's default) and/or AdamW."""
+    ema: bool = True
+    """Count the EMA weight copy YOLO trainers keep."""
+    cudnn_benchmark: bool = False
+    """Profile with cudnn.benchmark as your trainer sets it (real GPUs)."""
+    max_batch: int = 1024
+    """Never answer above this (YOLO's autobatch caps at 1024)."""
+    out: str = "results/batch_table.csv"
+    """The lookup table; relative paths are relative to the current directory."""
+    every_device: bool = False
+    """Measure each combination on every device of a type (to check that they agree), not once per type."""
+
+    def workloads(self) -> list[Workload]:
+        seen: dict[Workload, None] = {}
+        for g in self.grid:
+            for m, s, p, o in itertools.product(g.models, g.imgsz, self.precision, self.optimizer):
+                seen[Workload(m, s, p, o, self.ema, self.cudnn_benchmark)] = None
+        return list(seen)
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    mode: str = "auto"
+    """auto: real GPUs if the machine or cluster has any, else the simulated fleet; real; simulate."""
+    simulate: tuple[tuple[str, int], ...] = (("T4", 1), ("A10G", 1), ("A100-80GB", 1))
+    """Catalog cards and counts for a simulated fleet."""
+    address: str = ""
+    """Ray cluster to join ("auto", "HOST:PORT", "ray://..."); empty starts a local Ray (or uses RAY_ADDRESS)."""
+    actor_timeout_s: float = 120.0
+    """How long an actor may take to be placed and report its device before it is given up."""
+    task_timeout_s: float = 1800.0
+    """A combination running longer than this is cancelled (its actor killed) and recorded as an error."""
+    max_attempts: int = 3
+    """Tries per combination when actors die under it; then it is an error row."""
+
+
+@dataclass(frozen=True)
+class Job:
+    sweep: SweepConfig
+    fleet: FleetConfig
+    source: str = "<built-in>"
+
+
+_ALLOWED = {
+    "sweep": {f.name for f in fields(SweepConfig)} - {"grid"} | {"grid", "models", "imgsz"},
+    "grid": {"models", "imgsz"},
+    "fleet": {f.name for f in fields(FleetConfig)},
+}
+
+
+def parse_fleet(text: str, where: str = "--simulate") -> tuple[tuple[str, int], ...]:
+    """'T4 x2, A100-80GB' -> (("T4", 2), ("A100-80GB", 1)); catalog names checked."""
+    items = text if isinstance(text, list) else [s for s in re.split(r"[,;]", str(text)) if s.strip()]
+    out = []
+    for item in items:
+        m = re.fullmatch(r"\s*([A-Za-z0-9_.\-]+)\s*(?:[x*]\s*(\d+))?\s*", str(item))
+        if not m:
+            raise SpecError(f"{where}: {item!r} must be CARD or CARD xN, e.g. 'T4 x2, A100-80GB'")
+        try:
+            key = catalog.card(m.group(1)).key
+        except ValueError as e:
+            raise SpecError(f"{where}: {e}") from None
+        count = int(m.group(2) or 1)
+        if count < 1:
+            raise SpecError(f"{where}: {item!r} count must be >= 1")
+        out.append((key, count))
+    if not out:
+        raise SpecError(f"{where}: empty fleet; name catalog cards, e.g. 'T4 x2, A100-80GB'")
+    return tuple(out)
+
+
+def load(path: str | os.PathLike | None = None) -> Job:
+    """Read and validate a job file (the built-in quickstart when None)."""
+    p = Path(path) if path else DEFAULT_JOB
+    src = str(path) if path else "jobs/quickstart.toml"
+    if not p.is_file():
+        raise SpecError(f"job file {src!r} does not exist; see jobs/ for examples")
+    try:
+        data = tomllib.loads(p.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise SpecError(f"{src}: not valid TOML ({e}); fix the file") from None
+    return from_dict(data, src)
+
+
+def from_dict(data: dict, src: str = "<dict>") -> Job:
+    _check_keys(data, {"sweep", "fleet"}, src, "")
+    sweep_d = data.get("sweep", {})
+    fleet_d = data.get("fleet", {})
+    _check_keys(sweep_d, _ALLOWED["sweep"], src, "[sweep] ")
+    _check_keys(fleet_d, _ALLOWED["fleet"], src, "[fleet] ")
+    return Job(_sweep(sweep_d, src), _fleet(fleet_d, src), src)
+
+
+def _check_keys(d, allowed, src, section):
+    if not isinstance(d, dict):
+        raise SpecError(f"{src}: {section.strip() or 'top level'} must be a table")
+    for k in d:
+        if k not in allowed:
+            raise SpecError(f"{src}: {section}unknown key {k!r}; allowed: {', '.join(sorted(allowed))}")
+
+
+def _typed(d, key, kind, src, section, default):
+    v = d.get(key, default)
+    ok = isinstance(v, kind) and not (kind in (int, float, (int, float)) and isinstance(v, bool))
+    if not ok:
+        name = kind.__name__ if isinstance(kind, type) else "number"
+        raise SpecError(f"{src}: {section}{key}={v!r} must be a {name}")
+    return v
+
+
+def _list(d, key, kind, src, section, default):
+    v = d.get(key, default)
+    if isinstance(v, (str, int)) and not isinstance(v, bool):
+        v = [v]
+    if not isinstance(v, (list, tuple)) or not v:
+        raise SpecError(f"{src}: {section}{key}={v!r} must be a non-empty list")
+    for x in v:
+        if not isinstance(x, kind) or isinstance(x, bool):
+            raise SpecError(f"{src}: {section}{key} entry {x!r} must be a {kind.__name__}")
+    return tuple(v)
+
+
+def _grid(entries, src) -> tuple[GridEntry, ...]:
+    out = []
+    for i, g in enumerate(entries):
+        sec = f"[[sweep.grid]] #{i + 1} "
+        _check_keys(g, _ALLOWED["grid"], src, sec)
+        models = _list(g, "models", str, src, sec, None)
+        sizes = _list(g, "imgsz", int, src, sec, None)
+        for s in sizes:
+            if s <= 0:
+                raise SpecError(f"{src}: {sec}imgsz={s} must be a positive number of pixels, e.g. 640")
+        for m in models:
+            Workload(m, sizes[0])  # syntax of the model string
+        out.append(GridEntry(models, sizes))
+    return tuple(out)
+
+
+def _sweep(d, src) -> SweepConfig:
+    sec = "[sweep] "
+    if "grid" in d and ("models" in d or "imgsz" in d):
+        raise SpecError(f"{src}: {sec}use either models/imgsz or [[sweep.grid]] entries, not both")
+    if "grid" in d:
+        if not isinstance(d["grid"], list) or not d["grid"]:
+            raise SpecError(f"{src}: {sec}grid must be one or more [[sweep.grid]] tables")
+        grid = _grid(d["grid"], src)
+    else:
+        grid = _grid([{"models": d.get("models", []), "imgsz": d.get("imgsz", [640])}], src)
+    fraction = _typed(d, "fraction", (int, float), src, sec, 0.8)
+    if not 0 < fraction <= 1:
+        raise SpecError(f"{src}: {sec}fraction={fraction} must be in (0, 1], e.g. 0.8")
+    precision = _list(d, "precision", str, src, sec, ["fp16"])
+    for p in precision:
+        if p not in PRECISIONS:
+            raise SpecError(f"{src}: {sec}precision {p!r} must be one of {', '.join(PRECISIONS)}")
+    optimizer = _list(d, "optimizer", str, src, sec, ["SGD"])
+    for o in optimizer:
+        if o not in OPTIMIZERS:
+            raise SpecError(f"{src}: {sec}optimizer {o!r} must be one of {', '.join(OPTIMIZERS)}")
+    max_batch = _typed(d, "max_batch", int, src, sec, 1024)
+    if max_batch < 1:
+        raise SpecError(f"{src}: {sec}max_batch={max_batch} must be >= 1")
+    return SweepConfig(
+        grid=grid, fraction=float(fraction), precision=precision, optimizer=optimizer,
+        ema=_typed(d, "ema", bool, src, sec, True),
+        cudnn_benchmark=_typed(d, "cudnn_benchmark", bool, src, sec, False),
+        max_batch=max_batch, out=_typed(d, "out", str, src, sec, "results/batch_table.csv"),
+        every_device=_typed(d, "every_device", bool, src, sec, False),
+    )
+
+
+def _fleet(d, src) -> FleetConfig:
+    sec = "[fleet] "
+    mode = _typed(d, "mode", str, src, sec, "auto")
+    if mode not in ("auto", "real", "simulate"):
+        raise SpecError(f"{src}: {sec}mode={mode!r} must be auto, real or simulate")
+    sim = d.get("simulate", "T4, A10G, A100-80GB")
+    if not isinstance(sim, (str, list)):
+        raise SpecError(f"{src}: {sec}simulate={sim!r} must be a string like 'T4 x2, A100-80GB' or a list")
+    cfg = FleetConfig(
+        mode=mode, simulate=parse_fleet(sim, f"{src}: {sec}simulate"),
+        address=_typed(d, "address", str, src, sec, ""),
+        actor_timeout_s=float(_typed(d, "actor_timeout_s", (int, float), src, sec, 120.0)),
+        task_timeout_s=float(_typed(d, "task_timeout_s", (int, float), src, sec, 1800.0)),
+        max_attempts=_typed(d, "max_attempts", int, src, sec, 3),
+    )
+    for k in ("actor_timeout_s", "task_timeout_s", "max_attempts"):
+        if getattr(cfg, k) <= 0:
+            raise SpecError(f"{src}: {sec}{k}={getattr(cfg, k)} must be > 0")
+    return cfg
+
+
+def with_overrides(job: Job, *, models=None, imgsz=None, fraction=None, precision=None, optimizer=None,
+                   simulate=None, address=None, out=None, ema=None, max_batch=None, every_device=None,
+                   real=False) -> Job:
+    """The job with command-line flags applied (None leaves a setting as the file has it)."""
+    s, f = job.sweep, job.fleet
+    grid = s.grid
+    if models is not None:
+        sizes = tuple(imgsz) if imgsz is not None else tuple(dict.fromkeys(x for g in grid for x in g.imgsz))
+        grid = _grid([{"models": list(models), "imgsz": list(sizes)}], "--models")
+    elif imgsz is not None:
+        grid = tuple(_grid([{"models": list(g.models), "imgsz": list(imgsz)}], "--imgsz")[0] for g in grid)
+    if fraction is not None and not 0 < fraction <= 1:
+        raise SpecError(f"--fraction={fraction} must be in (0, 1], e.g. 0.8")
+    for p in precision or ():
+        if p not in PRECISIONS:
+            raise SpecError(f"--precision {p!r} must be one of {', '.join(PRECISIONS)}")
+    for o in optimizer or ():
+        if o not in OPTIMIZERS:
+            raise SpecError(f"--optimizer {o!r} must be one of {', '.join(OPTIMIZERS)}")
+    if max_batch is not None and max_batch < 1:
+        raise SpecError(f"--max-batch={max_batch} must be >= 1")
+    s = replace(
+        s, grid=grid,
+        fraction=s.fraction if fraction is None else float(fraction),
+        precision=tuple(precision) if precision else s.precision,
+        optimizer=tuple(optimizer) if optimizer else s.optimizer,
+        out=s.out if out is None else out, ema=s.ema if ema is None else ema,
+        max_batch=s.max_batch if max_batch is None else max_batch,
+        every_device=s.every_device if every_device is None else every_device,
+    )
+    if simulate is not None:
+        f = replace(f, mode="simulate", simulate=parse_fleet(simulate))
+    elif real:
+        f = replace(f, mode="real")
+    if address is not None:
+        f = replace(f, address=address)
+    return Job(s, f, job.source)

@@ -1,0 +1,51 @@
+"""Small user models for tests, importable by Ray workers (tests/ is on PYTHONPATH)."""
+import os
+import signal
+import time
+
+import torch
+from torch import nn
+
+
+class Tiny(nn.Module):
+    """A small CNN classifier: cheap to trace, still conv + BN + optimizer state."""
+
+    def __init__(self, fail_at: int | None = None, crash: bool = False, sleep_s: float = 0.0):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                  nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+        self.fail_at, self.crash, self.sleep_s = fail_at, crash, sleep_s
+
+    def forward(self, x):
+        if self.crash:
+            os.kill(os.getpid(), signal.SIGKILL)  # takes its Ray actor down, every time
+        if self.fail_at is not None and x.shape[-1] == self.fail_at:
+            raise ValueError(f"Tiny does not support {self.fail_at} px")
+        if self.sleep_s:
+            time.sleep(self.sleep_s)
+        return self.body(x)
+
+
+def tiny():
+    return Tiny()
+
+
+def tiny_fails_at_96():
+    return Tiny(fail_at=96)
+
+
+def tiny_crashes():
+    return Tiny(crash=True)
+
+
+def tiny_slow():
+    return Tiny(sleep_s=1.0)
+
+
+def not_a_module():
+    return "model"
+
+
+def factory_raises():
+    raise RuntimeError("weights file missing")
