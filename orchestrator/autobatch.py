@@ -217,9 +217,11 @@ def _next_batch(s: _Search, max_batch: int, tolerance: float) -> int | None:
     if peak_hi is None or peak_hi <= peak_lo or _stalled(s):
         return (lo + hi) // 2
     predicted = lo + math.floor((s.budget_bytes - peak_lo) * (hi - lo) / (peak_hi - peak_lo))
-    if predicted <= lo * (1 + tolerance):
-        return None
-    return min(predicted, upper)
+    if predicted <= lo:
+        # the secant says lo is the limit: one probe at the tolerance edge confirms it
+        # (its failure closes the bracket) or moves lo up by the tolerance
+        return min(hi - 1, lo + max(1, math.floor(tolerance * lo)))
+    return min(predicted, hi - 1)
 
 
 def _stalled(s: _Search) -> bool:

@@ -131,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--every-device", action="store_true",
                    help="measure on every device of a type (checks that they agree) instead of once per type")
     p.set_defaults(func=cmd_sweep)
+
     return parser
 
 

@@ -16,6 +16,8 @@ import collections
 import dataclasses
 import logging
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -398,6 +400,8 @@ def connect(fleet, simulated_gpus: int) -> bool:
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = fleet.address or os.environ.get("RAY_ADDRESS", "")
+    # ray.init installs its own SIGTERM handler (exit 1); keep the caller's
+    previous = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
     try:
         if address:
             ray.init(address=address, **RAY_QUIET)
@@ -407,6 +411,8 @@ def connect(fleet, simulated_gpus: int) -> bool:
     except ConnectionError as e:
         raise SpecError(f"address={address!r}: cannot reach a Ray cluster ({e}); "
                         "check `ray status` there, or leave --address empty to run locally") from None
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
     return True
 
 

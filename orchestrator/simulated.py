@@ -20,6 +20,7 @@ import logging
 import time
 import weakref
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -75,11 +76,13 @@ def _fake_copy(module: torch.nn.Module, mode: FakeTensorMode) -> torch.nn.Module
     return copy.deepcopy(module, memo)
 
 
-def trace(built: models.Built, workload: Workload, batch: int, *, fake: bool = True) -> list[int]:
-    """Allocation events of: moving the model to the device, then ``step.STEPS`` training steps.
+def trace(built: models.Built, workload: Workload, batch: int, *, fake: bool = True,
+          run_step: Callable = step.train) -> list[int]:
+    """Allocation events of: moving the model to the device, then ``run_step`` (``step.STEPS`` training steps).
 
     ``fake=False`` runs the same step for real on the CPU (slow, memory-hungry): the
-    reference that the fake run is checked against.
+    reference that the fake run is checked against. ``run_step`` has ``step.train``'s
+    signature; benchmarks swap in other steps (the seed's forward+backward-only probe).
     """
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
     model = _fake_copy(built.module, mode) if fake else copy.deepcopy(built.module)
@@ -89,7 +92,7 @@ def trace(built: models.Built, workload: Workload, batch: int, *, fake: bool = T
         for t in list(model.parameters()) + list(model.buffers()):
             tracker.track(t)
         with tracker:
-            step.train(run, workload, batch, torch.device("cpu"), fake=True)
+            run_step(run, workload, batch, torch.device("cpu"), fake=True)
     del model, run
     return _canonical(tracker.events)
 
@@ -139,6 +142,8 @@ class Profile:
     slope: list[int] | None = None  # None for frees, whose entries in intercept are the event
     trace_seconds: float = 0.0
     traced: int = 0
+    run_step: Callable = step.train
+    """The step that is traced: the full training step unless a benchmark swaps in another."""
     _built: models.Built | None = field(default=None, repr=False, compare=False)
 
     def events(self, batch: int) -> list[int]:
@@ -152,7 +157,7 @@ class Profile:
         if self._built is None:
             self._built = build(self.workload)
         t0 = time.perf_counter()
-        ev = trace(self._built, self.workload, batch)
+        ev = trace(self._built, self.workload, batch, run_step=self.run_step)
         self.trace_seconds += time.perf_counter() - t0
         self.traced += 1
         self.base[batch] = ev
@@ -174,9 +179,10 @@ def build(workload: Workload) -> models.Built:
     return built
 
 
-def profile(workload: Workload, built: models.Built | None = None, batches=(1, 2, 4, 8)) -> Profile:
+def profile(workload: Workload, built: models.Built | None = None, batches=(1, 2, 4, 8),
+            run_step: Callable = step.train) -> Profile:
     """Trace ``workload`` at ``batches``; fit the affine event model on the two largest, check it on another."""
-    prof = Profile(workload, {}, _built=built)
+    prof = Profile(workload, {}, run_step=run_step, _built=built)
     for b in batches:
         prof._trace(b)
     b1, b2, b3 = batches[-3], batches[-2], batches[-1]

@@ -37,7 +37,7 @@ def test_synthesized_trace_equals_direct_trace(profiles):
 
 def test_simulated_oom_drives_no_fit():
     """A workload larger than the card is a no-fit decision (batch 1 OOMs), not an error."""
-    w = Workload("torchvision:resnet50", 2048, "fp32", "AdamW", True)
+    w = Workload("torchvision:resnet50", 3072, "fp32", "AdamW", True)
     backend = SimulatedBackend("T4")
     measure = backend.measurer(w)
     with pytest.raises(OutOfMemory):

@@ -1,0 +1,77 @@
+"""The command line as a user runs it: real subprocesses, exit codes, stdout vs stderr."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args, timeout=300, cwd=None):
+    return subprocess.run([sys.executable, "-m", "orchestrator", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd or ROOT)
+
+
+def test_autobatch_cli_prints_decision():
+    p = run("autobatch", "--model", "torchvision:resnet18", "--imgsz", "224", "--gpu", "T4", "--json")
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout)
+    assert out["status"] == "ok" and out["batch_size"] > 0
+    assert out["probes"][-1][0] == out["batch_size"] or out["batch_size"] in [b for b, _ in out["probes"]]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["autobatch", "--model", "torchvision:resnet5", "--gpu", "T4"], "not a torchvision classifier"),
+    (["autobatch", "--model", "ultralytics:yolov8n.yaml", "--imgsz", "641", "--gpu", "T4"], "use 640 or 672"),
+    (["autobatch", "--model", "torchvision:resnet18", "--imgsz", "-3", "--gpu", "T4"], "imgsz=-3"),
+    (["autobatch", "--model", "torchvision:resnet18", "--fraction", "0", "--gpu", "T4"], "fraction=0.0"),
+    (["autobatch", "--model", "torchvision:resnet18", "--gpu", "K80"], "unknown GPU 'K80'"),
+    (["sweep", "--simulate", "T4 x2, B200", "--out", "/tmp/never.csv"], "unknown GPU 'B200'"),
+    (["sweep", "jobs/missing.toml"], "does not exist"),
+])
+def test_bad_input_exit_2_one_line(args, needle):
+    p = run(*args)
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], p.stderr
+    assert "Traceback" not in p.stderr and p.stdout == ""
+
+
+def _job(tmp_path, models, imgsz, out):
+    text = (f'[sweep]\nmodels = {json.dumps(models)}\nimgsz = {json.dumps(imgsz)}\nout = "{out}"\n'
+            '[fleet]\nmode = "simulate"\nsimulate = "T4, A100-80GB"\n')
+    path = tmp_path / "job.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupted_sweep_keeps_rows_and_rerun_does_the_rest(tmp_path, sig, code):
+    """Interrupt after the first rows land: distinct exit code, a valid table of finished rows,
+    and a re-run that measures only what is missing."""
+    out = tmp_path / "t.csv"
+    models = ["tiny_models:tiny", "tiny_models:tiny_slow"]
+    job = _job(tmp_path, models, [64, 96], out)
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "sweep", str(job)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not (out.exists() and len(pd.read_csv(out)) >= 2):
+        time.sleep(0.2)
+    proc.send_signal(sig)
+    t0 = time.monotonic()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert time.monotonic() - t0 < 20
+    done = pd.read_csv(out)
+    assert 2 <= len(done) < 8 and (done["status"] == "ok").all()
+    p = run("sweep", str(job))
+    assert p.returncode == 0, p.stderr
+    final = pd.read_csv(out)
+    assert len(final) == 8 and (final["status"] == "ok").all()
+    assert f"{len(done)} already in the table" in p.stdout
