@@ -94,6 +94,30 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_devices(args) -> int:
+    import collections
+
+    from . import catalog, fleet, job as jobs
+
+    fleet_cfg = jobs.with_overrides(jobs.load(args.job), simulate=args.simulate, address=args.address,
+                                    real=args.real).fleet
+    infos, simulated = fleet.survey(fleet_cfg)
+    groups = collections.defaultdict(list)
+    for info in infos:
+        groups[info.type_key].append(info)
+    print(f"{'simulated' if simulated else 'real'} fleet: {len(infos)} devices in {len(groups)} types")
+    print(f"  {'GPU':<28} {'count':>5} {'total':>11} {'outside':>11} {'usable':>11}  backend  hosts")
+    for (name, _), group in sorted(groups.items(), key=lambda kv: kv[1][0].total_bytes):
+        d = group[0]
+        hosts = ",".join(sorted({i.host for i in group}))
+        print(f"  {name:<28} {len(group):>5} {gib(d.total_bytes):>11} {gib(d.outside_bytes):>11} "
+              f"{gib(d.total_bytes - d.outside_bytes):>11}  {d.backend:<8} {hosts}")
+    print("\ncatalog (simulate any of these with --simulate 'T4 x2, A100-80GB'):")
+    for c in catalog.CATALOG.values():
+        print(f"  {c.key:<10} {c.name:<28} {gib(c.total_bytes):>11}  sm_{c.capability[0]}{c.capability[1]}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m orchestrator",
                                      description="Largest training batch sizes for GPU fleets.")
@@ -131,6 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--every-device", action="store_true",
                    help="measure on every device of a type (checks that they agree) instead of once per type")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("devices", help="list the fleet's device types and the card catalog")
+    p.add_argument("job", nargs="?", default=None, help="job file whose [fleet] to use (default: quickstart)")
+    p.add_argument("--simulate", help="a simulated fleet of catalog cards, e.g. 'T4 x2, A100-80GB'")
+    p.add_argument("--real", action="store_true", help="require real GPUs")
+    p.add_argument("--address", help="Ray cluster to join: auto, HOST:PORT or ray://HOST:10001")
+    p.set_defaults(func=cmd_devices)
 
     return parser
 

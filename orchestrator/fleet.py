@@ -487,3 +487,22 @@ def run_sweep(job, *, force: bool = False, progress=None) -> tuple[SweepStats, "
         if started:
             ray.shutdown()
     return stats, table.read(job.sweep.out)
+
+
+def survey(fleet_cfg) -> tuple[list[DeviceInfo], bool]:
+    """Start the fleet's actors, collect what each device reports, stop them: (infos, simulated?)."""
+    n_sim = sum(n for _, n in fleet_cfg.simulate) if fleet_cfg.mode != "real" else 0
+    started = connect(fleet_cfg, n_sim)
+    sweep = None
+    try:
+        devices, simulated = resolve_devices(fleet_cfg)
+        from .job import Job, SweepConfig
+
+        sweep = Sweep(Job(SweepConfig(grid=()), fleet_cfg))
+        sweep.start(devices)
+        return [s.info for s in sweep.slots if s.ready], simulated
+    finally:
+        if sweep is not None:
+            sweep.shutdown()
+        if started:
+            ray.shutdown()

@@ -1,0 +1,27 @@
+"""Heterogeneous fleets on a real multi-node Ray cluster (ray.cluster_utils.Cluster, own process)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).with_name("cluster_sweep.py")
+
+
+def run_cluster(tmp_path, *extra):
+    env = dict(os.environ)
+    p = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "t.csv"), *extra], capture_output=True,
+                       text=True, timeout=400, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def test_heterogeneous_cluster_pins_cards_to_labelled_nodes(tmp_path):
+    """Nodes labelled T4 and A100: each simulated card's actor lands on its node; one row per type x workload."""
+    out = run_cluster(tmp_path)
+    nodes = out["nodes"]
+    for p in out["placed"]:
+        assert p["node"] == (nodes["T4"] if p["card"] == "T4" else nodes["A100"]), p
+    rows = out["rows"]
+    assert len(rows) == 2 * 4 and all(r["status"] == "ok" for r in rows)
+    assert {(r["card"], r["gpu_count"]) for r in rows} == {("T4", 2), ("A100-80GB", 1)}
