@@ -3,9 +3,10 @@
 ``autobatch`` decides for one device (real or simulated); ``python -m orchestrator
 sweep`` builds a lookup table for a whole Ray fleet.
 """
+from .answers import Answer, lookup
 from .autobatch import Decision, OutOfMemory, decide
 from .engine import Result, autobatch
 from .spec import SpecError, Workload
 
-__all__ = ["Decision", "OutOfMemory", "Result", "SpecError", "Workload", "autobatch", "decide"]
+__all__ = ["Answer", "lookup", "Decision", "OutOfMemory", "Result", "SpecError", "Workload", "autobatch", "decide"]
 __version__ = "0.1.0"

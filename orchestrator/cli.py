@@ -81,10 +81,18 @@ def cmd_sweep(args) -> int:
         out=args.out, ema=args.ema, max_batch=args.max_batch, every_device=args.every_device or None,
         real=args.real,
     )
-    n = len(job.sweep.workloads())
-    print(f"sweep {job.source}: {n} workloads -> {job.sweep.out}", file=sys.stderr)
-    with tqdm(total=0, desc="combinations", unit="row", file=sys.stderr, dynamic_ncols=True) as bar:
-        stats, df = fleet.run_sweep(job, force=args.force, progress=bar)
+    bars = []
+
+    def progress(total: int):
+        log.info("sweep %s: %d workloads -> %s", job.source, len(job.sweep.workloads()), job.sweep.out)
+        bars.append(tqdm(total=total, desc="combinations", unit="row", file=sys.stderr, dynamic_ncols=True))
+        return bars[-1]
+
+    try:
+        stats, df = fleet.run_sweep(job, force=args.force, progress=progress)
+    finally:
+        for bar in bars:
+            bar.close()
     mine = df[df["fraction"].round(6) == round(job.sweep.fraction, 6)]
     mine = mine[mine["model"].isin({w.model for w in job.sweep.workloads()})]
     print(summary.pivot(mine).to_string())
@@ -163,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster to join: auto, HOST:PORT or ray://HOST:10001")
     p.set_defaults(func=cmd_devices)
 
+    from . import answers, report  # each owns its subcommand: register() + cmd_*()
+
+    answers.register(sub)
+    report.register(sub)
     return parser
 
 

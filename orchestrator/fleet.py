@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -102,6 +103,7 @@ class Sweep:
     """Runs one job's combinations over the fleet and writes rows as they arrive."""
 
     def __init__(self, job, *, force: bool = False, progress=None, actor_options: dict | None = None):
+        """``progress(total)`` returns an object with ``update(n)`` (a tqdm bar), or None."""
         self.job = job
         self.sweep, self.fleet = job.sweep, job.fleet
         self.force = force
@@ -192,8 +194,8 @@ class Sweep:
         tasks = self.plan()
         self._results: dict[tuple, list] = collections.defaultdict(list)  # (type, workload) -> results
         self._expected = collections.Counter((t.type_key, t.workload) for t in tasks)
-        if self.progress is not None:
-            self.progress.reset(total=len(self._expected))
+        if self.progress is not None:  # a factory: no bar before there is work to show
+            self.progress = self.progress(len(self._expected))
         for t in tasks:
             if self.simulated:
                 self.waiting.setdefault(t.workload, []).append(t)
@@ -402,6 +404,8 @@ def connect(fleet, simulated_gpus: int) -> bool:
     address = fleet.address or os.environ.get("RAY_ADDRESS", "")
     # ray.init installs its own SIGTERM handler (exit 1); keep the caller's
     previous = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
+    if address:
+        _check_reachable(address)
     try:
         if address:
             ray.init(address=address, **RAY_QUIET)
@@ -414,6 +418,21 @@ def connect(fleet, simulated_gpus: int) -> bool:
     if previous is not None:
         signal.signal(signal.SIGTERM, previous)
     return True
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, not minutes, when HOST:PORT does not answer (Ray itself retries for long)."""
+    if address == "auto":
+        return  # Ray looks for a local cluster and says so quickly when there is none
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise SpecError(f"address={address!r} must be auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise SpecError(f"address={address!r}: nothing answers there ({e}); check `ray status` on the head "
+                        "node, or leave --address empty to run locally") from None
 
 
 def resolve_devices(fleet) -> tuple[list[tuple[str | None, dict]], bool]:

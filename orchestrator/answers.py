@@ -1,0 +1,389 @@
+"""Read a batch size from the table: the measured row, or a safe answer for a card never measured.
+
+``lookup`` answers in this order:
+
+1. **Measured.** The table has a row for this workload on this card at this
+   fraction: its batch size (``no-fit`` and ``error`` rows raise ``NoAnswer``).
+2. **Extrapolated.** The card (or the fraction) was never measured, but the same
+   workload was measured on some card. A simulated or real training step's peak
+   is a card-independent function of batch size, so every probe the table keeps
+   for the workload (``probes``/``probe_peak_bytes``, on any card, at any
+   fraction) is a point on one curve. The answer solves a line through those
+   points for the target's budget, rounded down, with two guards, because the
+   curve is not exactly a line (allocator rounding puts some batch sizes a few
+   percent above their neighbours):
+
+   - the line's slope is raised until every probe near the top of its card's
+     curve lies on or under it (the stored least-squares fit of one card
+     overshot the real limit in about half of the cases we checked);
+   - ``HELD_BACK`` (2%) of the budget is kept free for what no probe saw.
+
+   Memory outside the allocator on the target: its catalog ``context_bytes``
+   when the card is known (what the simulator and a fresh CUDA process use);
+   otherwise the largest ``outside_bytes`` among the table's rows for the
+   workload, the cautious choice for an unknown card.
+
+Anything else raises ``NoAnswer`` (a ``SpecError``: exit code 2 in the CLI) with
+one line naming what is missing and the nearest keys the table does have.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import logging
+import math
+import numbers
+import os
+import sys
+from dataclasses import dataclass
+
+import pandas as pd
+
+from . import catalog, table as tables
+from .autobatch import fit_line
+from .spec import OPTIMIZERS, PRECISIONS, SpecError, Workload
+from .units import GiB, gib, mib
+
+log = logging.getLogger(__name__)
+
+HELD_BACK = 0.02
+"""Share of an extrapolated budget left unused: covers allocator steps between the probes."""
+MAX_BATCH = 1024
+"""Cap on extrapolated answers: the sweep's default ``max_batch`` (YOLO's autobatch cap)."""
+
+
+class NoAnswer(SpecError):
+    """The table cannot answer: the message names what is missing and what the table has."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A batch size read from the table, with where it came from."""
+
+    batch_size: int
+    extrapolated: bool
+    """True when no row measured this card at this fraction: the answer comes from the probes of other rows."""
+    card: str
+    """Catalog key of the source row's card ('' for a card not in the catalog)."""
+    gpu_name: str
+    """Device name of the source row (for an extrapolation: the measured card nearest in memory)."""
+    fraction: float
+    explanation: str
+
+
+@dataclass(frozen=True)
+class Target:
+    """The card asked about: name and card key may be unknown (a bare memory size)."""
+
+    total_bytes: int
+    outside_bytes: int | None = None
+    """Used outside the allocator; None when unknown (the table's rows stand in)."""
+    name: str = ""
+    card: str = ""
+    outside_from: str = ""
+    """Where ``outside_bytes`` comes from, for the explanation."""
+
+    def label(self) -> str:
+        return f"{self.card or self.name or 'a card'} ({gib(self.total_bytes)})"
+
+
+def lookup(table: str | os.PathLike | pd.DataFrame, model: str, imgsz: int, gpu: str | int | float | None = None,
+           precision: str = "fp16", optimizer: str = "SGD", fraction: float | None = None, ema: bool = True,
+           cudnn_benchmark: bool = False, *, max_batch: int = MAX_BATCH) -> Answer:
+    """The batch size for ``model`` at ``imgsz`` on ``gpu``, from the table at ``table``.
+
+    ``gpu``: None for the current CUDA device; a catalog key ("A100-80GB"); a device
+    name as the driver reports it ("Tesla T4"); or total memory, as int bytes or as
+    GiB in a float or string ("24"). ``fraction`` None takes the table's. Raises
+    ``NoAnswer`` when the table has no answer, ``SpecError`` for bad arguments.
+    """
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise SpecError(f"max_batch={max_batch!r} must be a positive integer, e.g. {MAX_BATCH}")
+    df, source = _load(table)
+    workload = Workload(model, imgsz, precision, optimizer, ema, cudnn_benchmark)
+    rows = workload_rows(df, workload, source)
+    target = resolve_gpu(gpu, df)
+    mine = rows[[_same_card(r, target) for _, r in rows.iterrows()]]
+    fraction = _pick_fraction(fraction, mine if len(mine) else rows, workload)
+    exact = mine[mine["fraction"].round(6) == round(fraction, 6)]
+    if len(exact):  # the nearest in total memory, should the table hold the card twice (simulated and real)
+        return _measured(exact.loc[(exact["gpu_total_bytes"] - target.total_bytes).abs().idxmin()], workload)
+    return extrapolate(rows, workload, target, fraction, max_batch)
+
+
+def _load(table) -> tuple[pd.DataFrame, str]:
+    """The table (a DataFrame is taken as ``table.read`` returns it) and how to name it in errors."""
+    df, source = (table, "the table") if isinstance(table, pd.DataFrame) else (tables.read(table), os.fspath(table))
+    if df.empty:
+        raise NoAnswer(f"{source} has no rows (missing or empty): build it with "
+                       f"`python -m orchestrator sweep --out {source}`")
+    return df, source
+
+
+# -- which rows: the workload, narrowed one key at a time so the error names the key that is missing
+
+
+def workload_rows(df: pd.DataFrame, w: Workload, source: str) -> pd.DataFrame:
+    """Rows of ``df`` for workload ``w`` (any card, any fraction); NoAnswer names the first key not there."""
+    what = ""
+    for col in ("model", "imgsz", "precision", "optimizer", "ema", "cudnn_benchmark"):
+        value = getattr(w, col)
+        hit = df[df[col] == value]
+        if hit.empty:
+            there = nearest(value, df[col].unique().tolist())
+            raise NoAnswer(f"{col}={value!r} is not in {source}{what}: it has {col} {there}; "
+                           "pick one of those or measure it with `python -m orchestrator sweep`")
+        df = hit
+        what = f" for {w.model}" if col == "model" else f"{what} {col}={value}"
+    return df
+
+
+def nearest(value, options: list, limit: int = 8) -> str:
+    """``options`` as text, the nearest to ``value`` first (numbers by distance, text by similarity)."""
+    if all(isinstance(o, (int, float)) and not isinstance(o, bool) for o in options + [value]):
+        ordered = sorted(options, key=lambda o: (abs(o - value), o))
+    else:
+        text = [str(o) for o in options]
+        close = difflib.get_close_matches(str(value), text, n=len(text), cutoff=0)
+        ordered = close + sorted(set(text) - set(close))
+    shown = ", ".join(str(o) for o in ordered[:limit])
+    return shown + (f" (and {len(ordered) - limit} more)" if len(ordered) > limit else "")
+
+
+def _pick_fraction(fraction: float | None, rows: pd.DataFrame, w: Workload) -> float:
+    if fraction is not None:
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+            raise SpecError(f"fraction={fraction!r} must be in (0, 1]: the share of the card to use, e.g. 0.8")
+        return float(fraction)
+    there = sorted(rows["fraction"].round(6).unique())
+    if len(there) > 1:
+        raise NoAnswer(f"fraction is ambiguous for {w.label()}: the table has {', '.join(map(str, there))}; "
+                       "pass one (fraction=, --fraction)")
+    return float(there[0])
+
+
+# -- which card
+
+
+def resolve_gpu(gpu: str | int | float | None, df: pd.DataFrame) -> Target:
+    """The card ``gpu`` names (see ``lookup``); SpecError lists what it could have been."""
+    if gpu is None:
+        return current_device()
+    if isinstance(gpu, bool):
+        raise SpecError(f"gpu={gpu!r} must be a card name or a memory size, e.g. gpu='T4' or gpu=24.0 (GiB)")
+    if isinstance(gpu, numbers.Integral):
+        if gpu < GiB:
+            raise SpecError(f"gpu={gpu} is read as bytes (an int) and is under 1 GiB: pass GiB as a float or "
+                            f"string (gpu={float(gpu)} or '{gpu}') or the total in bytes")
+        return Target(int(gpu))
+    if isinstance(gpu, numbers.Real):
+        return _from_gib(float(gpu), repr(gpu))
+    return _from_name(str(gpu).strip(), df)
+
+
+def _from_name(name: str, df: pd.DataFrame) -> Target:
+    try:
+        return _from_catalog(catalog.card(name))
+    except ValueError:
+        pass
+    rows = df[df["gpu_name"].str.lower() == name.lower()]
+    if len(rows):
+        return _from_rows(name, rows)
+    named = [c for c in catalog.CATALOG.values() if c.name.lower() == name.lower()]
+    if named:
+        return _from_catalog(named[0])
+    if _is_number(name.removesuffix("GiB")):
+        return _from_gib(float(name.removesuffix("GiB")), repr(name))
+    measured = nearest(name, sorted(set(df["gpu_name"])))
+    raise NoAnswer(f"gpu={name!r} is not a catalog card ({nearest(name, list(catalog.CATALOG))}) nor a device "
+                   f"in the table ({measured}): name one of those, or give its memory in GiB "
+                   "(--gpu-memory 24, gpu=24.0)")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _from_catalog(c: catalog.Card) -> Target:
+    return Target(c.total_bytes, c.context_bytes, c.name, c.key, f"the catalog's context for {c.key}")
+
+
+def _from_rows(name: str, rows: pd.DataFrame) -> Target:
+    totals = sorted(set(int(t) for t in rows["gpu_total_bytes"]))
+    if len(totals) > 1:
+        raise NoAnswer(f"gpu={name!r} is ambiguous: the table has it with {', '.join(gib(t) for t in totals)}; "
+                       "pass its catalog key or its memory (--gpu-memory GiB)")
+    r = rows.iloc[0]
+    card = r["card"] if isinstance(r["card"], str) else ""
+    return Target(totals[0], int(rows["outside_bytes"].max()), str(r["gpu_name"]), card, "measured on that card")
+
+
+def _from_gib(value: float, shown: str) -> Target:
+    if not math.isfinite(value) or value <= 0:
+        raise SpecError(f"gpu={shown} must be a positive memory size in GiB, e.g. 24")
+    return Target(int(value * GiB))
+
+
+def current_device() -> Target:
+    """CUDA device 0 through the device seam; SpecError when this machine has none."""
+    from . import devices  # noqa: PLC0415 (imports torch: only for this path)
+
+    if devices.cuda_count() == 0:
+        raise SpecError("gpu=None means the current CUDA device and this machine has none: "
+                        "pass gpu= (--gpu T4, --gpu 'Tesla T4' or --gpu-memory 24)")
+    info = devices.CudaBackend(0).info()
+    c = catalog.CATALOG.get(info.card)
+    # a fresh process has not loaded its kernels yet: count the catalog's context if it is larger
+    outside = max(info.outside_bytes, c.context_bytes if c else 0)
+    return Target(info.total_bytes, outside, info.name, info.card, "this device now or its catalog context, the larger")
+
+
+def _same_card(row, target: Target) -> bool:
+    """A row measured on the target: same device name, total memory within 2% (driver/ECC differences)."""
+    if not target.name:
+        return False
+    return (str(row["gpu_name"]).lower() == target.name.lower()
+            and abs(int(row["gpu_total_bytes"]) - target.total_bytes) <= 0.02 * target.total_bytes)
+
+
+# -- answers
+
+
+def _measured(row, w: Workload) -> Answer:
+    where = f"{row['gpu_name']} ({gib(row['gpu_total_bytes'])}) at fraction {row['fraction']:g}"
+    if row["status"] == "no-fit":
+        raise NoAnswer(f"{w.label()} does not fit on {where} (no-fit: {row['error'] or 'batch 1 is over budget'}); "
+                       "try a smaller imgsz, fp16/bf16, SGD, --no-ema or a larger card")
+    if row["status"] == "error":
+        raise NoAnswer(f"{w.label()} failed to measure on {where} ({row['error']}); "
+                       "fix the cause and re-run the sweep with --force")
+    batch = int(row["batch_size"])
+    text = (f"{w.label()}: batch {batch}, measured on {where} ({row['backend']}): "
+            f"peak {gib(row['peak_bytes'])} of a {gib(row['budget_bytes'])} budget")
+    if row["clamped"]:
+        text += "; capped at the sweep's max batch, the card may take more"
+    card = row["card"] if isinstance(row["card"], str) else ""
+    return Answer(batch, False, card, str(row["gpu_name"]), float(row["fraction"]), text)
+
+
+@dataclass(frozen=True)
+class Line:
+    """``peak_bytes <= fixed_bytes + bytes_per_sample * batch`` for every probe it was drawn over."""
+
+    bytes_per_sample: float
+    fixed_bytes: float
+    points: int
+
+
+def probe_points(rows: pd.DataFrame) -> list[tuple[int, int]]:
+    """(batch, peak bytes) of every probe that ran, each row's points near the top of its curve.
+
+    Small batches are left out as the decision's fit leaves them out: there the
+    optimizer step, not the activations, sets the peak (at or above 1/8 of a row's
+    largest probe, as ``autobatch._Search.fit``).
+    """
+    points: list[tuple[int, int]] = []
+    for _, r in rows.iterrows():
+        pairs = [(int(b), int(p)) for b, p in zip(str(r["probes"]).split(","), str(r["probe_peak_bytes"]).split(","))
+                 if p.strip().isdigit()]
+        top = max((b for b, _ in pairs), default=0)
+        points += [(b, p) for b, p in pairs if b * 8 >= top]
+    return points
+
+
+def upper_line(points: list[tuple[int, int]]) -> Line | None:
+    """Least-squares line through ``points``, its slope raised until no point lies above it."""
+    fit = fit_line(points)
+    if fit is None or fit.bytes_per_sample <= 0:
+        return None
+    slope = max([fit.bytes_per_sample] + [(p - fit.fixed_bytes) / b for b, p in points])
+    fixed = max([fit.fixed_bytes] + [p - slope * b for b, p in points])
+    return Line(slope, fixed, len(points))
+
+
+def extrapolate(rows: pd.DataFrame, w: Workload, target: Target, fraction: float, max_batch: int) -> Answer:
+    """The answer for a card or fraction no row measured, from every probe of ``w`` in ``rows``."""
+    ok = rows[rows["status"] == "ok"]
+    line = upper_line(probe_points(ok)) if len(ok) else None
+    if line is None:
+        raise NoAnswer(_nothing_to_extrapolate(rows, w))
+    outside, why = _outside(target, rows)
+    budget = int(fraction * target.total_bytes) - outside
+    usable = budget * (1 - HELD_BACK)
+    batch = min(max_batch, math.floor((usable - line.fixed_bytes) / line.bytes_per_sample))
+    if batch < 1:
+        raise NoAnswer(f"{w.label()} is not expected to fit on {target.label()} at fraction {fraction:g} "
+                       f"(extrapolated: batch 1 needs about {gib(line.fixed_bytes + line.bytes_per_sample)}, "
+                       f"budget {gib(budget)}); try a larger fraction or card, or a smaller imgsz")
+    cards = ", ".join(sorted({_card_label(r) for _, r in ok.iterrows()}))
+    text = (f"{w.label()}: batch {batch}, EXTRAPOLATED for {target.label()} at fraction {fraction:g} "
+            f"(no row measured it): budget {gib(budget)} = {fraction:g} x {gib(target.total_bytes)} - "
+            f"{gib(outside)} outside ({why}), {HELD_BACK:.0%} of it held back; line {mib(line.bytes_per_sample)}/"
+            f"sample + {mib(line.fixed_bytes)} over {line.points} probes measured on {cards}"
+            + (f"; capped at max_batch={max_batch}" if batch == max_batch else ""))
+    log.info("%s", text)
+    near = ok.loc[(ok["gpu_total_bytes"] - target.total_bytes).abs().idxmin()]  # named as the source row
+    card = near["card"] if isinstance(near["card"], str) else ""
+    return Answer(batch, True, card, str(near["gpu_name"]), fraction, text)
+
+
+def _card_label(row) -> str:
+    return row["card"] if isinstance(row["card"], str) and row["card"] else str(row["gpu_name"])
+
+
+def _outside(target: Target, rows: pd.DataFrame) -> tuple[int, str]:
+    if target.outside_bytes is not None:
+        return target.outside_bytes, target.outside_from
+    return int(rows["outside_bytes"].max()), "unknown card: the largest in the table's rows for this workload"
+
+
+def _nothing_to_extrapolate(rows: pd.DataFrame, w: Workload) -> str:
+    no_fit = rows[rows["status"] == "no-fit"]
+    r = no_fit.iloc[0] if len(no_fit) else rows.iloc[0]
+    where = f"{r['gpu_name']} at fraction {r['fraction']:g}"
+    if len(no_fit):
+        return (f"{w.label()} did not fit on any card in the table ({where}: {r['error']}); "
+                "nothing to extrapolate from: try a smaller imgsz or a larger card")
+    return (f"{w.label()} has no usable measurement to extrapolate from ({where}: {r['status']} "
+            f"{r['error'] or ''}); fix the cause and re-run the sweep with --force")
+
+
+# -- command line
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("lookup", help="print the batch size for one model on one card, read from a table")
+    p.add_argument("table", help="batch table CSV written by `sweep`, e.g. results/batch_table.csv")
+    p.add_argument("--model", required=True, help="as in the table, e.g. ultralytics:yolov8s.yaml")
+    p.add_argument("--imgsz", type=int, required=True, help="square input size in pixels, e.g. 640")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--gpu", help="catalog card (A100-80GB) or device name ('Tesla T4'); "
+                                     "default: the CUDA device of this machine")
+    where.add_argument("--gpu-memory", type=float, metavar="GiB",
+                       help="total memory of a card the table does not name, in GiB (answer is extrapolated)")
+    p.add_argument("--fraction", type=float, default=None,
+                   help="share of the card to use at peak (default: the table's; another value is extrapolated)")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="fp16", help="as measured (default fp16)")
+    p.add_argument("--optimizer", choices=list(OPTIMIZERS), default="SGD", help="as measured (default SGD)")
+    p.add_argument("--no-ema", dest="ema", action="store_false", help="the workload without the EMA copy")
+    p.add_argument("--cudnn-benchmark", action="store_true", help="the workload measured with cudnn.benchmark")
+    p.add_argument("--max-batch", type=int, default=MAX_BATCH,
+                   help=f"cap on extrapolated answers (default {MAX_BATCH}, the sweep's)")
+    p.set_defaults(func=cmd_lookup)
+
+
+def cmd_lookup(args: argparse.Namespace) -> int:
+    """Only the integer goes to stdout, so `batch=$(python -m orchestrator lookup ...)` works."""
+    gpu = args.gpu if args.gpu_memory is None else args.gpu_memory
+    a = lookup(args.table, args.model, args.imgsz, gpu, args.precision, args.optimizer, args.fraction,
+               args.ema, args.cudnn_benchmark, max_batch=args.max_batch)
+    if a.extrapolated:
+        print("warning: extrapolated, not measured on this card or fraction; check it on the first run "
+              f"(`python -m orchestrator autobatch --model {args.model} --imgsz {args.imgsz} ...`)", file=sys.stderr)
+    print(a.explanation, file=sys.stderr)
+    print(a.batch_size)
+    return 0

@@ -1,0 +1,166 @@
+"""A batch table for people: a Markdown summary and a heatmap PNG of the same pivot.
+
+Rows are workloads (model x imgsz, plus precision, optimizer, EMA, cudnn.benchmark
+and fraction where the table has more than one), columns GPU types ordered by
+memory, cells the batch size (``+``: capped at the sweep's max batch), ``no-fit``,
+``error`` or ``-`` (not measured). The Markdown also lists every no-fit and error
+row with its reason.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from . import table as tables
+from .spec import SpecError
+from .summary import cell, gpu_label
+
+log = logging.getLogger(__name__)
+
+VARYING = ("precision", "optimizer", "ema", "cudnn_benchmark", "fraction")
+"""Key columns that join the row label only when the table holds more than one value."""
+
+
+def pivot(df: pd.DataFrame) -> pd.DataFrame:
+    """Cell text (batch size, ``no-fit``, ``error``, ``-``) per workload row and GPU-type column."""
+    df = df.copy()
+    df["gpu"] = [gpu_label(r) for _, r in df.iterrows()]
+    df["value"] = [cell(r) for _, r in df.iterrows()]
+    index = ["model", "imgsz"] + [c for c in VARYING if df[c].nunique() > 1]
+    out = df.pivot_table(index=index, columns="gpu", values="value", aggfunc="first")
+    order = df.drop_duplicates("gpu").sort_values("gpu_total_bytes")["gpu"]
+    return out[[g for g in order if g in out.columns]].fillna("-")
+
+
+def row_label(key, names: list[str]) -> str:
+    """``model @imgsz`` plus the varying keys, e.g. ``torchvision:resnet50 @224 bf16 AdamW``."""
+    values = dict(zip(names, key if isinstance(key, tuple) else (key,)))
+    extra = [_show(n, values[n]) for n in names[2:]]
+    return " ".join([f"{values['model']} @{values['imgsz']}"] + extra)
+
+
+def _show(name: str, value) -> str:
+    if name in ("ema", "cudnn_benchmark"):
+        return name.replace("_", ".") if value else f"no {name.replace('_', '.')}"
+    return f"fraction {value:g}" if name == "fraction" else str(value)
+
+
+def markdown(df: pd.DataFrame, source: str, png_name: str) -> str:
+    """The summary: counts, the heatmap, the pivot as a Markdown table, then no-fit and error rows."""
+    piv = pivot(df)
+    counts = df["status"].value_counts()
+    lines = [f"# Batch sizes: {source}", "",
+             f"{len(df)} rows: {counts.get('ok', 0)} ok, {counts.get('no-fit', 0)} no-fit, "
+             f"{counts.get('error', 0)} error; {piv.shape[0]} workloads on {piv.shape[1]} GPU types; "
+             f"fraction {', '.join(f'{f:g}' for f in sorted(df['fraction'].unique()))}.", "",
+             f"![batch sizes]({png_name})", "",
+             _md_table(["workload"] + list(piv.columns),
+                       [[row_label(k, list(piv.index.names))] + list(v) for k, v in zip(piv.index, piv.values)]),
+             "", "`+`: capped at the sweep's max batch (the card may take more); `-`: not measured.", ""]
+    return "\n".join(lines + _failures(df)) + "\n"
+
+
+def _md_table(header: list[str], rows: list[list]) -> str:
+    def line(cells):
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    aligns = ["---"] + ["---:"] * (len(header) - 1)
+    return "\n".join([line(header), "|" + "|".join(aligns) + "|"] + [line(r) for r in rows])
+
+
+def _failures(df: pd.DataFrame) -> list[str]:
+    bad = df[df["status"] != "ok"]
+    if bad.empty:
+        return ["## No-fit and error rows", "", "None: every combination has a batch size."]
+    out = ["## No-fit and error rows", ""]
+    for _, r in bad.iterrows():
+        reason = str(r["error"] or "").replace("\n", " ") or "no reason recorded"
+        out.append(f"- {r['model']} @{r['imgsz']} {r['precision']} {r['optimizer']} on {gpu_label(r)} "
+                   f"(fraction {r['fraction']:g}): **{r['status']}**: {reason}")
+    return out
+
+
+def heatmap(df: pd.DataFrame, path: Path, title: str) -> None:
+    """The pivot as a PNG: color by log2 batch size, the cell text written in every cell."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    piv = pivot(df)
+    text = piv.values
+    sizes = np.array([[_number(v) for v in row] for row in text], dtype=float)
+    labels = [row_label(k, list(piv.index.names)) for k in piv.index]
+    width = 3.0 + 0.1 * max(len(s) for s in labels) + 1.4 * len(piv.columns)
+    fig, ax = plt.subplots(figsize=(width, 1.6 + 0.5 * len(labels)))
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#e0e0e0")  # bad: no-fit, error, not measured
+    image = ax.imshow(np.ma.masked_invalid(np.log2(sizes)), cmap=cmap, aspect="auto")
+    _write_cells(ax, image, text, sizes)
+    ax.set_xticks(range(len(piv.columns)), labels=list(piv.columns), rotation=30, ha="right")
+    ax.set_yticks(range(len(labels)), labels=labels)
+    ax.set_title(title)
+    bar = fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
+    bar.set_label("batch size")
+    if np.isfinite(sizes).any():  # ticks at powers of two, labelled as batch sizes
+        low, high = np.nanmin(np.log2(sizes)), np.nanmax(np.log2(sizes))
+        bar.set_ticks(range(math.ceil(low), math.floor(high) + 1) if high - low >= 1 else [low])
+        bar.ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{2 ** v:.0f}"))
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _number(value: str) -> float:
+    return float(value.rstrip("+")) if value.rstrip("+").isdigit() else math.nan
+
+
+FAILED_COLORS = {"no-fit": "#f2b8b5", "error": "#f6cf8f"}
+"""Cell backgrounds for rows without a batch size (not measured stays grey)."""
+
+
+def _write_cells(ax, image, text, sizes) -> None:
+    from matplotlib.patches import Rectangle
+
+    for i, row in enumerate(text):
+        for j, value in enumerate(row):
+            if value in FAILED_COLORS:
+                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, color=FAILED_COLORS[value]))
+            shade = image.cmap(image.norm(math.log2(sizes[i, j]))) if sizes[i, j] > 0 else (0.9, 0.9, 0.9, 1)
+            dark = 0.299 * shade[0] + 0.587 * shade[1] + 0.114 * shade[2] < 0.5
+            ax.text(j, i, value, ha="center", va="center", fontsize=10, color="white" if dark else "black")
+
+
+def write(table_path: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> tuple[Path, Path]:
+    """Write ``STEM.md`` and ``STEM.png`` for the table (default folder: ``report/`` next to it)."""
+    table_path = Path(table_path)
+    df = tables.read(table_path)
+    if df.empty:
+        raise SpecError(f"{table_path} has no rows (missing or empty): build it with "
+                        f"`python -m orchestrator sweep --out {table_path}`")
+    out = Path(out_dir) if out_dir is not None else table_path.parent / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    md_path, png_path = out / f"{table_path.stem}.md", out / f"{table_path.stem}.png"
+    fractions = ", ".join(f"{f:g}" for f in sorted(df["fraction"].unique()))
+    heatmap(df, png_path, f"Largest training batch within fraction {fractions} of each GPU ({table_path.name})")
+    md_path.write_text(markdown(df, str(table_path), png_path.name))
+    log.info("report for %s: %s, %s", table_path, md_path, png_path)
+    return md_path, png_path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("report", help="write a Markdown summary and a heatmap PNG of a batch table")
+    p.add_argument("table", help="batch table CSV written by `sweep`, e.g. results/batch_table.csv")
+    p.add_argument("--out", help="folder for TABLE.md and TABLE.png (default: report/ next to the table)")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    md_path, png_path = write(args.table, args.out)
+    print(md_path)
+    print(png_path)
+    return 0

@@ -1,0 +1,155 @@
+"""Reading the table: measured rows as measured, safe answers for cards never measured, errors that say what exists."""
+import subprocess
+import sys
+
+import pytest
+
+from orchestrator import cli, table
+from orchestrator.devices import SimulatedBackend, cuda_count
+from orchestrator.engine import decide_on
+from orchestrator import lookup
+from orchestrator.answers import NoAnswer
+from orchestrator.spec import SpecError, Workload
+from orchestrator.units import GiB
+
+SWEPT = ("T4", "A10G", "A100-80GB")  # the default sweep's simulated fleet
+WORKLOADS = {  # the same workloads test_simulated traces: the session's profiles serve both
+    "mobilenet": Workload("torchvision:mobilenet_v3_small", 224, "fp16", "SGD", True),
+    "yolo": Workload("ultralytics:yolov8n.yaml", 320, "fp16", "SGD", True),
+}
+UNCAPPED = 10**6  # compare extrapolations with the engine's real limit, not with max_batch
+
+
+def decided(profiles, workload, card, fraction=0.8):
+    """(backend, engine result) for ``workload`` on a simulated ``card``, replaying the session's traces."""
+    backend = SimulatedBackend(card)
+    backend.add_profile(profiles(workload))
+    return backend, decide_on(backend, workload, fraction, max_batch=UNCAPPED)
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory, profiles):
+    """A table as a sweep writes it: every workload on every card of SWEPT, at fraction 0.8."""
+    rows = [table.decision_row(decided(profiles, w, c)[1]) for w in WORKLOADS.values() for c in SWEPT]
+    path = tmp_path_factory.mktemp("lookup") / "batch_table.csv"
+    table.write_rows(path, rows)
+    return path
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "orchestrator", "lookup", *map(str, args)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_every_ok_row_is_answered_as_measured(swept):
+    """For every ok row, lookup by catalog key and by device name returns that row's batch size."""
+    df = table.read(swept)
+    assert (df["status"] == "ok").all() and len(df) == len(WORKLOADS) * len(SWEPT)
+    for _, r in df.iterrows():
+        for gpu in (r["card"], r["gpu_name"]):
+            a = lookup(swept, r["model"], r["imgsz"], gpu, r["precision"], r["optimizer"], ema=r["ema"])
+            assert (a.batch_size, a.extrapolated, a.gpu_name) == (r["batch_size"], False, r["gpu_name"])
+
+
+@pytest.mark.parametrize("left_out", ["A10G", "V100-16GB", "A100-40GB", "H200"])
+@pytest.mark.parametrize("name", list(WORKLOADS))
+def test_extrapolation_fits_and_is_near_the_measured_limit(swept, profiles, name, left_out):
+    """A card no row measured gets a batch that fits its budget, within 10% of the engine's answer there."""
+    w = WORKLOADS[name]
+    df = table.read(swept)
+    df = df[df["card"] != left_out]
+    a = lookup(df, w.model, w.imgsz, left_out, max_batch=UNCAPPED)
+    backend, truth = decided(profiles, w, left_out)
+    assert a.extrapolated
+    assert backend.measurer(w)(a.batch_size) <= backend.info().budget_bytes(0.8)
+    assert 0.9 <= a.batch_size / truth.decision.batch_size <= 1.1, (a.batch_size, truth.decision.batch_size)
+
+
+def test_another_fraction_is_recomputed(swept, profiles):
+    """A fraction the table does not hold is answered from the probes, flagged, and fits that budget."""
+    w = WORKLOADS["yolo"]
+    a = lookup(swept, w.model, w.imgsz, "T4", fraction=0.6, max_batch=UNCAPPED)
+    backend, truth = decided(profiles, w, "T4", fraction=0.6)
+    assert a.extrapolated and a.fraction == 0.6
+    assert backend.measurer(w)(a.batch_size) <= backend.info().budget_bytes(0.6)
+    assert 0.9 <= a.batch_size / truth.decision.batch_size <= 1.0
+
+
+def test_memory_sizes_name_a_card(swept):
+    """24 GiB as a float, a string or int bytes is the same card; extrapolations stop at max_batch."""
+    w = WORKLOADS["yolo"]
+    answers = {lookup(swept, w.model, w.imgsz, gpu) for gpu in (24.0, "24", 24 * GiB, "24GiB")}
+    assert len(answers) == 1 and answers.pop().extrapolated
+    assert lookup(swept, WORKLOADS["mobilenet"].model, 224, "H200").batch_size == 1024
+
+
+def test_small_int_is_not_taken_for_bytes(swept):
+    with pytest.raises(SpecError, match=r"gpu=24 is read as bytes.*gpu=24\.0"):
+        lookup(swept, WORKLOADS["yolo"].model, 320, 24)
+
+
+def test_no_fit_and_error_rows_are_not_answers(tmp_path, profiles):
+    """A no-fit or error row raises with its reason; batch 0 is never returned."""
+    w = WORKLOADS["yolo"]
+    no_fit = decided(profiles, w, "T4", fraction=0.02)[1]  # nothing left after the CUDA context
+    assert no_fit.decision.status == "no-fit"
+    broken = Workload("torchvision:vgg11", 224)
+    path = tmp_path / "t.csv"
+    table.write_rows(path, [table.decision_row(no_fit),
+                            table.error_row(broken, SimulatedBackend("A10G").info(), 0.8, "RuntimeError: boom")])
+    with pytest.raises(NoAnswer, match="does not fit on Tesla T4 .* fraction 0.02 .*nothing left"):
+        lookup(path, w.model, w.imgsz, "T4")
+    with pytest.raises(NoAnswer, match="failed to measure on NVIDIA A10G .*RuntimeError: boom"):
+        lookup(path, broken.model, 224, "A10G")
+    with pytest.raises(NoAnswer, match="no usable measurement to extrapolate from"):
+        lookup(path, broken.model, 224, "T4")
+
+
+@pytest.mark.skipif(cuda_count() > 0, reason="this machine has a CUDA device: gpu=None would use it")
+def test_current_device_without_cuda_says_pass_gpu(swept):
+    with pytest.raises(SpecError, match="has none: pass gpu="):
+        lookup(swept, WORKLOADS["yolo"].model, 320)
+
+
+def test_cli_prints_only_the_integer(swept):
+    """stdout is the batch size alone (for `batch=$(...)`); the explanation goes to stderr."""
+    r = table.read(swept).iloc[0]
+    done = run_cli(swept, "--model", r["model"], "--imgsz", r["imgsz"], "--gpu", r["card"])
+    assert (done.returncode, done.stdout) == (0, f"{r['batch_size']}\n")
+    assert f"measured on {r['gpu_name']}" in done.stderr
+
+
+def test_cli_warns_when_extrapolated(swept, capsys):
+    """In-process (the same main() as `python -m orchestrator`): the warning and the reasoning go to stderr."""
+    assert cli.main(["lookup", str(swept), "--model", WORKLOADS["yolo"].model, "--imgsz", "320",
+                     "--gpu-memory", "24"]) == 0
+    out, err = capsys.readouterr()
+    assert int(out) > 0 and out.strip().isdigit()
+    assert "warning: extrapolated" in err and "EXTRAPOLATED for a card (24.00 GiB)" in err
+
+
+@pytest.mark.parametrize("flags,missing,existing", [
+    (["--model", "torchvision:resnet999", "--imgsz", 224, "--gpu", "T4"], "model='torchvision:resnet999'",
+     "torchvision:mobilenet_v3_small"),
+    (["--model", "ultralytics:yolov8n.yaml", "--imgsz", 640, "--gpu", "T4"], "imgsz=640", "it has imgsz 320"),
+    (["--model", "ultralytics:yolov8n.yaml", "--imgsz", 320, "--gpu", "RTX-9999"], "gpu='RTX-9999'",
+     "NVIDIA A100-SXM4-80GB"),
+])
+def test_cli_missing_key_is_one_line_and_exit_2(swept, flags, missing, existing):
+    """Nothing on stdout; one stderr line naming what is missing and what the table has."""
+    done = run_cli(swept, *flags)
+    assert (done.returncode, done.stdout) == (2, "")
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and missing in lines[0] and existing in lines[0], done.stderr
+
+
+def test_lookup_returns_every_ok_row_of_the_default_sweep(default_table):
+    """The table the shipped default job makes: lookup gives back each ok row's batch size, exactly."""
+    _, _, df = default_table
+    ok = df[df["status"] == "ok"]
+    assert len(ok) >= 24
+    for _, r in ok.iterrows():
+        for gpu in (r["card"], r["gpu_name"]):
+            a = lookup(df, r["model"], int(r["imgsz"]), gpu=gpu, precision=r["precision"],
+                       optimizer=r["optimizer"])
+            assert (a.batch_size, a.extrapolated) == (int(r["batch_size"]), False)
