@@ -126,12 +126,18 @@ def cmd_devices(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit code 2)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m orchestrator",
-                                     description="Largest training batch sizes for GPU fleets.")
+    parser = _Parser(prog="python -m orchestrator", description="Largest training batch sizes for GPU fleets.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO) on stderr")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("autobatch", help="decide the batch size for one model on one device")
     p.add_argument("--model", required=True,

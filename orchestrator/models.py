@@ -182,7 +182,10 @@ def _callable(module_name: str, attr: str, source: str) -> Built:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
         raise SpecError(f"model={source!r}: cannot import {attr} from {module_name} ({e}); check PYTHONPATH") from e
-    model = fn()
+    try:
+        model = fn()
+    except Exception as e:
+        raise SpecError(f"model={source!r}: {attr}() raised {type(e).__name__}: {e}; fix the factory") from None
     if not isinstance(model, nn.Module):
         raise SpecError(f"model={source!r}: {attr}() returned {type(model).__name__}, not a torch.nn.Module")
     return Built(model, None, classification_loss)

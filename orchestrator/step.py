@@ -107,6 +107,7 @@ def train(built: Built, workload: Workload, batch: int, device: torch.device, *,
     ``zero_grad(set_to_none=True)``, and the EMA update.
     """
     model = built.module.train()
+    model.zero_grad(set_to_none=True)  # a previous probe that ran out of memory can leave grads behind
     optimizer = make_optimizer(workload.optimizer, model)
     ema = EMA(model) if workload.ema else None
     scaler = _scaler(workload, device, fake)

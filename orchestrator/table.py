@@ -13,6 +13,7 @@ import fcntl
 import logging
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Iterable
 
@@ -34,6 +35,10 @@ STATUSES = ("ok", "no-fit", "error")
 
 class TableError(SpecError):
     """The file at the table path cannot be used as a table; it is left as it is."""
+
+
+class TableWriteError(OSError):
+    """Writing the table failed (disk full, read-only); the previous table is intact."""
 
 
 def empty() -> pd.DataFrame:
@@ -111,10 +116,14 @@ def merge(old: pd.DataFrame, rows: Iterable[dict]) -> pd.DataFrame:
                            kind="stable", ignore_index=True)
 
 
+_THREAD_LOCK = threading.Lock()  # POSIX record locks belong to the process: threads need their own
+
+
 @contextlib.contextmanager
 def locked(path: Path):
+    """Exclusive access to the table at ``path`` across processes, hosts (NFS) and threads."""
     lock_path = path.with_name(path.name + ".lock")
-    with open(lock_path, "a+") as fh:
+    with _THREAD_LOCK, open(lock_path, "a+") as fh:
         fcntl.lockf(fh, fcntl.LOCK_EX)
         try:
             yield
@@ -141,7 +150,11 @@ def write_rows(path: str | os.PathLike, rows: list[dict]) -> pd.DataFrame:
     path = Path(path)
     with locked(path):
         df = merge(read(path), rows)
-        _write_atomic(path, df)
+        try:
+            _write_atomic(path, df)
+        except OSError as e:
+            raise TableWriteError(f"could not write {path} ({e.strerror or e}); the table on disk is unchanged: "
+                                  "free space or choose another --out, then run again") from None
     return df
 
 

@@ -25,3 +25,14 @@ def test_heterogeneous_cluster_pins_cards_to_labelled_nodes(tmp_path):
     rows = out["rows"]
     assert len(rows) == 2 * 4 and all(r["status"] == "ok" for r in rows)
     assert {(r["card"], r["gpu_count"]) for r in rows} == {("T4", 2), ("A100-80GB", 1)}
+
+
+def test_node_lost_mid_sweep(tmp_path):
+    """A node removed mid-sweep: its work is re-queued on the surviving node of that type; every
+    combination ends ok exactly once."""
+    out = run_cluster(tmp_path, "--remove-node-after-rows", "2")
+    assert out["removed"], "the node was never removed"
+    rows = out["rows"]
+    keys = [(r["card"], r["model"], r["imgsz"]) for r in rows]
+    assert len(keys) == len(set(keys)) == 2 * 4
+    assert all(r["status"] == "ok" for r in rows), rows
