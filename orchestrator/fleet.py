@@ -203,7 +203,7 @@ class Sweep:
                 self.queue.append(t)
         for w in self.waiting:
             self.queue.append(Task("profile", w))
-        while self.queue or self.pending:
+        while self.queue or self._working():
             self._dispatch()
             self._fail_orphans()
             if not self.pending:
@@ -216,6 +216,10 @@ class Sweep:
             self._check_timeouts()
         self.stats.seconds = time.monotonic() - t0
         return self.stats
+
+    def _working(self) -> bool:
+        """Work in flight; replacement actors still starting don't count once nothing waits for them."""
+        return any(task.kind != "start" for _, task in self.pending.values())
 
     def _idle(self, task: Task) -> Slot | None:
         for s in self.slots:

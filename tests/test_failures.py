@@ -140,7 +140,7 @@ def test_no_fit_is_a_row_not_an_error(ray_session, tmp_path):
 
 def test_combination_past_time_limit_is_cancelled(ray_session, tmp_path):
     """A combination that runs past task_timeout_s is cancelled and recorded; the sweep goes on."""
-    j = job.from_dict({"sweep": {"models": ["tiny_models:tiny_slow", "tiny_models:tiny"], "imgsz": [64],
+    j = job.from_dict({"sweep": {"models": ["tiny_models:tiny_hangs", "tiny_models:tiny"], "imgsz": [64],
                                  "out": str(tmp_path / "t.csv")},
                        "fleet": {"mode": "simulate", "simulate": "T4, A10G", "task_timeout_s": 3}}, "test")
     stats, df = fleet.run_sweep(j)
@@ -148,7 +148,7 @@ def test_combination_past_time_limit_is_cancelled(ray_session, tmp_path):
     assert len(rows) == 4
     for card in ("T4", "A10G"):
         assert rows[("tiny_models:tiny", card)]["status"] == "ok"
-        slow = rows[("tiny_models:tiny_slow", card)]
+        slow = rows[("tiny_models:tiny_hangs", card)]
         assert slow["status"] == "error" and "cancelled after 3s" in slow["error"]
 
 

@@ -40,7 +40,11 @@ def tiny_crashes():
 
 
 def tiny_slow():
-    return Tiny(sleep_s=1.0)
+    return Tiny(sleep_s=0.25)
+
+
+def tiny_hangs():
+    return Tiny(sleep_s=30.0)
 
 
 def not_a_module():
