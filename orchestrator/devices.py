@@ -112,6 +112,11 @@ class CudaBackend:
         )
 
     def measurer(self, workload: Workload) -> Callable[[int], int]:
+        """Build the model on the device, run one unmeasured step at batch 1, return ``measure``.
+
+        The warm-up loads cuDNN/cuBLAS kernels, which grows the CUDA context, so that
+        ``info()`` read afterwards counts it in ``outside_bytes``.
+        """
         built = simulated.build(workload)
         built.module.to(self.device)
 
@@ -135,6 +140,10 @@ class CudaBackend:
             # raised outside the except block so the traceback (and the tensors its frames hold) is gone
             raise OutOfMemory(msg)
 
+        try:
+            measure(1)
+        except OutOfMemory:
+            pass  # the decision's own batch-1 probe will say no-fit
         return measure
 
 

@@ -102,13 +102,12 @@ class SweepStats:
 class Sweep:
     """Runs one job's combinations over the fleet and writes rows as they arrive."""
 
-    def __init__(self, job, *, force: bool = False, progress=None, actor_options: dict | None = None):
+    def __init__(self, job, *, force: bool = False, progress=None):
         """``progress(total)`` returns an object with ``update(n)`` (a tqdm bar), or None."""
         self.job = job
         self.sweep, self.fleet = job.sweep, job.fleet
         self.force = force
         self.progress = progress
-        self.actor_options = actor_options or {}
         self.slots: list[Slot] = []
         self.pending: dict = {}  # ObjectRef -> (Slot, Task)
         self.queue: collections.deque[Task] = collections.deque()
@@ -116,13 +115,13 @@ class Sweep:
         self.waiting: dict[Workload, list[Task]] = {}  # decide tasks waiting for a profile
         self.stats = SweepStats()
         self.simulated = False
+        self._results: dict[tuple, list] = collections.defaultdict(list)  # (type, workload) -> rows so far
+        self._expected: collections.Counter = collections.Counter()  # (type, workload) -> rows to wait for
 
     # ---- devices ----------------------------------------------------------------
     def _spawn(self, slot: Slot) -> None:
         # num_cpus=0: an actor holding a CPU for life starves placement on small machines
-        opts = {"num_gpus": 1, "num_cpus": 0, "max_restarts": 0, "max_task_retries": 0}
-        opts.update(self.actor_options)
-        opts.update(slot.options)
+        opts = {"num_gpus": 1, "num_cpus": 0, "max_restarts": 0, "max_task_retries": 0, **slot.options}
         slot.actor = RemoteDeviceActor.options(**opts).remote(slot.card)
         self._submit(slot, Task("start"), slot.actor.info.remote())
 
@@ -192,7 +191,6 @@ class Sweep:
     def run(self) -> SweepStats:
         t0 = time.monotonic()
         tasks = self.plan()
-        self._results: dict[tuple, list] = collections.defaultdict(list)  # (type, workload) -> results
         self._expected = collections.Counter((t.type_key, t.workload) for t in tasks)
         if self.progress is not None:  # a factory: no bar before there is work to show
             self.progress = self.progress(len(self._expected))

@@ -59,3 +59,31 @@ def test_catalog_has_the_fleet_cards():
         c = catalog.card(key)
         assert 14 * 2**30 < c.total_bytes < 150 * 2**30
         assert 0 < c.context_bytes < 2**30
+
+
+@pytest.mark.parametrize("model,imgsz", [("ultralytics:yolov8n.yaml", 64), ("torchvision:resnet18", 32)])
+def test_real_training_step_runs_on_cpu(model, imgsz):
+    """The step the CUDA backend runs (real loss, real GradScaler) runs for real on the CPU."""
+    import torch
+
+    from orchestrator import step
+
+    w = Workload(model, imgsz, "fp16", "AdamW", True)
+    built = simulated.build(w)
+    step.train(built, w, 2, torch.device("cpu"), fake=False)
+    assert all(p.grad is None for p in built.module.parameters())  # zero_grad(set_to_none=True) ran
+
+
+def test_oom_classifier():
+    """Only out-of-memory counts as data; other runtime errors are errors."""
+    import torch
+
+    from orchestrator.step import is_oom
+
+    assert is_oom(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_oom(RuntimeError("HIP out of memory"))
+    assert is_oom(RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if ..."))
+    assert is_oom(RuntimeError("GET was unable to find an engine to execute this computation"))
+    assert is_oom(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"))
+    assert not is_oom(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not is_oom(ValueError("out of memory"))
