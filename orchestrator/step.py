@@ -8,6 +8,7 @@ allocate the same memory.
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
 import torch
 from torch import nn
@@ -99,12 +100,14 @@ def _scaler(workload: Workload, device: torch.device, fake: bool):
     return torch.amp.GradScaler(device.type)
 
 
-def train(built: Built, workload: Workload, batch: int, device: torch.device, *, fake: bool = False) -> None:
-    """Run ``STEPS`` training steps at ``batch`` on ``device``; the caller reads the peak.
+def train(built: Built, workload: Workload, batch: int, device: torch.device, *, fake: bool = False,
+          steps: int = STEPS, after_step: Callable[[int], bool | None] | None = None) -> int:
+    """Run ``steps`` training steps at ``batch`` on ``device``; the caller reads the peak.
 
     Mirrors a trainer: train mode, random images and labels, forward and loss under
     autocast, backward (scaled for fp16), optimizer step (state created lazily),
-    ``zero_grad(set_to_none=True)``, and the EMA update.
+    ``zero_grad(set_to_none=True)``, and the EMA update. ``after_step(i)`` runs after
+    step ``i`` and may return True to stop early. Returns the number of steps run.
     """
     model = built.module.train()
     model.zero_grad(set_to_none=True)  # a previous probe that ran out of memory can leave grads behind
@@ -112,7 +115,8 @@ def train(built: Built, workload: Workload, batch: int, device: torch.device, *,
     ema = EMA(model) if workload.ema else None
     scaler = _scaler(workload, device, fake)
     dtype = AMP_DTYPES.get(workload.precision)
-    for _ in range(STEPS):
+    done = 0
+    while done < steps:
         images = torch.randn(batch, 3, workload.imgsz, workload.imgsz, device=device)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             outputs = model(images)
@@ -129,4 +133,8 @@ def train(built: Built, workload: Workload, batch: int, device: torch.device, *,
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
             ema.update(model)
+        done += 1
+        if after_step is not None and after_step(done - 1):
+            break
     del optimizer, ema, scaler
+    return done
