@@ -283,7 +283,7 @@ def simulate_row(card, prof, batch: int) -> dict:
         reserved = backend.measurer(prof.workload)(batch)
     except OutOfMemory as e:
         return {"sim_status": "oom", "sim_msg": str(e)[:200]}
-    stats = allocator.replay([card.workspace_bytes] + prof.events(batch))
+    stats = allocator.replay(prof.events(batch), held=[card.workspace_bytes])
     return {"sim_status": "ok", "sim_alloc_bytes": stats.peak_allocated, "sim_reserved_bytes": reserved,
             "sim_device_bytes": reserved + card.context_bytes}
 

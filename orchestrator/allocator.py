@@ -162,13 +162,16 @@ class CachingAllocator:
         del self._by_key[key]
 
 
-def replay(sizes: Iterable[int], capacity_bytes: int | None = None) -> Stats:
+def replay(sizes: Iterable[int], capacity_bytes: int | None = None, held: Iterable[int] = ()) -> Stats:
     """Run an event sequence: a positive size allocates a new block, ``-(i + 1)`` frees allocation ``i``.
 
-    Allocation ``i`` is the i-th positive entry. Raises AllocatorOutOfMemory when the
-    capacity is exceeded.
+    Allocation ``i`` is the i-th positive entry of ``sizes``. ``held`` are allocated
+    first and never freed (e.g. the cuBLAS workspace); they do not shift the indices.
+    Raises AllocatorOutOfMemory when the capacity is exceeded.
     """
     alloc = CachingAllocator(capacity_bytes)
+    for nbytes in held:
+        alloc.malloc(nbytes)
     blocks: list[_Block | None] = []
     for ev in sizes:
         if ev > 0:

@@ -203,7 +203,10 @@ def _next_batch(s: _Search, max_batch: int, tolerance: float) -> int | None:
         if predicted is None:
             return min(upper, lo * 2)  # flat so far: keep doubling
         if predicted <= lo * (1 + tolerance):
-            return None  # the line through measured points says lo is (nearly) the limit
+            # the line says lo is (nearly) the limit, but the curve near the limit is not
+            # exactly that line: one probe at the tolerance edge either fails, closing the
+            # bracket within tolerance, or fits and moves lo up
+            return min(upper, lo + max(1, math.floor(tolerance * lo)))
         if predicted > lo * 4:
             # far beyond the probes: measure halfway first, so the line that picks the
             # answer is fitted near the limit rather than extrapolated from small batches

@@ -83,9 +83,8 @@ class SimulatedBackend:
 
         def measure(batch: int) -> int:
             # the cuBLAS workspace is allocated through the caching allocator on first matmul
-            events = [c.workspace_bytes] + prof.events(batch)
             try:
-                return allocator.replay(events, capacity).peak_reserved
+                return allocator.replay(prof.events(batch), capacity, held=[c.workspace_bytes]).peak_reserved
             except allocator.AllocatorOutOfMemory as e:
                 raise OutOfMemory(f"simulated {c.key}: {e}") from None
 

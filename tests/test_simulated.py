@@ -87,3 +87,14 @@ def test_oom_classifier():
     assert is_oom(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"))
     assert not is_oom(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     assert not is_oom(ValueError("out of memory"))
+
+
+def test_measured_peak_includes_workspace_without_shifting_frees(profiles):
+    """The card's cuBLAS workspace adds to the replayed peak; it must not change which block each free releases."""
+    w = Workload("torchvision:mobilenet_v3_small", 224, "fp16", "SGD", True)
+    backend = SimulatedBackend("H100-80GB")
+    backend.add_profile(profiles(w))
+    for b in (1, 16, 100):
+        bare = allocator.replay(profiles(w).events(b)).peak_reserved
+        measured = backend.measurer(w)(b)
+        assert bare <= measured <= bare + backend.card.workspace_bytes + 20 * 2**20
