@@ -184,12 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class Terminated(Exception):
-    """SIGTERM, raised in the main thread so that cleanup (Ray shutdown) runs."""
+_TERMINATED = []
 
 
 def _on_sigterm(signum, frame):
-    raise Terminated()
+    # raised as KeyboardInterrupt, which Ray's blocking calls pass through cleanly (another
+    # exception type raised inside ray.wait surfaces as SystemError); the flag keeps exit 143
+    _TERMINATED.append(signum)
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,11 +208,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: the table holds every finished row; run again to do the rest", file=sys.stderr)
-        return 130
-    except Terminated:
-        print("terminated: the table holds every finished row; run again to do the rest", file=sys.stderr)
-        return 143
+        what = "terminated" if _TERMINATED else "interrupted"
+        print(f"{what}: the table holds every finished row; run again to do the rest", file=sys.stderr)
+        return 143 if _TERMINATED else 130
     except Exception as e:  # a runtime failure: one line unless --debug
         if args.debug:
             traceback.print_exc()

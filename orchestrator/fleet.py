@@ -231,7 +231,9 @@ class Sweep:
         return None
 
     def _dispatch(self) -> None:
-        for task in list(self.queue):
+        # decisions first: they finish rows (a simulated one replays in milliseconds), so
+        # rows land, and survive an interrupt, before the next workload's profile starts
+        for task in sorted(self.queue, key=lambda t: t.kind != "decide"):
             slot = self._idle(task)
             if slot is None:
                 continue
@@ -506,8 +508,21 @@ def run_sweep(job, *, force: bool = False, progress=None) -> tuple[SweepStats, "
         if sweep is not None:
             sweep.shutdown()
         if started:
-            ray.shutdown()
+            _shutdown_ray()
     return stats, table.read(job.sweep.out)
+
+
+def _shutdown_ray() -> None:
+    """ray.shutdown() that a second Ctrl-C or SIGTERM cannot cut short (it would leave Ray running)."""
+    if threading.current_thread() is not threading.main_thread():
+        ray.shutdown()
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        ray.shutdown()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def survey(fleet_cfg) -> tuple[list[DeviceInfo], bool]:
@@ -526,4 +541,4 @@ def survey(fleet_cfg) -> tuple[list[DeviceInfo], bool]:
         if sweep is not None:
             sweep.shutdown()
         if started:
-            ray.shutdown()
+            _shutdown_ray()

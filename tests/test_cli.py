@@ -56,7 +56,9 @@ def test_interrupted_sweep_keeps_rows_and_rerun_does_the_rest(tmp_path, sig, cod
     """Interrupt after the first rows land: distinct exit code, a valid table of finished rows,
     and a re-run that measures only what is missing."""
     out = tmp_path / "t.csv"
-    models = ["tiny_models:tiny", "tiny_models:tiny_slow"]
+    # tiny's rows land within seconds; tiny_slower's profiles take >= 8 s each, so the
+    # signal arrives while work is in flight
+    models = ["tiny_models:tiny", "tiny_models:tiny_slower"]
     job = _job(tmp_path, models, [64, 96], out)
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "sweep", str(job)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

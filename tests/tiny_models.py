@@ -43,8 +43,12 @@ def tiny_slow():
     return Tiny(sleep_s=0.25)
 
 
+def tiny_slower():
+    return Tiny(sleep_s=1.0)
+
+
 def tiny_hangs():
-    return Tiny(sleep_s=30.0)
+    return Tiny(sleep_s=120.0)
 
 
 def not_a_module():
