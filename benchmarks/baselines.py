@@ -1,0 +1,276 @@
+"""The batch-size algorithms we compare, all run against the same simulated cards.
+
+Written by us from the algorithms' descriptions (the annotated YOLOv5/YOLOv9 seed in
+``../shared/seeds/``, ultralytics' and Lightning's documented behaviour), not copied:
+
+- ``seed``: YOLOv5/YOLOv9 ``utils/autobatch.py``. Before probing it reads total,
+  reserved and allocated memory in GiB and takes free = total - (reserved +
+  allocated). It probes batch 1, 2, 4, 8, 16 with its profiler's loop: 3 iterations
+  of forward, sum of the outputs, backward; no loss function, no optimizer step or
+  state, no grad scaler, no EMA. It reads ``memory_reserved()`` after each probe in
+  GB (1e9 bytes), fits a line with x = the first len(y) batch sizes (misaligned
+  when a middle probe failed), solves for ``fraction`` of free, steps back to the
+  probe before the first failure if the answer is at or above it, and uses 16 when
+  the answer is outside 1..1024. An error in the fit is not caught: training stops.
+- ``ultralytics-style``: the same, probing 7 sizes (1..64) on cards of 16 GiB or
+  more, dropping points that are not increasing or not within (0, total) before the
+  fit, with fraction 0.6; any error gives the default 16.
+- ``power``: Lightning's ``scale_batch_size(mode="power")``: double from 1 until a
+  step fails, keep the last success. It measures the full training step; "fails"
+  is out of memory or over the budget (Lightning itself only knows OOM, so it would
+  fill the card regardless of any fraction).
+- ``ours``: ``orchestrator.autobatch.decide`` on the full-step measurement.
+- ``seed-fullstep`` (diagnostic): the seed's arithmetic fed with the full-step
+  measurement, separating the fault of its probe from the faults of its arithmetic.
+
+Every algorithm is capped at batch 1024 (the seed's "safe range").
+"""
+from __future__ import annotations
+
+import itertools
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils._pytree import tree_flatten
+
+from orchestrator import allocator, simulated, step
+from orchestrator.autobatch import OutOfMemory, decide
+from orchestrator.devices import DeviceInfo, SimulatedBackend
+from orchestrator.spec import Workload
+
+GiB = 2**30
+GB = 10**9  # the seed's profiler reports memory in GB
+MAX_BATCH = 1024  # the seed's "safe range" upper end; every algorithm is capped here
+DEFAULT_BATCH = 16  # the seed's and ultralytics' fallback
+SEED_SIZES = (1, 2, 4, 8, 16)
+ULTRALYTICS_SIZES = (1, 2, 4, 8, 16, 32, 64)  # on cards of 16 GiB or more
+SEED_ITERATIONS = 3  # the profiler's n=3 in the seed's autobatch call
+
+
+def forward_backward(built, workload: Workload, batch: int, device: torch.device, *, fake: bool = False) -> None:
+    """The seed's probe: ``SEED_ITERATIONS`` x (forward, sum of every output, backward) on one input.
+
+    As the seed's profiler runs it: an uninitialised input that requires grad, the
+    sum of the raw outputs instead of a loss, gradients accumulating across
+    iterations, under autocast when the trainer uses AMP. Nothing else runs: no loss
+    function, no optimizer step or state, no grad scaler, no EMA. Same signature as
+    ``step.train``, so ``simulated.trace`` can trace it.
+    """
+    model = built.module.train()
+    dtype = step.AMP_DTYPES.get(workload.precision)
+    images = torch.empty(batch, 3, workload.imgsz, workload.imgsz, device=device, requires_grad=True)
+    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        for _ in range(SEED_ITERATIONS):
+            outputs = model(images)
+            leaves = [t for t in tree_flatten(outputs)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
+            sum(t.sum() for t in leaves).backward()
+    # images, the last outputs and the gradients are alive when the seed reads memory_reserved()
+
+
+def _load_only(built, workload, batch, device, *, fake=False) -> None:
+    """No step: what a trace records is the model's weights arriving on the device."""
+
+
+@dataclass
+class Traces:
+    """Card-independent traces of one workload: the full training step and the seed's probe."""
+
+    workload: Workload
+    full: simulated.Profile
+    probe: simulated.Profile
+    resident: list[int]
+    """Allocations of the model's weights and buffers: on the device before the seed probes."""
+    seconds: float = 0.0
+
+
+def trace_workload(workload: Workload) -> Traces:
+    """Build the model once and trace both steps at batch 1, 2, 4, 8 (any other batch is synthesized)."""
+    t0 = time.perf_counter()
+    built = simulated.build(workload)
+    full = simulated.profile(workload, built)
+    probe = simulated.profile(workload, built, run_step=forward_backward)
+    loaded = simulated.trace(built, workload, 1, run_step=_load_only)
+    resident = list(itertools.takewhile(lambda ev: ev > 0, loaded))
+    return Traces(workload, full, probe, resident, time.perf_counter() - t0)
+
+
+class Testbed:
+    """One workload on one simulated card, and the measurements an algorithm may call."""
+
+    def __init__(self, traces: Traces, card: str, fraction: float = 0.8):
+        self.traces = traces
+        self.backend = SimulatedBackend(card)
+        self.backend.add_profile(traces.full)
+        self.info: DeviceInfo = self.backend.info()
+        self.fraction = fraction
+        self.budget_bytes = self.info.budget_bytes(fraction)
+        self._full_step = self.backend.measurer(traces.workload)
+        self._judged: dict[int, int | None] = {}
+
+    def full_step(self, batch: int) -> int:
+        """Peak reserved bytes of the full training step (what ``ours`` measures); raises OutOfMemory."""
+        return self._full_step(batch)
+
+    def full_step_or_none(self, batch: int) -> int | None:
+        try:
+            return self._full_step(batch)
+        except OutOfMemory:
+            return None
+
+    def fits(self, batch: int) -> bool:
+        """The full step at ``batch`` neither runs out of memory nor exceeds the budget."""
+        peak = self.full_step_or_none(batch)
+        return peak is not None and peak <= self.budget_bytes
+
+    def judged_peak(self, batch: int) -> int | None:
+        """``full_step_or_none``, remembered: for ground truth and judging, not for the algorithms' timing."""
+        if batch not in self._judged:
+            self._judged[batch] = self.full_step_or_none(batch)
+        return self._judged[batch]
+
+    def judged_fits(self, batch: int) -> bool:
+        peak = self.judged_peak(batch)
+        return peak is not None and peak <= self.budget_bytes
+
+    def probe_reserved(self, batch: int) -> int | None:
+        """``memory_reserved()`` after the seed's forward+backward probe; None when it ran out of memory."""
+        card = self.backend.card
+        events = self.traces.probe.events(batch)
+        try:
+            return allocator.replay(events, card.total_bytes - card.context_bytes, held=[card.workspace_bytes]).reserved
+        except allocator.AllocatorOutOfMemory:
+            return None
+
+    def resident(self) -> tuple[int, int]:
+        """(reserved, allocated) bytes before probing: the cuBLAS workspace and the model's weights."""
+        stats = allocator.replay([self.backend.card.workspace_bytes] + self.traces.resident)
+        return stats.reserved, stats.allocated
+
+
+@dataclass
+class Outcome:
+    """What one algorithm chose for one testbed. ``batch`` is None when the algorithm raised."""
+
+    batch: int | None
+    probes: list[int] = field(default_factory=list)  # batches measured, in order
+    steps: int = 0  # training iterations those measurements ran
+    note: str = ""
+    target_bytes: float | None = None
+    """Seed family: the reading its fit solved for (fraction x free GiB, read as GB), in bytes."""
+
+    @property
+    def measurements(self) -> int:
+        return len(self.probes)
+
+
+class _Meter:
+    """Wraps a measurement, recording the batches it was asked for."""
+
+    def __init__(self, measure: Callable[[int], object]):
+        self.measure = measure
+        self.batches: list[int] = []
+
+    def __call__(self, batch: int):
+        self.batches.append(batch)
+        return self.measure(batch)
+
+
+def _seed_memory(bed: Testbed) -> tuple[float, float]:
+    """The seed's view before probing: (total GiB, free GiB)."""
+    total_gib = bed.info.total_bytes / GiB  # total_memory: the CUDA context is inside it, unseen
+    reserved, allocated = bed.resident()
+    # allocated is part of reserved, so it is subtracted twice; the context not at all
+    return total_gib, total_gib - (reserved + allocated) / GiB
+
+
+def _solve(sizes, used_gb, free_gib: float, fraction: float) -> int:
+    """Fit memory (GB) against batch, solve for ``fraction`` of free (GiB): the units differ, as in the seed."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", np.exceptions.RankWarning)
+        slope, intercept = np.polyfit(sizes, used_gb, deg=1)
+    return int((free_gib * fraction - intercept) / slope)
+
+
+def _step_back(batch: int, sizes, results) -> int:
+    """If the answer is at or above the first failed probe, take the probe before it."""
+    if None in results:
+        failed = results.index(None)
+        if batch >= sizes[failed]:
+            batch = sizes[max(failed - 1, 0)]
+    return batch
+
+
+def seed(bed: Testbed, fraction: float = 0.8, *, probe: Callable[[int], int | None] | None = None,
+         iterations: int = SEED_ITERATIONS) -> Outcome:
+    """YOLOv5/YOLOv9 autobatch; ``probe`` replaces its forward+backward reading (``seed-fullstep``)."""
+    meter = _Meter(probe or bed.probe_reserved)
+    total_gib, free_gib = _seed_memory(bed)
+    results = [None if (m := meter(b)) is None else m / GB for b in SEED_SIZES]
+    used = [y for y in results if y is not None]
+    steps = sum(iterations if y is not None else 1 for y in results)
+    try:
+        # x is the first len(used) sizes, whichever probes failed
+        batch = _solve(SEED_SIZES[:len(used)], used, free_gib, fraction)
+    except (ArithmeticError, TypeError, ValueError, np.linalg.LinAlgError) as e:
+        return Outcome(None, meter.batches, steps, f"raises {type(e).__name__}: training does not start")
+    batch = _step_back(batch, SEED_SIZES, results)
+    note = ""
+    if batch < 1 or batch > MAX_BATCH:
+        batch, note = DEFAULT_BATCH, f"fit gave {batch}: default {DEFAULT_BATCH}"
+    return Outcome(batch, meter.batches, steps, note, free_gib * fraction * GB)
+
+
+def seed_fullstep(bed: Testbed, fraction: float = 0.8) -> Outcome:
+    """The seed's arithmetic on the full-step measurement: what its probe alone costs it."""
+    return seed(bed, fraction, probe=bed.full_step_or_none, iterations=step.STEPS)
+
+
+def ultralytics_style(bed: Testbed, fraction: float = 0.6) -> Outcome:
+    """The seed with 7 probes on cards >= 16 GiB, non-increasing points dropped, fraction 0.6, errors -> 16."""
+    meter = _Meter(bed.probe_reserved)
+    total_gib, free_gib = _seed_memory(bed)
+    sizes = SEED_SIZES if total_gib < 16 else ULTRALYTICS_SIZES
+    results = [None if (m := meter(b)) is None else m / GB for b in sizes]
+    steps = sum(SEED_ITERATIONS if y is not None else 1 for y in results)
+    points = [
+        (b, y) for i, (b, y) in enumerate(zip(sizes, results))
+        if y is not None and 0 < y < total_gib and (i == 0 or results[i - 1] is None or y > results[i - 1])
+    ]
+    try:
+        batch = _solve([b for b, _ in points], [y for _, y in points], free_gib, fraction)
+    except (ArithmeticError, TypeError, ValueError, np.linalg.LinAlgError) as e:
+        return Outcome(DEFAULT_BATCH, meter.batches, steps, f"{type(e).__name__}: default {DEFAULT_BATCH}")
+    batch = _step_back(batch, sizes, results)
+    note = ""
+    if batch < 1 or batch > MAX_BATCH:
+        batch, note = DEFAULT_BATCH, f"fit gave {batch}: default {DEFAULT_BATCH}"
+    return Outcome(batch, meter.batches, steps, note, free_gib * fraction * GB)
+
+
+def power(bed: Testbed, max_batch: int = MAX_BATCH) -> Outcome:
+    """Lightning's power scaling: double from 1 while the full step fits; the last fit wins (0: none)."""
+    fits = _Meter(bed.fits)
+    batch, last_fit = 1, 0
+    while batch <= max_batch and fits(batch):
+        last_fit, batch = batch, batch * 2
+    return Outcome(last_fit, fits.batches, len(fits.batches) * step.STEPS)
+
+
+def ours(bed: Testbed, max_batch: int = MAX_BATCH) -> Outcome:
+    """``orchestrator.autobatch.decide`` on the full-step measurement (0: no-fit)."""
+    meter = _Meter(bed.full_step)
+    d = decide(meter, bed.budget_bytes, max_batch=max_batch)
+    return Outcome(d.batch_size, meter.batches, len(meter.batches) * step.STEPS, d.reason)
+
+
+ALGORITHMS: dict[str, Callable[[Testbed], Outcome]] = {
+    "seed": seed,
+    "ultralytics-style": ultralytics_style,
+    "power": power,
+    "ours": ours,
+    "seed-fullstep": seed_fullstep,
+}

@@ -1,0 +1,158 @@
+"""Sweep scaling: the same combinations in one process, and through the Ray fleet.
+
+- **in-process**: no Ray. Profile each workload once, then decide on every card type
+  (what a simulated sweep does, minus Ray);
+- **ray**: ``orchestrator.fleet.run_sweep`` on a local Ray with a simulated fleet: one
+  card type with 1 and 2 actors, and 4 card types with one actor each. Profiling is per
+  workload, not per card, so 4 card types should cost barely more than 1.
+
+Each Ray run starts and stops its own local Ray (unless one is already running):
+``startup_s`` is that, plus starting the actors and building each model once in the
+driver to validate the job; ``sweep_s`` is the work itself.
+
+    python -m benchmarks.sweep_scaling            # 4 workloads (resnet50, mobilenet_v3_large, yolov8n, yolov8s)
+    python -m benchmarks.sweep_scaling --quick    # 2 small workloads
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("YOLO_VERBOSE", "False")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+from orchestrator import engine, fleet, job, simulated  # noqa: E402
+from orchestrator.devices import SimulatedBackend  # noqa: E402
+
+from . import report  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+GRID = ({"models": ["torchvision:resnet50", "torchvision:mobilenet_v3_large"], "imgsz": [224]},
+        {"models": ["ultralytics:yolov8n.yaml", "ultralytics:yolov8s.yaml"], "imgsz": [640]})
+QUICK_GRID = ({"models": ["torchvision:resnet18"], "imgsz": [224]},
+              {"models": ["ultralytics:yolov8n.yaml"], "imgsz": [320]})
+ONE_TYPE = "T4"
+FOUR_TYPES = "T4, A10G, A100-80GB, H100-80GB"
+CONFIGS = (("in-process", ONE_TYPE), ("ray", ONE_TYPE), ("ray", "T4 x2"),
+           ("in-process", FOUR_TYPES), ("ray", FOUR_TYPES))
+COLUMNS = ["runner", "fleet", "actors", "card_types", "combinations", "wall_s", "startup_s", "sweep_s",
+           "s_per_combination", "ray_overhead_s_per_combination", "speedup", "profiles", "same_batches"]
+
+
+def make_job(grid, fleet_text: str, out: Path) -> job.Job:
+    return job.from_dict({"sweep": {"grid": [dict(g) for g in grid], "out": str(out)},
+                          "fleet": {"mode": "simulate", "simulate": fleet_text}}, "benchmark")
+
+
+def in_process(j: job.Job) -> tuple[float, dict]:
+    """Profile each workload once, decide on each card type: (seconds, {(card, workload): batch})."""
+    cards = list(dict.fromkeys(key for key, _ in j.fleet.simulate))
+    batches = {}
+    t0 = time.perf_counter()
+    for w in j.sweep.workloads():
+        prof = simulated.profile(w)
+        for card in cards:
+            backend = SimulatedBackend(card)
+            backend.add_profile(prof)
+            result = engine.decide_on(backend, w, j.sweep.fraction, max_batch=j.sweep.max_batch)
+            batches[(card, w.model, w.imgsz, w.precision)] = result.decision.batch_size
+    return time.perf_counter() - t0, batches
+
+
+def through_ray(j: job.Job) -> tuple[float, float, dict, int]:
+    """``fleet.run_sweep``: (wall seconds, seconds in Sweep.run, {(card, workload): batch}, profiles)."""
+    t0 = time.perf_counter()
+    stats, df = fleet.run_sweep(j, force=True)
+    wall = time.perf_counter() - t0
+    batches = {(r["card"], r["model"], int(r["imgsz"]), r["precision"]): int(r["batch_size"]) for _, r in df.iterrows()}
+    return wall, stats.seconds, batches, stats.profiles
+
+
+def run(grid=GRID, configs=CONFIGS) -> list[dict]:
+    """One row per configuration; Ray rows are compared with the in-process run of the same card types."""
+    rows, baseline = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        # warm up this process (imports, first-use costs of fake tensors), untimed: Ray's actors
+        # start cold, and that cost is Ray's, but the in-process rows should not depend on order
+        in_process(make_job(grid, ONE_TYPE, Path(tmp) / "warmup.csv"))
+        for i, (runner, fleet_text) in enumerate(configs):
+            j = make_job(grid, fleet_text, Path(tmp) / f"table_{i}.csv")
+            types = tuple(dict.fromkeys(key for key, _ in j.fleet.simulate))
+            combos = len(j.sweep.workloads()) * len(types)
+            if runner == "in-process":
+                seconds, batches = in_process(j)
+                wall, profiles = seconds, len(j.sweep.workloads())
+                baseline[types] = (seconds, batches)
+            else:
+                wall, seconds, batches, profiles = through_ray(j)
+            ref = baseline.get(types)
+            rows.append({
+                "runner": runner, "fleet": fleet_text,
+                "actors": 0 if runner == "in-process" else sum(n for _, n in j.fleet.simulate),
+                "card_types": len(types), "combinations": combos, "wall_s": round(wall, 1),
+                "startup_s": round(wall - seconds, 1), "sweep_s": round(seconds, 1),
+                "s_per_combination": round(seconds / combos, 2),
+                "ray_overhead_s_per_combination": None if runner == "in-process" or ref is None
+                else round((seconds - ref[0]) / combos, 2),
+                "speedup": None if ref is None else round(ref[0] / seconds, 2), "profiles": profiles,
+                "same_batches": None if ref is None else batches == ref[1],
+            })
+            log.info("%s %s: %.1fs (%.1fs sweeping)", runner, fleet_text, wall, seconds)
+    return rows
+
+
+def markdown(rows: list[dict], command: str, grid, revision: str | None = None) -> str:
+    workloads = "; ".join(f"{', '.join(g['models'])} at {'/'.join(map(str, g['imgsz']))}" for g in grid)
+    return "\n".join([
+        "# Sweep scaling: one process vs the Ray fleet",
+        "",
+        f"Run {report.now()} on {report.machine()}; orchestrator {revision or report.revision()}. Command: `{command}`.",
+        f"Workloads (fp16, SGD, EMA, fraction 0.8): {workloads}. Simulated cards.",
+        "",
+        report.markdown_table(rows, COLUMNS),
+        "",
+        "- **sweep_s**: the work (in-process: profile + decide; Ray: `Sweep.run`); **startup_s**: starting "
+        "Ray and the actors, validating the job (each model built once in the driver), shutting down.",
+        "- **ray_overhead_s_per_combination**: (Ray sweep_s - in-process sweep_s for the same card types) / "
+        "combinations; negative when the actors' parallelism outweighs Ray's cost.",
+        "- **speedup**: in-process sweep_s / this sweep_s, for the same card types.",
+        "- **same_batches**: every combination got the same batch size as in-process.",
+        "- **profiles**: workloads traced (once each, whatever the number of card types).",
+    ])
+
+
+def write(rows: list[dict], out_dir: Path, stem: str, command: str, grid=GRID,
+          revision: str | None = None) -> list[Path]:
+    return [report.write_markdown(out_dir / f"{stem}.md", markdown(rows, command, grid, revision)),
+            report.write_csv(out_dir / f"{stem}.csv", rows, COLUMNS)]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="2 small workloads instead of 4")
+    p.add_argument("--out", type=Path, default=report.RESULTS, help="results folder (default benchmarks/results)")
+    p.add_argument("--name", help="file stem (default sweep_scaling, or sweep_scaling_quick with --quick)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("orchestrator", "ultralytics", "ray"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    grid = QUICK_GRID if args.quick else GRID
+    revision = report.revision()  # before the run: the code that is measured
+    rows = run(grid)
+    command = ("python -m benchmarks.sweep_scaling " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
+    print(report.markdown_table(rows, COLUMNS))
+    for path in write(rows, args.out, args.name or ("sweep_scaling_quick" if args.quick else "sweep_scaling"),
+                      command, grid, revision):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
