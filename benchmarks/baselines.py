@@ -217,11 +217,15 @@ def seed(bed: Testbed, fraction: float = 0.8, *, probe: Callable[[int], int | No
         batch = _solve(SEED_SIZES[:len(used)], used, free_gib, fraction)
     except (ArithmeticError, TypeError, ValueError, np.linalg.LinAlgError) as e:
         return Outcome(None, meter.batches, steps, f"raises {type(e).__name__}: training does not start")
-    batch = _step_back(batch, SEED_SIZES, results)
+    return _safe_range(_step_back(batch, SEED_SIZES, results), meter, steps, free_gib * fraction * GB)
+
+
+def _safe_range(batch: int, meter: "_Meter", steps: int, target_bytes: float) -> Outcome:
+    """The seed family's last word: outside 1..1024 the fit is not trusted and 16 is used."""
     note = ""
     if batch < 1 or batch > MAX_BATCH:
         batch, note = DEFAULT_BATCH, f"fit gave {batch}: default {DEFAULT_BATCH}"
-    return Outcome(batch, meter.batches, steps, note, free_gib * fraction * GB)
+    return Outcome(batch, meter.batches, steps, note, target_bytes)
 
 
 def seed_fullstep(bed: Testbed, fraction: float = 0.8) -> Outcome:
@@ -244,11 +248,7 @@ def ultralytics_style(bed: Testbed, fraction: float = 0.6) -> Outcome:
         batch = _solve([b for b, _ in points], [y for _, y in points], free_gib, fraction)
     except (ArithmeticError, TypeError, ValueError, np.linalg.LinAlgError) as e:
         return Outcome(DEFAULT_BATCH, meter.batches, steps, f"{type(e).__name__}: default {DEFAULT_BATCH}")
-    batch = _step_back(batch, sizes, results)
-    note = ""
-    if batch < 1 or batch > MAX_BATCH:
-        batch, note = DEFAULT_BATCH, f"fit gave {batch}: default {DEFAULT_BATCH}"
-    return Outcome(batch, meter.batches, steps, note, free_gib * fraction * GB)
+    return _safe_range(_step_back(batch, sizes, results), meter, steps, free_gib * fraction * GB)
 
 
 def power(bed: Testbed, max_batch: int = MAX_BATCH) -> Outcome:

@@ -338,9 +338,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=report.RESULTS, help="results folder (default benchmarks/results)")
     p.add_argument("--name", help="file stem (default decision_quality, or decision_quality_quick with --quick)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("orchestrator", "ultralytics"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    report.setup_logging()
     grid = _grid_from_args(args)
     command = "python -m benchmarks.decision_quality " + " ".join(argv if argv is not None else sys.argv[1:])
     result = run(grid)

@@ -138,9 +138,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=report.RESULTS, help="results folder (default benchmarks/results)")
     p.add_argument("--name", help="file stem (default estimation_speed, or estimation_speed_quick with --quick)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("orchestrator", "ultralytics"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    report.setup_logging()
     batches = tuple(int(b) for b in args.batches.split(",")) if args.batches else ((1, 64) if args.quick else BATCHES)
     repeats = dict(trace_repeats=1, replay_repeats=1) if args.quick else {}
     revision = report.revision()  # before the run: the code that is measured

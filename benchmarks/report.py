@@ -62,3 +62,12 @@ def write_markdown(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text.rstrip() + "\n")
     return path
+
+
+def setup_logging() -> None:
+    """Progress lines with a clock; the library's and ultralytics' own chatter only when it matters."""
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("orchestrator", "ultralytics"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

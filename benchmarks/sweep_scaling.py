@@ -140,9 +140,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=report.RESULTS, help="results folder (default benchmarks/results)")
     p.add_argument("--name", help="file stem (default sweep_scaling, or sweep_scaling_quick with --quick)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("orchestrator", "ultralytics", "ray"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    report.setup_logging()
+    logging.getLogger("ray").setLevel(logging.WARNING)
     grid = QUICK_GRID if args.quick else GRID
     revision = report.revision()  # before the run: the code that is measured
     rows = run(grid)
