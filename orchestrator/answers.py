@@ -300,9 +300,9 @@ def upper_line(points: list[tuple[int, int]]) -> Line | None:
     fit = fit_line(points)
     if fit is None or fit.bytes_per_sample <= 0:
         return None
+    # through the fit's intercept, steep enough that every point is on or under the line
     slope = max([fit.bytes_per_sample] + [(p - fit.fixed_bytes) / b for b, p in points])
-    fixed = max([fit.fixed_bytes] + [p - slope * b for b, p in points])
-    return Line(slope, fixed, len(points))
+    return Line(slope, fit.fixed_bytes, len(points))
 
 
 def extrapolate(rows: pd.DataFrame, w: Workload, target: Target, fraction: float, max_batch: int) -> Answer:

@@ -27,6 +27,7 @@ class Probe:
 
     batch: int
     peak_bytes: int | None
+    oom_message: str = ""  # what the device said when it ran out
 
     @property
     def oom(self) -> bool:
@@ -111,13 +112,14 @@ class _Search:
 
     def run(self, batch: int) -> bool:
         """Measure ``batch``; True when it fits the budget. Only OutOfMemory is caught."""
+        message = ""
         try:
             peak = int(self.measure(batch))
-        except OutOfMemory:
-            peak = None
-        self.probes.append(Probe(batch, peak))
-        log.debug("batch %d -> %s", batch, "OOM" if peak is None else f"{peak} B")
-        return peak is not None and peak <= self.budget_bytes
+        except OutOfMemory as e:
+            peak, message = None, str(e)
+        self.probes.append(Probe(batch, peak, message))
+        log.debug("batch %d -> %s", batch, message or f"{peak} B")
+        return self.fits(self.probes[-1])
 
     def fits(self, probe: Probe) -> bool:
         return probe.peak_bytes is not None and probe.peak_bytes <= self.budget_bytes
@@ -237,7 +239,7 @@ def _stalled(s: _Search) -> bool:
 
 def _no_fit_reason(probe: Probe, budget_bytes: int) -> str:
     if probe.peak_bytes is None:
-        return "batch 1 ran out of memory"
+        return f"batch 1 ran out of memory ({probe.oom_message})" if probe.oom_message else "batch 1 ran out of memory"
     return f"batch 1 needs {probe.peak_bytes} B, budget is {budget_bytes} B"
 
 

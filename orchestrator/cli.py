@@ -79,7 +79,7 @@ def cmd_sweep(args) -> int:
         jobs.load(args.job), models=args.models, imgsz=args.imgsz, fraction=args.fraction,
         precision=args.precision, optimizer=args.optimizer, simulate=args.simulate, address=args.address,
         out=args.out, ema=args.ema, max_batch=args.max_batch, every_device=args.every_device or None,
-        real=args.real,
+        cudnn_benchmark=args.cudnn_benchmark, real=args.real,
     )
     bars = []
 
@@ -160,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ema", dest="ema", action="store_const", const=False, default=None,
                    help="leave out the EMA weight copy")
     p.add_argument("--max-batch", type=int, help="never answer above this (default 1024)")
+    p.add_argument("--cudnn-benchmark", action="store_const", const=True, default=None,
+                   help="profile with torch.backends.cudnn.benchmark=True if your trainer sets it (real GPUs)")
     p.add_argument("--simulate", help="simulate this fleet of catalog cards, e.g. 'T4 x2, A100-80GB'")
     p.add_argument("--real", action="store_true", help="require real GPUs (fail instead of simulating)")
     p.add_argument("--address", help="Ray cluster to join: auto, HOST:PORT or ray://HOST:10001 "

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import platform
 import socket
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -46,7 +45,7 @@ class DeviceInfo:
 
     @property
     def type_key(self) -> tuple[str, int]:
-        """Devices of one type share name and (within 1%) total memory."""
+        """Devices of one type share name and total memory rounded to whole GiB."""
         return (self.name, round(self.total_bytes / 2**30))
 
     def as_dict(self) -> dict:
@@ -166,6 +165,3 @@ def make_backend(gpu: str | None = None, index: int = 0):
         return SimulatedBackend(gpu)
     return CudaBackend(index)
 
-
-def host() -> str:
-    return f"{socket.gethostname()} ({platform.machine()})"

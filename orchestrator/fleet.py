@@ -35,9 +35,7 @@ class DeviceActor:
     """Owns one GPU (real or simulated) for the whole sweep."""
 
     def __init__(self, card: str | None):
-        import os as _os
-
-        _os.environ.setdefault("YOLO_OFFLINE", "1")
+        os.environ.setdefault("YOLO_OFFLINE", "1")  # actors never download
         from .devices import make_backend
 
         self.backend = make_backend(card)
@@ -275,6 +273,10 @@ class Sweep:
         except ray.exceptions.RayActorError as e:  # the process died (crash, OOM-kill, node loss)
             self._actor_died(slot, task, f"actor died: {type(e).__name__}")
             return
+        except ray.exceptions.RayError as e:  # lost object, dead node, Ray's memory monitor: retry elsewhere
+            self._drop(slot, f"{type(e).__name__}")
+            self._actor_died(slot, task, f"ray failure: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            return
         if task.kind == "start":
             slot.info, slot.ready = value, True
         elif task.kind == "profile":
@@ -299,6 +301,10 @@ class Sweep:
         new = Slot(slot.card, slot.options, info=slot.info)
         self.slots.append(new)
         self._spawn(new)
+        # --every-device work queued for the old actor goes to its replacement
+        for task in list(self.queue) + [t for ts in self.waiting.values() for t in ts]:
+            if task.slot is slot:
+                task.slot = new
 
     def _failed(self, task: Task, reason: str, *, retry: bool, slot: Slot) -> None:
         task.errors.append(reason)
@@ -349,6 +355,9 @@ class Sweep:
     def _done(self, task: Task, result: engine.Result) -> None:
         row = table.decision_row(result, gpu_count=self.stats.devices.get(task.type_key, 0),
                                  attempts=task.attempts)
+        # one key per type: the name and total of the type's first device, whichever device measured
+        canonical = self.types()[task.type_key][0].info
+        row.update(gpu_name=canonical.name, gpu_total_bytes=canonical.total_bytes)
         self._finish(task, row, result)
 
     def _finish(self, task: Task, row: dict, result) -> None:
@@ -424,6 +433,16 @@ def connect(fleet, simulated_gpus: int) -> bool:
     return True
 
 
+def _local_simulated_gpus(fleet) -> int:
+    """Logical GPUs for a local Ray: the simulated fleet's size when it will be simulated, else 0
+    (Ray counts the real GPUs itself)."""
+    from .devices import cuda_count
+
+    remote = fleet.address or os.environ.get("RAY_ADDRESS")
+    simulate = fleet.mode == "simulate" or (fleet.mode == "auto" and not remote and cuda_count() == 0)
+    return sum(n for _, n in fleet.simulate) if simulate else 0
+
+
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
     """Fail in seconds, not minutes, when HOST:PORT does not answer (Ray itself retries for long)."""
     if address == "auto":
@@ -495,8 +514,7 @@ def run_sweep(job, *, force: bool = False, progress=None) -> tuple[SweepStats, "
     """
     table.check_writable(job.sweep.out)
     validate_models(job.sweep)
-    n_sim = sum(n for _, n in job.fleet.simulate) if job.fleet.mode != "real" else 0
-    started = connect(job.fleet, n_sim)
+    started = connect(job.fleet, _local_simulated_gpus(job.fleet))
     sweep = None
     try:
         devices, simulated = resolve_devices(job.fleet)
@@ -527,8 +545,7 @@ def _shutdown_ray() -> None:
 
 def survey(fleet_cfg) -> tuple[list[DeviceInfo], bool]:
     """Start the fleet's actors, collect what each device reports, stop them: (infos, simulated?)."""
-    n_sim = sum(n for _, n in fleet_cfg.simulate) if fleet_cfg.mode != "real" else 0
-    started = connect(fleet_cfg, n_sim)
+    started = connect(fleet_cfg, _local_simulated_gpus(fleet_cfg))
     sweep = None
     try:
         devices, simulated = resolve_devices(fleet_cfg)

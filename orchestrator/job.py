@@ -243,7 +243,7 @@ def _fleet(d, src) -> FleetConfig:
 
 def with_overrides(job: Job, *, models=None, imgsz=None, fraction=None, precision=None, optimizer=None,
                    simulate=None, address=None, out=None, ema=None, max_batch=None, every_device=None,
-                   real=False) -> Job:
+                   cudnn_benchmark=None, real=False) -> Job:
     """The job with command-line flags applied (None leaves a setting as the file has it)."""
     s, f = job.sweep, job.fleet
     grid = s.grid
@@ -270,6 +270,7 @@ def with_overrides(job: Job, *, models=None, imgsz=None, fraction=None, precisio
         out=s.out if out is None else out, ema=s.ema if ema is None else ema,
         max_batch=s.max_batch if max_batch is None else max_batch,
         every_device=s.every_device if every_device is None else every_device,
+        cudnn_benchmark=s.cudnn_benchmark if cudnn_benchmark is None else cudnn_benchmark,
     )
     if simulate is not None:
         f = replace(f, mode="simulate", simulate=parse_fleet(simulate))

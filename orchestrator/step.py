@@ -97,7 +97,9 @@ def _scaler(workload: Workload, device: torch.device, fake: bool):
         return None
     if fake:
         return _FakeScaler()
-    return torch.amp.GradScaler(device.type)
+    # init_scale=1: at the default 2**16 the first steps of a fresh model can overflow and
+    # be skipped, and a skipped step allocates no optimizer state: the peak would be too low
+    return torch.amp.GradScaler(device.type, init_scale=1.0)
 
 
 def train(built: Built, workload: Workload, batch: int, device: torch.device, *, fake: bool = False,

@@ -50,6 +50,8 @@ def read(path: str | os.PathLike) -> pd.DataFrame:
     path = Path(path)
     if not path.exists():
         return empty()
+    if path.is_dir():
+        raise TableError(f"{path} is a folder: name a CSV file, e.g. {path / 'batch_table.csv'}")
     raw = path.read_bytes()
     if not raw.strip():
         return empty()
@@ -66,10 +68,15 @@ def read(path: str | os.PathLike) -> pd.DataFrame:
     if df[KEY].isna().any(axis=None) or not df["status"].isin(STATUSES).all():
         raise TableError(f"{path} has rows with empty keys or unknown status: restore it or choose another --out; "
                          "it was not changed")
-    return _normalize(df)
+    try:
+        return _normalize(df)
+    except (TypeError, ValueError) as e:
+        raise TableError(f"{path} has a value of the wrong type ({e}): restore it or choose another --out; "
+                         "it was not changed") from None
 
 
 def _normalize(df: pd.DataFrame) -> pd.DataFrame:
+    """Every column present, keys in their types (ValueError on a value that is not)."""
     for c in COLUMNS:
         if c not in df.columns:
             df[c] = None
@@ -159,8 +166,11 @@ def write_rows(path: str | os.PathLike, rows: list[dict]) -> pd.DataFrame:
 
 
 def _write_atomic(path: Path, df: pd.DataFrame) -> None:
+    # mkstemp makes the file 0600; a table others read keeps its mode (new ones: 0644)
+    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "w", newline="") as fh:
             df.to_csv(fh, index=False)
             fh.flush()

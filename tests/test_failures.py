@@ -204,3 +204,29 @@ def test_concurrent_processes_writing_one_table(tmp_path):
         assert p.exitcode == 0
     df = table.read(out)
     assert len(df) == 1 + 100
+
+
+@pytest.mark.parametrize("content,needle", [
+    (EXISTING.replace(",64,", ",abc,"), "has a value of the wrong type"),
+])
+def test_table_with_bad_values_is_refused(tmp_path, content, needle):
+    out = tmp_path / "table.csv"
+    out.write_text(content)
+    with pytest.raises(table.TableError, match=needle):
+        table.check_writable(out)
+    assert out.read_text() == content
+
+
+def test_out_is_a_folder(tmp_path):
+    with pytest.raises(table.TableError, match="is a folder: name a CSV file"):
+        table.check_writable(tmp_path)
+
+
+def test_table_keeps_its_file_mode(tmp_path):
+    """Rewrites keep the table readable by trainers under other users (mkstemp alone makes 0600)."""
+    out = tmp_path / "table.csv"
+    out.write_text(EXISTING)
+    out.chmod(0o644)
+    row = dict(table.read(out).iloc[0])
+    table.write_rows(out, [dict(row, imgsz=96)])
+    assert out.stat().st_mode & 0o777 == 0o644
