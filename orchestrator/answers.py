@@ -41,7 +41,7 @@ import pandas as pd
 
 from . import catalog, table as tables
 from .autobatch import fit_line
-from .spec import OPTIMIZERS, PRECISIONS, SpecError, Workload
+from .spec import OPTIMIZERS, PRECISIONS, SpecError, Workload, check_fraction
 from .units import GiB, gib, mib
 
 log = logging.getLogger(__name__)
@@ -152,8 +152,7 @@ def nearest(value, options: list, limit: int = 8) -> str:
 
 def _pick_fraction(fraction: float | None, rows: pd.DataFrame, w: Workload) -> float:
     if fraction is not None:
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-            raise SpecError(f"fraction={fraction!r} must be in (0, 1]: the share of the card to use, e.g. 0.8")
+        check_fraction(fraction)
         return float(fraction)
     there = sorted(rows["fraction"].round(6).unique())
     if len(there) > 1:

@@ -6,8 +6,8 @@ import time
 from dataclasses import dataclass
 
 from . import autobatch as core
-from .devices import DeviceInfo, SimulatedBackend, cuda_count, make_backend
-from .spec import SpecError, Workload
+from .devices import DeviceInfo, cuda_count, make_backend
+from .spec import SpecError, Workload, check_fraction
 
 log = logging.getLogger(__name__)
 
@@ -23,12 +23,6 @@ class Result:
     seconds: float
     profile_seconds: float = 0.0
     """Simulated: time spent tracing the workload (shared by every card that replays it)."""
-
-
-def check_fraction(fraction) -> float:
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-        raise SpecError(f"fraction={fraction!r} must be in (0, 1]: the share of the card's memory to use, e.g. 0.8")
-    return float(fraction)
 
 
 def decide_on(backend, workload: Workload, fraction: float, *, max_batch: int = 1024) -> Result:
@@ -72,4 +66,4 @@ def autobatch(model: str, imgsz: int = 640, fraction: float = 0.8, *, gpu: str |
     return decide_on(backend, workload, fraction, max_batch=max_batch)
 
 
-__all__ = ["Result", "autobatch", "decide_on", "check_fraction", "SimulatedBackend"]
+__all__ = ["Result", "autobatch", "decide_on"]

@@ -13,6 +13,7 @@ with distinct workloads, not with cards x workloads.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import os
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 
 import ray
 
-from . import engine, table
+from . import catalog, engine, table
 from .devices import DeviceInfo
 from .spec import SpecError, Workload
 
@@ -403,12 +404,6 @@ def _combine(rows: list[dict]) -> dict:
 RAY_QUIET = {"log_to_driver": False, "logging_level": "error"}
 
 
-def _ray_types(card_key: str) -> str | None:
-    from .catalog import card
-
-    return card(card_key).ray_type
-
-
 def connect(fleet, simulated_gpus: int) -> bool:
     """Join the configured cluster or start a local Ray; True when this call started it."""
     if ray.is_initialized():
@@ -468,7 +463,8 @@ def resolve_devices(fleet) -> tuple[list[tuple[str | None, dict]], bool]:
             from .devices import cuda_count
 
             mode = "real" if cuda_count() else "simulate"
-    gpus = int(ray.cluster_resources().get("GPU", 0))
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
     if mode == "real":
         if gpus < 1:
             raise SpecError("the Ray cluster has no GPUs: start it with GPUs, or use a simulated fleet "
@@ -478,10 +474,9 @@ def resolve_devices(fleet) -> tuple[list[tuple[str | None, dict]], bool]:
     if len(cards) > gpus:
         raise SpecError(f"--simulate asks for {len(cards)} devices but the Ray cluster has {gpus} GPUs "
                         "(logical GPUs count): simulate fewer cards or add GPUs to the cluster")
-    resources = ray.cluster_resources()
     out = []
     for key in cards:
-        rt = _ray_types(key)
+        rt = catalog.card(key).ray_type
         # pin to nodes labelled with this accelerator type, where the cluster has such labels
         opts = {"resources": {f"accelerator_type:{rt}": 0.001}} if rt and f"accelerator_type:{rt}" in resources else {}
         out.append((key, opts))
@@ -506,6 +501,24 @@ def validate_models(sweep) -> None:
             del built
 
 
+@contextlib.contextmanager
+def _started_fleet(job, **sweep_options):
+    """Ray up (joined or local), one actor per device started; yields (sweep, simulated?); all down after."""
+    started = connect(job.fleet, _local_simulated_gpus(job.fleet))
+    sweep = None
+    try:
+        devices, simulated = resolve_devices(job.fleet)
+        log.info("%d %s devices", len(devices), "simulated" if simulated else "real")
+        sweep = Sweep(job, **sweep_options)
+        sweep.start(devices)
+        yield sweep, simulated
+    finally:
+        if sweep is not None:
+            sweep.shutdown()
+        if started:
+            _shutdown_ray()
+
+
 def run_sweep(job, *, force: bool = False, progress=None) -> tuple[SweepStats, "object"]:
     """Measure every combination of ``job`` on its fleet; returns stats and the final table.
 
@@ -514,19 +527,8 @@ def run_sweep(job, *, force: bool = False, progress=None) -> tuple[SweepStats, "
     """
     table.check_writable(job.sweep.out)
     validate_models(job.sweep)
-    started = connect(job.fleet, _local_simulated_gpus(job.fleet))
-    sweep = None
-    try:
-        devices, simulated = resolve_devices(job.fleet)
-        log.info("%d %s devices", len(devices), "simulated" if simulated else "real")
-        sweep = Sweep(job, force=force, progress=progress)
-        sweep.start(devices)
+    with _started_fleet(job, force=force, progress=progress) as (sweep, _):
         stats = sweep.run()
-    finally:
-        if sweep is not None:
-            sweep.shutdown()
-        if started:
-            _shutdown_ray()
     return stats, table.read(job.sweep.out)
 
 
@@ -545,17 +547,7 @@ def _shutdown_ray() -> None:
 
 def survey(fleet_cfg) -> tuple[list[DeviceInfo], bool]:
     """Start the fleet's actors, collect what each device reports, stop them: (infos, simulated?)."""
-    started = connect(fleet_cfg, _local_simulated_gpus(fleet_cfg))
-    sweep = None
-    try:
-        devices, simulated = resolve_devices(fleet_cfg)
-        from .job import Job, SweepConfig
+    from .job import Job, SweepConfig
 
-        sweep = Sweep(Job(SweepConfig(grid=()), fleet_cfg))
-        sweep.start(devices)
+    with _started_fleet(Job(SweepConfig(grid=()), fleet_cfg)) as (sweep, simulated):
         return [s.info for s in sweep.slots if s.ready], simulated
-    finally:
-        if sweep is not None:
-            sweep.shutdown()
-        if started:
-            _shutdown_ray()

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from . import catalog
-from .spec import OPTIMIZERS, PRECISIONS, SpecError, Workload
+from .spec import OPTIMIZERS, PRECISIONS, SpecError, Workload, check_fraction
 
 DEFAULT_JOB = Path(__file__).resolve().parent.parent / "jobs" / "quickstart.toml"
 
@@ -197,9 +197,7 @@ def _sweep(d, src) -> SweepConfig:
         grid = _grid(d["grid"], src)
     else:
         grid = _grid([{"models": d.get("models", []), "imgsz": d.get("imgsz", [640])}], src)
-    fraction = _typed(d, "fraction", (int, float), src, sec, 0.8)
-    if not 0 < fraction <= 1:
-        raise SpecError(f"{src}: {sec}fraction={fraction} must be in (0, 1], e.g. 0.8")
+    fraction = check_fraction(_typed(d, "fraction", (int, float), src, sec, 0.8), f"{src}: {sec}fraction")
     precision = _list(d, "precision", str, src, sec, ["fp16"])
     for p in precision:
         if p not in PRECISIONS:
@@ -252,8 +250,8 @@ def with_overrides(job: Job, *, models=None, imgsz=None, fraction=None, precisio
         grid = _grid([{"models": list(models), "imgsz": list(sizes)}], "--models")
     elif imgsz is not None:
         grid = tuple(_grid([{"models": list(g.models), "imgsz": list(imgsz)}], "--imgsz")[0] for g in grid)
-    if fraction is not None and not 0 < fraction <= 1:
-        raise SpecError(f"--fraction={fraction} must be in (0, 1], e.g. 0.8")
+    if fraction is not None:
+        check_fraction(fraction, "--fraction")
     for p in precision or ():
         if p not in PRECISIONS:
             raise SpecError(f"--precision {p!r} must be one of {', '.join(PRECISIONS)}")

@@ -15,6 +15,13 @@ class SpecError(ValueError):
     """Bad input: the message names the value, the constraint and the fix."""
 
 
+def check_fraction(fraction, name: str = "fraction") -> float:
+    """``fraction`` as a float in (0, 1]; SpecError naming ``name`` (e.g. "--fraction") otherwise."""
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise SpecError(f"{name}={fraction!r} must be in (0, 1]: the share of the card's memory to use, e.g. 0.8")
+    return float(fraction)
+
+
 @dataclass(frozen=True)
 class Workload:
     """One training configuration whose memory is measured."""
