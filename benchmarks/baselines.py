@@ -19,7 +19,7 @@ Written by us from the algorithms' descriptions (the annotated YOLOv5/YOLOv9 see
   step fails, keep the last success. It measures the full training step; "fails"
   is out of memory or over the budget (Lightning itself only knows OOM, so it would
   fill the card regardless of any fraction).
-- ``ours``: ``orchestrator.autobatch.decide`` on the full-step measurement.
+- ``ours``: ``orchestrator.decision.decide`` on the full-step measurement.
 - ``seed-fullstep`` (diagnostic): the seed's arithmetic fed with the full-step
   measurement, separating the fault of its probe from the faults of its arithmetic.
 
@@ -37,12 +37,12 @@ import numpy as np
 import torch
 from torch.utils._pytree import tree_flatten
 
-from orchestrator import allocator, simulated, step
-from orchestrator.autobatch import OutOfMemory, decide
+from orchestrator import allocator, models, simulated, step
+from orchestrator.decision import OutOfMemory, decide
 from orchestrator.devices import DeviceInfo, SimulatedBackend
 from orchestrator.spec import Workload
 
-GiB = 2**30
+from orchestrator.units import GiB
 GB = 10**9  # the seed's profiler reports memory in GB
 MAX_BATCH = 1024  # the seed's "safe range" upper end; every algorithm is capped here
 DEFAULT_BATCH = 16  # the seed's and ultralytics' fallback
@@ -51,7 +51,7 @@ ULTRALYTICS_SIZES = (1, 2, 4, 8, 16, 32, 64)  # on cards of 16 GiB or more
 SEED_ITERATIONS = 3  # the profiler's n=3 in the seed's autobatch call
 
 
-def forward_backward(built, workload: Workload, batch: int, device: torch.device, *, fake: bool = False) -> None:
+def forward_backward(built, workload: Workload, batch: int, device: torch.device, *, surrogate: bool = False) -> None:
     """The seed's probe: ``SEED_ITERATIONS`` x (forward, sum of every output, backward) on one input.
 
     As the seed's profiler runs it: an uninitialised input that requires grad, the
@@ -71,7 +71,7 @@ def forward_backward(built, workload: Workload, batch: int, device: torch.device
     # images, the last outputs and the gradients are alive when the seed reads memory_reserved()
 
 
-def _load_only(built, workload, batch, device, *, fake=False) -> None:
+def _load_only(built, workload, batch, device, *, surrogate=False) -> None:
     """No step: what a trace records is the model's weights arriving on the device."""
 
 
@@ -90,7 +90,7 @@ class Traces:
 def trace_workload(workload: Workload) -> Traces:
     """Build the model once and trace both steps at batch 1, 2, 4, 8 (any other batch is synthesized)."""
     t0 = time.perf_counter()
-    built = simulated.build(workload)
+    built = models.build(workload)
     full = simulated.profile(workload, built)
     probe = simulated.profile(workload, built, run_step=forward_backward)
     loaded = simulated.trace(built, workload, 1, run_step=_load_only)
@@ -113,11 +113,11 @@ class Testbed:
 
     def full_step(self, batch: int) -> int:
         """Peak reserved bytes of the full training step (what ``ours`` measures); raises OutOfMemory."""
-        return self._full_step(batch)
+        return self._full_step(batch).reserved_bytes
 
     def full_step_or_none(self, batch: int) -> int | None:
         try:
-            return self._full_step(batch)
+            return self._full_step(batch).reserved_bytes
         except OutOfMemory:
             return None
 
@@ -261,7 +261,7 @@ def power(bed: Testbed, max_batch: int = MAX_BATCH) -> Outcome:
 
 
 def ours(bed: Testbed, max_batch: int = MAX_BATCH) -> Outcome:
-    """``orchestrator.autobatch.decide`` on the full-step measurement (0: no-fit)."""
+    """``orchestrator.decision.decide`` on the full-step measurement (0: no-fit)."""
     meter = _Meter(bed.full_step)
     d = decide(meter, bed.budget_bytes, max_batch=max_batch)
     return Outcome(d.batch_size, meter.batches, len(meter.batches) * step.STEPS, d.reason)

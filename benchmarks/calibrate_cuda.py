@@ -13,7 +13,7 @@ On a CUDA machine this script
    the step: a sample, not a peak -- see LIMITATIONS below);
 3. runs the simulated backend for the same configurations with the card's
    catalog entry (or ``--card``) and prints real vs simulated with % errors;
-4. runs the full decision (``engine.decide_on(CudaBackend(0), ...)``) for 3
+4. runs the full decision (``engine.decide_on(CudaBackend(), ...)``) for 3
    workloads, then trains 20 steps at the chosen batch (and, time allowing, at
    the batch the *simulated* card chose) and checks: no OOM, and whole-device
    peak usage <= fraction x total;
@@ -70,8 +70,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # runs from a plain checkout (PYTHONPATH=.) without pip install -e
     sys.path.insert(0, str(REPO))
 
-MiB = 2**20
-GiB = 2**30
+from orchestrator.units import GiB, MiB  # noqa: E402
+
 DEVICE_TYPE = "cuda"  # the real half's device (a test may point it elsewhere)
 
 # (model, imgsz, batches): batch sizes ascending; larger ones are skipped after an OOM
@@ -191,19 +191,20 @@ def sim_profiles(model: str, imgsz: int, configs: list[tuple[str, str]]) -> dict
     Runs in a worker process (or inline); the model is built once and shared by the traces.
     """
     from orchestrator import simulated
+    from orchestrator.models import build
     from orchestrator.spec import Workload
 
     out = {}
     t0 = time.perf_counter()
     try:
-        built = simulated.build(Workload(model, imgsz))
+        built = build(Workload(model=model, imgsz=imgsz))
     except Exception as e:  # noqa: BLE001 -- becomes an error row
         msg = short(e)
         return {cfg: ("error", f"build: {msg}", time.perf_counter() - t0) for cfg in configs}
     for prec, opt in configs:
         t1 = time.perf_counter()
         try:
-            prof = simulated.profile(Workload(model, imgsz, prec, opt), built=built)
+            prof = simulated.profile(Workload(model=model, imgsz=imgsz, precision=prec, optimizer=opt), built=built)
             out[(prec, opt)] = ("ok", prof, time.perf_counter() - t1)
         except Exception as e:  # noqa: BLE001
             out[(prec, opt)] = ("error", short(e), time.perf_counter() - t1)
@@ -274,18 +275,16 @@ class SimRunner:
 
 def simulate_row(card, prof, batch: int) -> dict:
     """Simulated peak reserved (the backend's measurer, incl. workspace) and peak allocated."""
-    from orchestrator import allocator
-    from orchestrator.autobatch import OutOfMemory
+    from orchestrator.decision import OutOfMemory
 
     backend = _sim_backend(card)
     backend.add_profile(prof)
     try:
-        reserved = backend.measurer(prof.workload)(batch)
+        m = backend.measurer(prof.workload)(batch)
     except OutOfMemory as e:
         return {"sim_status": "oom", "sim_msg": str(e)[:200]}
-    stats = allocator.replay(prof.events(batch), held=[card.workspace_bytes])
-    return {"sim_status": "ok", "sim_alloc_bytes": stats.peak_allocated, "sim_reserved_bytes": reserved,
-            "sim_device_bytes": reserved + card.context_bytes}
+    return {"sim_status": "ok", "sim_alloc_bytes": m.allocated_bytes, "sim_reserved_bytes": m.reserved_bytes,
+            "sim_device_bytes": m.reserved_bytes + m.outside_bytes}
 
 
 def _sim_backend(card):
@@ -372,47 +371,34 @@ def card_info(torch, args) -> dict:
     return info
 
 
-def real_step(torch, built, workload, batch: int, dev) -> dict:
-    """``step.train`` (2 steps) at ``batch``; peak allocated/reserved and a device-usage sample after it."""
-    from orchestrator import step
+def real_step(torch, measure, batch: int, dev) -> dict:
+    """One measurement through the CUDA backend's own measurer (what the engine decides with):
+    ``step.train`` (2 steps) at ``batch``, its peak allocated/reserved and the bytes outside the allocator."""
+    from orchestrator.decision import OutOfMemory
 
-    torch.backends.cudnn.benchmark = workload.cudnn_benchmark
-    # a step that ran out of memory mid-backward leaves .grad on the parameters: start clean
-    for p in built.module.parameters():
-        p.grad = None
-    gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.synchronize(dev)
     alloc_start = torch.cuda.memory_allocated(dev)
     retries0 = torch.cuda.memory_stats(dev).get("num_alloc_retries", 0)
-    torch.cuda.reset_peak_memory_stats(dev)
     t0 = time.perf_counter()
     failure = None
     try:
-        step.train(built, workload, batch, dev)
-        torch.cuda.synchronize(dev)
-    except Exception as e:  # noqa: BLE001
-        if not step.is_oom(e):
-            failure = ("error", short(e))
-        else:
-            failure = ("oom", short(e))
-    seconds = time.perf_counter() - t0
-    # outside the except block: the traceback (and the tensors its frames held) is gone
-    if failure:
+        m = measure(batch)
+    except OutOfMemory as e:
+        failure = ("oom", short(e))
+    except Exception as e:  # noqa: BLE001 -- an error row
+        failure = ("error", short(e))
+    seconds = round(time.perf_counter() - t0, 3)
+    if failure:  # outside the except block: the traceback (and the tensors its frames held) is gone
         gc.collect()
         torch.cuda.empty_cache()
-        return {"real_status": failure[0], "real_msg": failure[1], "real_step_s": round(seconds, 3),
+        return {"real_status": failure[0], "real_msg": failure[1], "real_step_s": seconds,
                 "real_alloc_start_bytes": alloc_start}
     free, total = torch.cuda.mem_get_info(dev)
-    reserved_now = torch.cuda.memory_reserved(dev)
-    peak_reserved = torch.cuda.max_memory_reserved(dev)
-    outside = (total - free) - reserved_now
     return {
-        "real_status": "ok", "real_alloc_bytes": torch.cuda.max_memory_allocated(dev),
-        "real_reserved_bytes": peak_reserved, "real_device_used_bytes": total - free, "real_outside_bytes": outside,
-        "real_device_peak_est_bytes": peak_reserved + outside, "real_alloc_start_bytes": alloc_start,
+        "real_status": "ok", "real_alloc_bytes": m.allocated_bytes, "real_reserved_bytes": m.reserved_bytes,
+        "real_device_used_bytes": total - free, "real_outside_bytes": m.outside_bytes,
+        "real_device_peak_est_bytes": m.reserved_bytes + m.outside_bytes, "real_alloc_start_bytes": alloc_start,
         "real_alloc_retries": torch.cuda.memory_stats(dev).get("num_alloc_retries", 0) - retries0,
-        "real_step_s": round(seconds, 3),
+        "real_step_s": seconds,
     }
 
 
@@ -422,10 +408,11 @@ def train_steps(torch, workload, batch: int, steps: int, fraction: float, deadli
     Samples device usage after each step; whole-device peak estimate is
     max(sampled used, max_memory_reserved + outside bytes before/after).
     """
-    from orchestrator import simulated, step
+    from orchestrator import step
+    from orchestrator.models import build
 
     out = {"steps": steps, "steps_done": 0}
-    built = simulated.build(workload)
+    built = build(workload)
     built.module.to(dev)
     gc.collect()
     torch.cuda.empty_cache()
@@ -659,7 +646,7 @@ def run_simulate_only(args, clock, card, models, configs, decisions, jobs, out_d
 
 
 def run_cuda(args, clock, torch, sim, models, configs, decisions, reserve, out_dir) -> int:
-    from orchestrator import catalog, engine, simulated
+    from orchestrator import catalog, engine
     from orchestrator.devices import CudaBackend
     from orchestrator.spec import Workload
 
@@ -703,32 +690,32 @@ def run_cuda(args, clock, torch, sim, models, configs, decisions, reserve, out_d
     def flush():
         write_csv(paths["matrix"], MATRIX_FIELDS, rows)
 
-    # ---- real matrix, model-major (one model on the GPU at a time), each model a fair slice of the time
+    # ---- real matrix, model-major, each model a fair slice of the time; a fresh model per configuration
+    # (the backend's measurer builds it and runs one unmeasured warm-up step, as the engine does)
+    backend = CudaBackend()
     for mi, (model, imgsz, batches) in enumerate(models):
         slice_end = time.monotonic() + clock.left(cal_end) / (len(models) - mi)
-        built = None
-        try:
-            if clock.left(cal_end) > 0:
-                built = simulated.build(Workload(model, imgsz))
-                built.module.to(dev)
-            build_msg = "" if built else "skipped: time budget"
-        except Exception as e:  # noqa: BLE001
-            build_msg = f"build: {short(e)}"
-        note = built.loss_note if built else ""
         for prec, opt in configs:
-            wl = Workload(model, imgsz, prec, opt)
+            wl = Workload(model=model, imgsz=imgsz, precision=prec, optimizer=opt)
+            measure, build_msg = None, "skipped: time budget"
+            if time.monotonic() <= slice_end:
+                try:
+                    measure = backend.measurer(wl)
+                except Exception as e:  # noqa: BLE001
+                    build_msg = f"build: {short(e)}"
+            note = measure.built.loss_note if measure else ""
             failed_at = None
             for b in batches:
                 row = _base_row(card.key, gpu_name, total, model, imgsz, prec, opt, b)
                 row.update(loss_note=note, torch=info["torch"], cuda=info["cuda"], cudnn=info["cudnn"])
-                if built is None:
+                if measure is None:
                     row.update(real_status="skipped" if "budget" in build_msg else "error", real_msg=build_msg)
                 elif failed_at is not None:
                     row.update(real_status="skipped", real_msg=f"batch {failed_at} failed")
                 elif time.monotonic() > slice_end:
                     row.update(real_status="skipped", real_msg="time budget")
                 else:
-                    row.update(real_step(torch, built, wl, b, dev))
+                    row.update(real_step(torch, measure, b, dev))
                     if row["real_status"] != "ok":
                         failed_at = b
                     log(f"[real] {model}@{imgsz} {prec} {opt} b={b}: {row['real_status']} "
@@ -737,9 +724,9 @@ def run_cuda(args, clock, torch, sim, models, configs, decisions, reserve, out_d
                         + (f" {row.get('real_msg')}" if row.get("real_msg") else ""))
                 rows.append(row)
             flush()
-        del built
-        gc.collect()
-        torch.cuda.empty_cache()
+            del measure
+            gc.collect()
+            torch.cuda.empty_cache()
 
     # ---- simulated half: worker results (they ran alongside), or inline now
     if sim.pool is not None:
@@ -755,7 +742,7 @@ def run_cuda(args, clock, torch, sim, models, configs, decisions, reserve, out_d
     # ---- decisions on the real card, then train at the chosen batch
     drows: list[dict] = []
     for model, imgsz, prec, opt in decisions:
-        wl = Workload(model, imgsz, prec, opt)
+        wl = Workload(model=model, imgsz=imgsz, precision=prec, optimizer=opt)
         row = _base_row(card.key, gpu_name, total, model, imgsz, prec, opt)
         row.update(fraction=args.fraction, source="real")
         res = sim.get(model, (prec, opt))
@@ -772,14 +759,13 @@ def run_cuda(args, clock, torch, sim, models, configs, decisions, reserve, out_d
             continue
         log(f"[decide] {wl.label()} on {gpu_name}, fraction {args.fraction} ...")
         try:
-            backend = CudaBackend(0)
             result = engine.decide_on(backend, wl, args.fraction, max_batch=args.max_batch)
             d = result.decision
             row.update(batch=d.batch_size, decision_status=d.status, decision_clamped=d.clamped,
                        decision_peak_bytes=d.peak_bytes, budget_bytes=d.budget_bytes,
                        outside_bytes_at_decision=result.device.outside_bytes, measurements=d.measurements,
                        probes=probes_text(d.probes), decision_s=round(result.seconds, 1))
-            del backend, result
+            del result
         except Exception as e:  # noqa: BLE001
             row.update(decision_status="error", msg=short(e))
         gc.collect()
@@ -801,7 +787,7 @@ def run_cuda(args, clock, torch, sim, models, configs, decisions, reserve, out_d
         mean = real_row.get("step_s_mean") or 1.0
         if clock.left() < 15 + args.steps * float(mean) * 1.5:
             continue
-        wl = Workload(real_row["model"], real_row["imgsz"], real_row["precision"], real_row["optimizer"])
+        wl = Workload(model=real_row["model"], imgsz=real_row["imgsz"], precision=real_row["precision"], optimizer=real_row["optimizer"])
         row = _base_row(card.key, gpu_name, total, wl.model, wl.imgsz, wl.precision, wl.optimizer)
         row.update(fraction=args.fraction, source="sim", batch=sb, sim_batch=sb,
                    sim_peak_bytes=real_row.get("sim_peak_bytes"), sim_probes=real_row.get("sim_probes"))

@@ -34,7 +34,7 @@ from . import report  # noqa: E402
 from .baselines import ALGORITHMS, MAX_BATCH, Testbed, trace_workload  # noqa: E402
 
 log = logging.getLogger(__name__)
-GiB = 2**30
+from orchestrator.units import GiB
 
 CLASSIFY_SIZES = (224, 320, 448)
 DETECT_SIZES = (320, 640, 1280)  # multiples of YOLO's stride 32
@@ -54,7 +54,7 @@ class Grid:
     """The budget every algorithm is judged against: the seed's and our default."""
 
     def workloads(self) -> list[Workload]:
-        return [Workload(model, imgsz, precision, optimizer)
+        return [Workload(model=model, imgsz=imgsz, precision=precision, optimizer=optimizer)
                 for model, sizes, optimizer in self.models for imgsz in sizes for precision in self.precisions]
 
 

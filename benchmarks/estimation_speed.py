@@ -24,15 +24,15 @@ from pathlib import Path
 os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_VERBOSE", "False")
 
-from orchestrator import allocator, simulated  # noqa: E402
-from orchestrator.autobatch import OutOfMemory  # noqa: E402
+from orchestrator import allocator, models, simulated  # noqa: E402
+from orchestrator.decision import OutOfMemory  # noqa: E402
 from orchestrator.devices import SimulatedBackend  # noqa: E402
 from orchestrator.spec import Workload  # noqa: E402
 
 from . import report  # noqa: E402
 
 log = logging.getLogger(__name__)
-GiB = 2**30
+from orchestrator.units import GiB  # noqa: E402
 
 WORKLOADS = (("torchvision:resnet50", 224), ("ultralytics:yolov8s.yaml", 640))
 BATCHES = (1, 4, 16, 64, 256)
@@ -54,8 +54,8 @@ def run(workloads=WORKLOADS, batches=BATCHES, *, precision: str = "fp16", card: 
     """One row per (workload, batch): direct-trace seconds and replay milliseconds (medians)."""
     rows = []
     for model, imgsz in workloads:
-        w = Workload(model, imgsz, precision)
-        built = simulated.build(w)
+        w = Workload(model=model, imgsz=imgsz, precision=precision)
+        built = models.build(w)
         t0 = time.perf_counter()
         prof = simulated.profile(w, built)
         profile_s = time.perf_counter() - t0
@@ -77,7 +77,7 @@ def run(workloads=WORKLOADS, batches=BATCHES, *, precision: str = "fp16", card: 
 
 def _measure(measure, batch: int) -> int | None:
     try:
-        return measure(batch)
+        return measure(batch).reserved_bytes
     except OutOfMemory:
         return None
 

@@ -4,7 +4,7 @@
 sweep`` builds a lookup table for a whole Ray fleet.
 """
 from .answers import Answer, lookup
-from .autobatch import Decision, OutOfMemory, decide
+from .decision import Decision, OutOfMemory, decide
 from .engine import Result, autobatch
 from .spec import SpecError, Workload
 

@@ -21,7 +21,8 @@ import bisect
 from dataclasses import dataclass
 from typing import Iterable
 
-KiB, MiB = 2**10, 2**20
+from .units import MiB
+
 MIN_BLOCK = 512
 SMALL_SIZE = 1 * MiB
 SMALL_SEGMENT = 2 * MiB

@@ -39,9 +39,9 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from . import catalog, table as tables
-from .autobatch import fit_line
-from .spec import OPTIMIZERS, PRECISIONS, SpecError, Workload, check_fraction
+from . import catalog, spec, table as tables
+from .decision import fit_line, near_limit
+from .spec import SpecError, Workload, check_fraction, check_max_batch
 from .units import GiB, gib, mib
 
 log = logging.getLogger(__name__)
@@ -87,20 +87,24 @@ class Target:
         return f"{self.card or self.name or 'a card'} ({gib(self.total_bytes)})"
 
 
-def lookup(table: str | os.PathLike | pd.DataFrame, model: str, imgsz: int, gpu: str | int | float | None = None,
-           precision: str = "fp16", optimizer: str = "SGD", fraction: float | None = None, ema: bool = True,
-           cudnn_benchmark: bool = False, *, max_batch: int = MAX_BATCH) -> Answer:
+def lookup(table: str | os.PathLike | pd.DataFrame, model: str | Workload, imgsz: int = 640,
+           gpu: str | int | float | None = None, *, fraction: float | None = None, max_batch: int = MAX_BATCH,
+           measured_only: bool = False, **fields) -> Answer:
     """The batch size for ``model`` at ``imgsz`` on ``gpu``, from the table at ``table``.
 
-    ``gpu``: None for the current CUDA device; a catalog key ("A100-80GB"); a device
-    name as the driver reports it ("Tesla T4"); or total memory, as int bytes or as
-    GiB in a float or string ("24"). ``fraction`` None takes the table's. Raises
-    ``NoAnswer`` when the table has no answer, ``SpecError`` for bad arguments.
+    ``fields``: the other workload fields (``spec.Workload``: precision, optimizer,
+    ema, ...) as the rows were measured, each at its default when not given; or pass
+    a whole ``Workload`` as ``model``. ``gpu``: None for the current CUDA device; a
+    catalog key ("A100-80GB"); a device name as the driver reports it ("Tesla T4");
+    total memory as int bytes; or a size in GiB as a float or string ("24"), where a
+    size cards are sold as (24 for L4/A10G/RTX 3090/4090) means the smallest catalog
+    card sold as that. ``fraction`` None takes the table's. ``measured_only`` refuses
+    to extrapolate. Raises ``NoAnswer`` when the table has no answer, ``SpecError``
+    for bad arguments.
     """
-    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-        raise SpecError(f"max_batch={max_batch!r} must be a positive integer, e.g. {MAX_BATCH}")
+    check_max_batch(max_batch)
     df, source = _load(table)
-    workload = Workload(model, imgsz, precision, optimizer, ema, cudnn_benchmark)
+    workload = model if isinstance(model, Workload) else spec.make(model=model, imgsz=imgsz, **fields)
     rows = workload_rows(df, workload, source)
     target = resolve_gpu(gpu, df)
     mine = rows[[_same_card(r, target) for _, r in rows.iterrows()]]
@@ -108,6 +112,10 @@ def lookup(table: str | os.PathLike | pd.DataFrame, model: str, imgsz: int, gpu:
     exact = mine[mine["fraction"].round(6) == round(fraction, 6)]
     if len(exact):  # the nearest in total memory, should the table hold the card twice (simulated and real)
         return _measured(exact.loc[(exact["gpu_total_bytes"] - target.total_bytes).abs().idxmin()], workload)
+    if measured_only:
+        cards = nearest(target.card or target.name, sorted({_card_label(r) for _, r in rows.iterrows()}))
+        raise NoAnswer(f"{workload.label()} was not measured on {target.label()} at fraction {fraction:g} "
+                       f"(measured on {cards}); add the card to the sweep, or drop --measured-only to extrapolate")
     return extrapolate(rows, workload, target, fraction, max_batch)
 
 
@@ -126,7 +134,7 @@ def _load(table) -> tuple[pd.DataFrame, str]:
 def workload_rows(df: pd.DataFrame, w: Workload, source: str) -> pd.DataFrame:
     """Rows of ``df`` for workload ``w`` (any card, any fraction); NoAnswer names the first key not there."""
     what = ""
-    for col in ("model", "imgsz", "precision", "optimizer", "ema", "cudnn_benchmark"):
+    for col in spec.KEYS:
         value = getattr(w, col)
         hit = df[df[col] == value]
         if hit.empty:
@@ -191,8 +199,8 @@ def _from_name(name: str, df: pd.DataFrame) -> Target:
     named = [c for c in catalog.CATALOG.values() if c.name.lower() == name.lower()]
     if named:
         return _from_catalog(named[0])
-    if _is_number(name.removesuffix("GiB")):
-        return _from_gib(float(name.removesuffix("GiB")), repr(name))
+    if _is_number(name.removesuffix("GiB")):  # "24GiB": exactly that total; "24": as cards are sold
+        return _from_gib(float(name.removesuffix("GiB")), repr(name), exact=name.endswith("GiB"))
     measured = nearest(name, sorted(set(df["gpu_name"])))
     raise NoAnswer(f"gpu={name!r} is not a catalog card ({nearest(name, list(catalog.CATALOG))}) nor a device "
                    f"in the table ({measured}): name one of those, or give its memory in GiB "
@@ -221,20 +229,30 @@ def _from_rows(name: str, rows: pd.DataFrame) -> Target:
     return Target(totals[0], int(rows["outside_bytes"].max()), str(r["gpu_name"]), card, "measured on that card")
 
 
-def _from_gib(value: float, shown: str) -> Target:
+def _from_gib(value: float, shown: str, exact: bool = False) -> Target:
+    """A card named by its memory. A size cards are sold as (16, 24, 40, 80, ...) is read as the smallest
+    catalog card sold as that: an "A10G 24 GB" reports 21.96 GiB, so 24 must not mean 24 GiB.
+    Any other size, or any size when ``exact``, is the total the driver reports, in GiB."""
     if not math.isfinite(value) or value <= 0:
         raise SpecError(f"gpu={shown} must be a positive memory size in GiB, e.g. 24")
-    return Target(int(value * GiB))
+    sold = [] if exact else catalog.sold_as(value)
+    if not sold:
+        return Target(int(value * GiB))
+    smallest = min(sold, key=lambda c: c.total_bytes)
+    names = ", ".join(c.key for c in sold)
+    return Target(smallest.total_bytes, max(c.context_bytes for c in sold), f"a {value:g} GB card", "",
+                  f"the largest catalog context among cards sold as {value:g} GB ({names}), whose smallest "
+                  f"total {gib(smallest.total_bytes)} is used")
 
 
 def current_device() -> Target:
-    """CUDA device 0 through the device seam; SpecError when this machine has none."""
+    """This process's current CUDA device through the device seam; SpecError when this machine has none."""
     from . import devices  # noqa: PLC0415 (imports torch: only for this path)
 
     if devices.cuda_count() == 0:
         raise SpecError("gpu=None means the current CUDA device and this machine has none: "
                         "pass gpu= (--gpu T4, --gpu 'Tesla T4' or --gpu-memory 24)")
-    info = devices.CudaBackend(0).info()
+    info = devices.CudaBackend().info()
     c = catalog.CATALOG.get(info.card)
     # a fresh process has not loaded its kernels yet: count the catalog's context if it is larger
     outside = max(info.outside_bytes, c.context_bytes if c else 0)
@@ -281,16 +299,14 @@ class Line:
 def probe_points(rows: pd.DataFrame) -> list[tuple[int, int]]:
     """(batch, peak bytes) of every probe that ran, each row's points near the top of its curve.
 
-    Small batches are left out as the decision's fit leaves them out: there the
-    optimizer step, not the activations, sets the peak (at or above 1/8 of a row's
-    largest probe, as ``autobatch._Search.fit``).
+    Small batches are left out as the decision's fit leaves them out
+    (``decision.near_limit``): there the optimizer step, not the activations, sets the peak.
     """
     points: list[tuple[int, int]] = []
     for _, r in rows.iterrows():
         pairs = [(int(b), int(p)) for b, p in zip(str(r["probes"]).split(","), str(r["probe_peak_bytes"]).split(","))
                  if p.strip().isdigit()]
-        top = max((b for b, _ in pairs), default=0)
-        points += [(b, p) for b, p in pairs if b * 8 >= top]
+        points += near_limit(pairs)
     return points
 
 
@@ -354,32 +370,32 @@ def _nothing_to_extrapolate(rows: pd.DataFrame, w: Workload) -> str:
 # -- command line
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser("lookup", help="print the batch size for one model on one card, read from a table")
+def register(subparsers, common=()) -> None:
+    p = subparsers.add_parser("lookup", parents=list(common),
+                              help="print the batch size for one model on one card, read from a table")
     p.add_argument("table", help="batch table CSV written by `sweep`, e.g. results/batch_table.csv")
-    p.add_argument("--model", required=True, help="as in the table, e.g. ultralytics:yolov8s.yaml")
-    p.add_argument("--imgsz", type=int, required=True, help="square input size in pixels, e.g. 640")
+    spec.add_flags(p, many=False)
     where = p.add_mutually_exclusive_group()
     where.add_argument("--gpu", help="catalog card (A100-80GB) or device name ('Tesla T4'); "
-                                     "default: the CUDA device of this machine")
-    where.add_argument("--gpu-memory", type=float, metavar="GiB",
-                       help="total memory of a card the table does not name, in GiB (answer is extrapolated)")
+                                     "default: the current CUDA device of this machine")
+    where.add_argument("--gpu-memory", type=float, metavar="GB",
+                       help="a card the table does not name, by the memory it is sold as (24 for an L4, A10G or "
+                            "RTX 4090: read as the smallest such catalog card) or, for any other size, the total "
+                            "in GiB as torch reports it; the answer is extrapolated")
     p.add_argument("--fraction", type=float, default=None,
                    help="share of the card to use at peak (default: the table's; another value is extrapolated)")
-    p.add_argument("--precision", choices=list(PRECISIONS), default="fp16", help="as measured (default fp16)")
-    p.add_argument("--optimizer", choices=list(OPTIMIZERS), default="SGD", help="as measured (default SGD)")
-    p.add_argument("--no-ema", dest="ema", action="store_false", help="the workload without the EMA copy")
-    p.add_argument("--cudnn-benchmark", action="store_true", help="the workload measured with cudnn.benchmark")
     p.add_argument("--max-batch", type=int, default=MAX_BATCH,
                    help=f"cap on extrapolated answers (default {MAX_BATCH}, the sweep's)")
+    p.add_argument("--measured-only", action="store_true",
+                   help="exit 2 instead of extrapolating when the table did not measure this card and fraction")
     p.set_defaults(func=cmd_lookup)
 
 
 def cmd_lookup(args: argparse.Namespace) -> int:
     """Only the integer goes to stdout, so `batch=$(python -m orchestrator lookup ...)` works."""
     gpu = args.gpu if args.gpu_memory is None else args.gpu_memory
-    a = lookup(args.table, args.model, args.imgsz, gpu, args.precision, args.optimizer, args.fraction,
-               args.ema, args.cudnn_benchmark, max_batch=args.max_batch)
+    a = lookup(args.table, spec.from_args(args), gpu=gpu, fraction=args.fraction, max_batch=args.max_batch,
+               measured_only=args.measured_only)
     if a.extrapolated:
         print("warning: extrapolated, not measured on this card or fraction; check it on the first run "
               f"(`python -m orchestrator autobatch --model {args.model} --imgsz {args.imgsz} ...`)", file=sys.stderr)

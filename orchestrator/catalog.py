@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-MiB = 2**20
-GiB = 2**30
+from .units import MiB
 
 
 @dataclass(frozen=True)
@@ -23,32 +22,35 @@ class Card:
     capability: tuple[int, int]
     context_bytes: int
     workspace_bytes: int
+    sold_gb: int
+    """The memory size the card is sold as ("24 GB"): what users type, not what the driver reports."""
     ray_type: str | None = None  # Ray's accelerator_type label (ray.util.accelerators)
 
-    @property
-    def total_gib(self) -> float:
-        return self.total_bytes / GiB
 
-
-def _card(key, name, total_mib, capability, context_mib, workspace_mib=8, ray_type=None):
-    return Card(key, name, total_mib * MiB, capability, context_mib * MiB, workspace_mib * MiB, ray_type)
+def _card(key, name, total_mib, capability, context_mib, sold_gb, workspace_mib=8, ray_type=None):
+    return Card(key, name, total_mib * MiB, capability, context_mib * MiB, workspace_mib * MiB, sold_gb, ray_type)
 
 
 # Context sizes grow with the kernel images loaded for the architecture; Hopper's
 # cuBLAS takes a 32 MiB workspace per handle where older parts take 8 MiB.
 CATALOG: dict[str, Card] = {c.key: c for c in [
-    _card("T4", "Tesla T4", 15_102, (7, 5), 360, ray_type="T4"),
-    _card("V100-16GB", "Tesla V100-SXM2-16GB", 16_160, (7, 0), 380, ray_type="V100"),
-    _card("V100-32GB", "Tesla V100-SXM2-32GB", 32_510, (7, 0), 380, ray_type="V100"),
-    _card("L4", "NVIDIA L4", 22_491, (8, 9), 420, ray_type="L4"),
-    _card("A10G", "NVIDIA A10G", 22_491, (8, 6), 420, ray_type="A10G"),
-    _card("RTX-3090", "NVIDIA GeForce RTX 3090", 24_260, (8, 6), 420),
-    _card("RTX-4090", "NVIDIA GeForce RTX 4090", 24_210, (8, 9), 420),
-    _card("A100-40GB", "NVIDIA A100-SXM4-40GB", 40_326, (8, 0), 430, ray_type="A100-40G"),
-    _card("A100-80GB", "NVIDIA A100-SXM4-80GB", 81_038, (8, 0), 430, ray_type="A100-80G"),
-    _card("H100-80GB", "NVIDIA H100 80GB HBM3", 81_090, (9, 0), 520, 32, ray_type="H100"),
-    _card("H200", "NVIDIA H200", 143_166, (9, 0), 520, 32, ray_type="H200"),
+    _card("T4", "Tesla T4", 15_102, (7, 5), 360, 16, ray_type="T4"),
+    _card("V100-16GB", "Tesla V100-SXM2-16GB", 16_160, (7, 0), 380, 16, ray_type="V100"),
+    _card("V100-32GB", "Tesla V100-SXM2-32GB", 32_510, (7, 0), 380, 32, ray_type="V100"),
+    _card("L4", "NVIDIA L4", 22_491, (8, 9), 420, 24, ray_type="L4"),
+    _card("A10G", "NVIDIA A10G", 22_491, (8, 6), 420, 24, ray_type="A10G"),
+    _card("RTX-3090", "NVIDIA GeForce RTX 3090", 24_260, (8, 6), 420, 24),
+    _card("RTX-4090", "NVIDIA GeForce RTX 4090", 24_210, (8, 9), 420, 24),
+    _card("A100-40GB", "NVIDIA A100-SXM4-40GB", 40_326, (8, 0), 430, 40, ray_type="A100-40G"),
+    _card("A100-80GB", "NVIDIA A100-SXM4-80GB", 81_038, (8, 0), 430, 80, ray_type="A100-80G"),
+    _card("H100-80GB", "NVIDIA H100 80GB HBM3", 81_090, (9, 0), 520, 80, 32, ray_type="H100"),
+    _card("H200", "NVIDIA H200", 143_166, (9, 0), 520, 141, 32, ray_type="H200"),
 ]}
+
+
+def sold_as(size_gb: float) -> list[Card]:
+    """Catalog cards sold with ``size_gb`` GB of memory (e.g. 24: L4, A10G, RTX 3090, RTX 4090)."""
+    return [c for c in CATALOG.values() if c.sold_gb == size_gb]
 
 
 def card(key: str) -> Card:

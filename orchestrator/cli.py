@@ -1,7 +1,7 @@
 """Command line: one function per subcommand, each a few calls into the library.
 
-Exit codes: 0 done, 1 runtime failure, 2 bad input, 130 interrupted (SIGINT),
-143 terminated (SIGTERM).
+Exit codes: 0 done, 1 runtime failure, 2 bad input, 3 a sweep that finished but wrote
+``error`` rows, 130 interrupted (SIGINT), 143 terminated (SIGTERM).
 """
 from __future__ import annotations
 
@@ -12,24 +12,20 @@ import signal
 import sys
 import traceback
 
-from .spec import PRECISIONS, SpecError
+from . import spec
+from .spec import SpecError
 from .units import gib, mib
 
 log = logging.getLogger("orchestrator")
 
+EXIT_ERROR_ROWS = 3
+"""``sweep`` finished, but some rows are ``error``: a script can tell (``ok`` and ``no-fit`` rows exit 0)."""
 
-def _add_workload_flags(p: argparse.ArgumentParser) -> None:
+
+def _add_decision_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fraction", type=float, default=0.8,
                    help="share of the card's total memory the whole device may use at the step's peak "
                         "(default 0.8, as YOLO; lower it if other jobs share the card)")
-    p.add_argument("--precision", choices=list(PRECISIONS), default="fp16",
-                   help="fp16: AMP with grad scaler (YOLO's default); bf16: AMP; fp32: no autocast")
-    p.add_argument("--optimizer", choices=["SGD", "AdamW"], default="SGD",
-                   help="SGD keeps 1 state tensor per weight, AdamW 2 (default SGD, YOLO's)")
-    p.add_argument("--no-ema", dest="ema", action="store_false",
-                   help="leave out the EMA copy of the weights (YOLO trainers keep one)")
-    p.add_argument("--cudnn-benchmark", action="store_true",
-                   help="profile with torch.backends.cudnn.benchmark=True if your trainer sets it (real GPUs)")
     p.add_argument("--max-batch", type=int, default=1024,
                    help="never answer above this (default 1024, as YOLO's autobatch)")
 
@@ -37,9 +33,7 @@ def _add_workload_flags(p: argparse.ArgumentParser) -> None:
 def cmd_autobatch(args) -> int:
     from .engine import autobatch
 
-    r = autobatch(args.model, args.imgsz, args.fraction, gpu=args.gpu, precision=args.precision,
-                  optimizer=args.optimizer, ema=args.ema, cudnn_benchmark=args.cudnn_benchmark,
-                  max_batch=args.max_batch)
+    r = autobatch(spec.from_args(args), fraction=args.fraction, gpu=args.gpu, max_batch=args.max_batch)
     d, dev = r.decision, r.device
     if args.json:
         print(json.dumps({"workload": r.workload.as_dict(), "device": dev.as_dict(), "fraction": r.fraction,
@@ -55,19 +49,9 @@ def cmd_autobatch(args) -> int:
           + (f"  ({d.reason})" if d.reason else ""))
     if d.bytes_per_sample is not None:
         print(f"  fit         {mib(d.bytes_per_sample)}/sample + {mib(d.fixed_bytes)} fixed  R^2 {d.r2:.4f}")
-    probes = "  ".join(f"{p.batch}:{'OOM' if p.oom else f'{p.peak_bytes / 2**30:.2f}'}" for p in d.probes)
+    probes = "  ".join(f"{p.batch}:{'OOM' if p.oom else gib(p.peak_bytes, unit=False)}" for p in d.probes)
     print(f"  probes      {probes}  (GiB; {d.measurements} measurements, {r.seconds:.1f} s)")
     return 0
-
-
-def _csv_list(kind):
-    def parse(text: str):
-        try:
-            return [kind(x.strip()) for x in text.split(",") if x.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} must be a comma-separated list of {kind.__name__}") from None
-
-    return parse
 
 
 def cmd_sweep(args) -> int:
@@ -76,10 +60,9 @@ def cmd_sweep(args) -> int:
     from . import fleet, job as jobs, summary
 
     job = jobs.with_overrides(
-        jobs.load(args.job), models=args.models, imgsz=args.imgsz, fraction=args.fraction,
-        precision=args.precision, optimizer=args.optimizer, simulate=args.simulate, address=args.address,
-        out=args.out, ema=args.ema, max_batch=args.max_batch, every_device=args.every_device or None,
-        cudnn_benchmark=args.cudnn_benchmark, real=args.real,
+        jobs.load(args.job), models=args.models, imgsz=args.imgsz, fraction=args.fraction, simulate=args.simulate,
+        address=args.address, out=args.out, max_batch=args.max_batch, every_device=args.every_device or None,
+        real=args.real, **spec.overrides_from_args(args),
     )
     bars = []
 
@@ -99,6 +82,10 @@ def cmd_sweep(args) -> int:
     print(f"\n{stats.rows} rows written ({stats.ok} ok, {stats.no_fit} no-fit, {stats.errors} error), "
           f"{stats.skipped} already in the table, {stats.actor_restarts} actor restarts, {stats.seconds:.1f} s")
     print(f"table: {job.sweep.out}")
+    if stats.errors:
+        print(f"error: {stats.errors} rows are `error` (see their `error` column, or `python -m orchestrator "
+              f"report {job.sweep.out}`); fix the cause and run again with --force", file=sys.stderr)
+        return EXIT_ERROR_ROWS
     return 0
 
 
@@ -133,35 +120,35 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
 
 
+def _common_flags(suppress: bool) -> argparse.ArgumentParser:
+    """-v and --debug, accepted before and after the subcommand (after: SUPPRESS keeps the value given before)."""
+    p = argparse.ArgumentParser(add_help=False)
+    default = argparse.SUPPRESS if suppress else False
+    p.add_argument("-v", "--verbose", action="store_true", default=default, help="log progress (INFO) on stderr")
+    p.add_argument("--debug", action="store_true", default=default, help="show tracebacks for errors")
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m orchestrator", description="Largest training batch sizes for GPU fleets.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO) on stderr")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    parser = _Parser(prog="python -m orchestrator", description="Largest training batch sizes for GPU fleets.",
+                     parents=[_common_flags(suppress=False)])
+    common = [_common_flags(suppress=True)]
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("autobatch", help="decide the batch size for one model on one device")
-    p.add_argument("--model", required=True,
-                   help="torchvision:resnet50, timm:convnext_tiny, ultralytics:yolov8s.yaml or pkg.module:callable")
-    p.add_argument("--imgsz", type=int, default=640, help="square input size in pixels (default 640)")
+    p = sub.add_parser("autobatch", parents=common, help="decide the batch size for one model on one device")
+    spec.add_flags(p, many=False)
     p.add_argument("--gpu", default=None,
-                   help="simulate this catalog card (T4, A100-80GB, ...); default: the real CUDA device 0")
+                   help="simulate this catalog card (T4, A100-80GB, ...); default: the current real CUDA device")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    _add_workload_flags(p)
+    _add_decision_flags(p)
     p.set_defaults(func=cmd_autobatch)
 
-    p = sub.add_parser("sweep", help="build the batch table for every GPU type x workload in a job")
+    p = sub.add_parser("sweep", parents=common, help="build the batch table for every GPU type x workload in a job")
     p.add_argument("job", nargs="?", default=None,
                    help="job file (TOML, see jobs/); default: the built-in jobs/quickstart.toml")
-    p.add_argument("--models", type=_csv_list(str), help="comma-separated models, replacing the job's grid")
-    p.add_argument("--imgsz", type=_csv_list(int), help="comma-separated image sizes, e.g. 320,640")
+    spec.add_flags(p, many=True)
     p.add_argument("--fraction", type=float, help="share of each card's memory to use at peak (job default 0.8)")
-    p.add_argument("--precision", type=_csv_list(str), help="comma-separated: fp16,bf16,fp32")
-    p.add_argument("--optimizer", type=_csv_list(str), help="comma-separated: SGD,AdamW")
-    p.add_argument("--no-ema", dest="ema", action="store_const", const=False, default=None,
-                   help="leave out the EMA weight copy")
     p.add_argument("--max-batch", type=int, help="never answer above this (default 1024)")
-    p.add_argument("--cudnn-benchmark", action="store_const", const=True, default=None,
-                   help="profile with torch.backends.cudnn.benchmark=True if your trainer sets it (real GPUs)")
     p.add_argument("--simulate", help="simulate this fleet of catalog cards, e.g. 'T4 x2, A100-80GB'")
     p.add_argument("--real", action="store_true", help="require real GPUs (fail instead of simulating)")
     p.add_argument("--address", help="Ray cluster to join: auto, HOST:PORT or ray://HOST:10001 "
@@ -172,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure on every device of a type (checks that they agree) instead of once per type")
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("devices", help="list the fleet's device types and the card catalog")
+    p = sub.add_parser("devices", parents=common, help="list the fleet's device types and the card catalog")
     p.add_argument("job", nargs="?", default=None, help="job file whose [fleet] to use (default: quickstart)")
     p.add_argument("--simulate", help="a simulated fleet of catalog cards, e.g. 'T4 x2, A100-80GB'")
     p.add_argument("--real", action="store_true", help="require real GPUs")
@@ -181,8 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from . import answers, report  # each owns its subcommand: register() + cmd_*()
 
-    answers.register(sub)
-    report.register(sub)
+    answers.register(sub, common)
+    report.register(sub, common)
     return parser
 
 

@@ -9,14 +9,16 @@ from __future__ import annotations
 import gc
 import logging
 import socket
+import time
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Protocol
 
 import torch
 
 from . import allocator, catalog, models, simulated, step
-from .autobatch import OutOfMemory
+from .decision import OutOfMemory
 from .spec import Workload
+from .units import GiB
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +48,39 @@ class DeviceInfo:
     @property
     def type_key(self) -> tuple[str, int]:
         """Devices of one type share name and total memory rounded to whole GiB."""
-        return (self.name, round(self.total_bytes / 2**30))
+        return (self.name, round(self.total_bytes / GiB))
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One measured training step (bytes)."""
+
+    reserved_bytes: int
+    """Peak reserved by the caching allocator during the step: what decides whether it fits."""
+    allocated_bytes: int
+    """Peak held by live tensors during the step (reserved less the allocator's cache and rounding)."""
+    outside_bytes: int
+    """Device memory used outside the allocator after the step (CUDA context, kernels, other processes)."""
+
+
+class Measurer(Protocol):
+    """Measures one workload's training step at a batch size; raises ``OutOfMemory`` when it does not fit."""
+
+    setup_seconds: float
+    """Time spent preparing: simulated, tracing the workload (shared by every card); CUDA, build and warm-up."""
+
+    def __call__(self, batch: int) -> Measurement: ...
+
+
+class Backend(Protocol):
+    """The seam between the decision and the hardware: ``SimulatedBackend`` or ``CudaBackend``."""
+
+    def info(self) -> DeviceInfo: ...
+
+    def measurer(self, workload: Workload) -> Measurer: ...
 
 
 class SimulatedBackend:
@@ -75,29 +106,40 @@ class SimulatedBackend:
             self._profiles[workload] = simulated.profile(workload)
         return self._profiles[workload]
 
-    def measurer(self, workload: Workload) -> Callable[[int], int]:
-        prof = self.profile(workload)
-        c = self.card
-        capacity = c.total_bytes - c.context_bytes
+    def measurer(self, workload: Workload) -> Measurer:
+        return _SimulatedMeasurer(self.profile(workload), self.card)
 
-        def measure(batch: int) -> int:
-            # the cuBLAS workspace is allocated through the caching allocator on first matmul
-            try:
-                return allocator.replay(prof.events(batch), capacity, held=[c.workspace_bytes]).peak_reserved
-            except allocator.AllocatorOutOfMemory as e:
-                raise OutOfMemory(f"simulated {c.key}: {e}") from None
 
-        return measure
+class _SimulatedMeasurer:
+    """Replays a profile's trace at each batch through the allocator model of one card."""
+
+    def __init__(self, prof: simulated.Profile, card: catalog.Card):
+        self.prof, self.card = prof, card
+        self.capacity = card.total_bytes - card.context_bytes
+
+    @property
+    def setup_seconds(self) -> float:
+        return self.prof.trace_seconds
+
+    def __call__(self, batch: int) -> Measurement:
+        # the cuBLAS workspace is allocated through the caching allocator on first matmul
+        try:
+            stats = allocator.replay(self.prof.events(batch), self.capacity, held=[self.card.workspace_bytes])
+        except allocator.AllocatorOutOfMemory as e:
+            raise OutOfMemory(f"simulated {self.card.key}: {e}") from None
+        return Measurement(stats.peak_reserved, stats.peak_allocated, self.card.context_bytes)
 
 
 class CudaBackend:
     """A real CUDA device, measured with torch.cuda's allocator statistics."""
 
-    def __init__(self, index: int = 0):
+    def __init__(self, index: int | None = None):
+        """``index`` None: this process's current device (``torch.cuda.current_device()``, which a
+        launcher sets per rank), so that rank k measures its own card and leaves no context on GPU 0."""
         if not torch.cuda.is_available():
             raise RuntimeError("CUDA is not available: use a simulated card (--gpu T4) or run on a GPU machine")
-        self.device = torch.device("cuda", index)
         torch.cuda.init()
+        self.device = torch.device("cuda", torch.cuda.current_device() if index is None else index)
 
     def info(self) -> DeviceInfo:
         props = torch.cuda.get_device_properties(self.device)
@@ -109,40 +151,52 @@ class CudaBackend:
             host=socket.gethostname(), card=getattr(catalog.by_device_name(props.name, total), "key", ""),
         )
 
-    def measurer(self, workload: Workload) -> Callable[[int], int]:
-        """Build the model on the device, run one unmeasured step at batch 1, return ``measure``.
+    def measurer(self, workload: Workload) -> Measurer:
+        """Build the model on the device and run one unmeasured step at batch 1 (see ``_CudaMeasurer``)."""
+        return _CudaMeasurer(self, workload)
 
-        The warm-up loads cuDNN/cuBLAS kernels, which grows the CUDA context, so that
-        ``info()`` read afterwards counts it in ``outside_bytes``.
-        """
-        built = simulated.build(workload)
-        built.module.to(self.device)
 
-        def measure(batch: int) -> int:
-            previous = torch.backends.cudnn.benchmark
-            torch.backends.cudnn.benchmark = workload.cudnn_benchmark
-            try:
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(self.device)
-                step.train(built, workload, batch, self.device)
-                torch.cuda.synchronize(self.device)
-                return torch.cuda.max_memory_reserved(self.device)
-            except Exception as e:
-                if not step.is_oom(e):
-                    raise
-                msg = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-            finally:
-                torch.backends.cudnn.benchmark = previous
-                gc.collect()
-                torch.cuda.empty_cache()
-            # raised outside the except block so the traceback (and the tensors its frames hold) is gone
-            raise OutOfMemory(msg)
+class _CudaMeasurer:
+    """Measures ``step.train`` on a CUDA device with the allocator's peak statistics.
 
+    Construction builds the model on the device and runs one unmeasured step at
+    batch 1: that loads cuDNN/cuBLAS kernels, which grows the CUDA context, so that
+    ``info()`` read afterwards counts it in ``outside_bytes``.
+    """
+
+    def __init__(self, backend: CudaBackend, workload: Workload):
+        t0 = time.perf_counter()
+        self.device, self.workload = backend.device, workload
+        self.built = models.build(workload)
+        self.built.module.to(self.device)
         try:
-            measure(1)
+            self(1)
         except OutOfMemory:
             pass  # the decision's own batch-1 probe will say no-fit
-        return measure
+        self.setup_seconds = time.perf_counter() - t0
+
+    def __call__(self, batch: int) -> Measurement:
+        device = self.device
+        previous = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = self.workload.cudnn_benchmark
+        try:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+            step.train(self.built, self.workload, batch, device)
+            torch.cuda.synchronize(device)
+            free, total = torch.cuda.mem_get_info(device)
+            return Measurement(torch.cuda.max_memory_reserved(device), torch.cuda.max_memory_allocated(device),
+                               total - free - torch.cuda.memory_reserved(device))
+        except Exception as e:
+            if not step.is_oom(e):
+                raise
+            msg = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        finally:
+            torch.backends.cudnn.benchmark = previous
+            gc.collect()
+            torch.cuda.empty_cache()
+        # raised outside the except block so the traceback (and the tensors its frames hold) is gone
+        raise OutOfMemory(msg)
 
 
 def _driver_version() -> str:
@@ -159,8 +213,8 @@ def cuda_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def make_backend(gpu: str | None = None, index: int = 0):
-    """A simulated backend for a catalog name, else the real CUDA device ``index``."""
+def make_backend(gpu: str | None = None, index: int | None = None) -> Backend:
+    """A simulated backend for a catalog name, else the real CUDA device ``index`` (None: the current one)."""
     if gpu:
         return SimulatedBackend(gpu)
     return CudaBackend(index)

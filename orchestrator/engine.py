@@ -5,9 +5,10 @@ import logging
 import time
 from dataclasses import dataclass
 
-from . import autobatch as core
-from .devices import DeviceInfo, cuda_count, make_backend
-from .spec import SpecError, Workload, check_fraction
+from . import decision as core
+from . import spec
+from .devices import Backend, DeviceInfo, cuda_count, make_backend
+from .spec import SpecError, Workload, check_fraction, check_max_batch
 
 log = logging.getLogger(__name__)
 
@@ -22,41 +23,35 @@ class Result:
     decision: core.Decision
     seconds: float
     profile_seconds: float = 0.0
-    """Simulated: time spent tracing the workload (shared by every card that replays it)."""
+    """Preparing the measurement: simulated, tracing the workload (shared by every card); CUDA, build and warm-up."""
 
 
-def decide_on(backend, workload: Workload, fraction: float, *, max_batch: int = 1024) -> Result:
-    """Run the decision for ``workload`` on ``backend``'s device."""
+def decide_on(backend: Backend, workload: Workload, fraction: float, *, max_batch: int = 1024) -> Result:
+    """Run the decision for ``workload`` on ``backend``'s device; SpecError for a bad fraction or max_batch."""
     check_fraction(fraction)
+    check_max_batch(max_batch)
     t0 = time.perf_counter()
     measure = backend.measurer(workload)  # builds the model; CUDA: loads kernels, so context is counted
     info = backend.info()
-    budget = info.budget_bytes(fraction)
-    if budget <= 0:
-        decision = core.Decision(0, "no-fit", budget, None, None, None, None,
-                                 reason=f"nothing left: {info.outside_bytes} B used outside the allocator")
-    else:
-        decision = core.decide(measure, budget, max_batch=max_batch)
+    decision = core.decide(lambda batch: measure(batch).reserved_bytes, info.budget_bytes(fraction),
+                           max_batch=max_batch)
     seconds = time.perf_counter() - t0
     log.info("%s on %s: batch %d (%s) after %d measurements in %.1fs", workload.label(), info.name,
              decision.batch_size, decision.status, decision.measurements, seconds)
-    prof = getattr(backend, "_profiles", {}).get(workload)
-    return Result(workload, info, fraction, decision, seconds, prof.trace_seconds if prof else 0.0)
+    return Result(workload, info, fraction, decision, seconds, measure.setup_seconds)
 
 
-def autobatch(model: str, imgsz: int = 640, fraction: float = 0.8, *, gpu: str | None = None,
-              precision: str = "fp16", optimizer: str = "SGD", ema: bool = True,
-              cudnn_benchmark: bool = False, max_batch: int = 1024) -> Result:
+def autobatch(model: str | Workload, imgsz: int = 640, fraction: float = 0.8, *, gpu: str | None = None,
+              max_batch: int = 1024, **fields) -> Result:
     """The largest training batch for ``model`` at ``imgsz`` within ``fraction`` of one device.
 
-    ``gpu`` names a catalog card to simulate (e.g. "T4"); None uses CUDA device 0,
-    or raises when there is none. The drop-in for YOLO's ``check_train_batch_size``:
+    ``fields``: the other workload fields (``spec.Workload``: precision, optimizer,
+    ema, ...), or pass a whole ``Workload`` as ``model``. ``gpu`` names a catalog card
+    to simulate (e.g. "T4"); None uses this process's current CUDA device, or raises
+    when there is none. The drop-in for YOLO's ``check_train_batch_size``:
     ``autobatch("ultralytics:yolov8s.yaml", 640).decision.batch_size``.
     """
-    workload = Workload(model, imgsz, precision, optimizer, ema, cudnn_benchmark)
-    check_fraction(fraction)
-    if not isinstance(max_batch, int) or max_batch < 1:
-        raise SpecError(f"max_batch={max_batch!r} must be a positive integer, e.g. 1024")
+    workload = model if isinstance(model, Workload) else spec.make(model=model, imgsz=imgsz, **fields)
     if gpu is None and cuda_count() == 0:
         raise SpecError("no CUDA device found: name a card to simulate, e.g. gpu='T4' (--gpu T4)")
     try:

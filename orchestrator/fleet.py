@@ -183,9 +183,7 @@ class Sweep:
         return tasks
 
     def _row_key(self, info: DeviceInfo, w: Workload) -> tuple:
-        return table.key_of({"gpu_name": info.name, "gpu_total_bytes": info.total_bytes, "model": w.model,
-                             "imgsz": w.imgsz, "precision": w.precision, "optimizer": w.optimizer,
-                             "ema": w.ema, "cudnn_benchmark": w.cudnn_benchmark, "fraction": self.sweep.fraction})
+        return table.row_key(info, w, self.sweep.fraction)
 
     def run(self) -> SweepStats:
         t0 = time.monotonic()
@@ -491,7 +489,7 @@ def validate_models(sweep) -> None:
     for g in sweep.grid:
         for m in g.models:
             try:
-                built = models.build(m)
+                built = models.build_source(m)
             except SpecError:
                 raise
             except Exception as e:

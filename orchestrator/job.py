@@ -3,7 +3,7 @@
 ```toml
 [sweep]
 fraction = 0.8
-precision = ["fp16"]
+precision = ["fp16"]                # any workload field (spec.Workload): one value or a list to sweep
 optimizer = ["SGD"]
 out = "results/batch_table.csv"
 
@@ -23,11 +23,11 @@ import itertools
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-from . import catalog
-from .spec import OPTIMIZERS, PRECISIONS, SpecError, Workload, check_fraction
+from . import catalog, spec
+from .spec import SpecError, Workload, check_fraction, check_max_batch
 
 DEFAULT_JOB = Path(__file__).resolve().parent.parent / "jobs" / "quickstart.toml"
 
@@ -44,16 +44,10 @@ class GridEntry:
 class SweepConfig:
     grid: tuple[GridEntry, ...]
     """Model x image-size cross products; the sweep measures their union."""
+    axes: tuple[tuple[str, tuple], ...] = ()
+    """The other workload fields (``spec.AXES``) as (name, values swept); a field not named takes its default."""
     fraction: float = 0.8
     """Whole-device usage at the step's peak <= fraction x total (YOLO's default 0.8)."""
-    precision: tuple[str, ...] = ("fp16",)
-    """fp16 (AMP + scaler, YOLO's default), bf16 (AMP) and/or fp32."""
-    optimizer: tuple[str, ...] = ("SGD",)
-    """SGD (YOLO's default) and/or AdamW."""
-    ema: bool = True
-    """Count the EMA weight copy YOLO trainers keep."""
-    cudnn_benchmark: bool = False
-    """Profile with cudnn.benchmark as your trainer sets it (real GPUs)."""
     max_batch: int = 1024
     """Never answer above this (YOLO's autobatch caps at 1024)."""
     out: str = "results/batch_table.csv"
@@ -61,11 +55,15 @@ class SweepConfig:
     every_device: bool = False
     """Measure each combination on every device of a type (to check that they agree), not once per type."""
 
+    def values(self, name: str) -> tuple:
+        """The values swept for workload field ``name`` (its default alone when the job does not name it)."""
+        return dict(self.axes).get(name, (spec.DEFAULTS[name],))
+
     def workloads(self) -> list[Workload]:
         seen: dict[Workload, None] = {}
         for g in self.grid:
-            for m, s, p, o in itertools.product(g.models, g.imgsz, self.precision, self.optimizer):
-                seen[Workload(m, s, p, o, self.ema, self.cudnn_benchmark)] = None
+            for m, s, *rest in itertools.product(g.models, g.imgsz, *(self.values(n) for n in spec.AXES)):
+                seen[Workload(model=m, imgsz=s, **dict(zip(spec.AXES, rest)))] = None
         return list(seen)
 
 
@@ -93,7 +91,7 @@ class Job:
 
 
 _ALLOWED = {
-    "sweep": {f.name for f in fields(SweepConfig)} - {"grid"} | {"grid", "models", "imgsz"},
+    "sweep": {f.name for f in fields(SweepConfig)} - {"axes"} | {"models", "imgsz", *spec.AXES},
     "grid": {"models", "imgsz"},
     "fleet": {f.name for f in fields(FleetConfig)},
 }
@@ -178,12 +176,25 @@ def _grid(entries, src) -> tuple[GridEntry, ...]:
         _check_keys(g, _ALLOWED["grid"], src, sec)
         models = _list(g, "models", str, src, sec, None)
         sizes = _list(g, "imgsz", int, src, sec, None)
-        for s in sizes:
-            if s <= 0:
-                raise SpecError(f"{src}: {sec}imgsz={s} must be a positive number of pixels, e.g. 640")
         for m in models:
-            Workload(m, sizes[0])  # syntax of the model string
+            spec.check_model(m)
+        for size in sizes:
+            spec.check_value("imgsz", size, f"{src}: {sec}")
         out.append(GridEntry(models, sizes))
+    return tuple(out)
+
+
+def _axes(d: dict, where: str) -> tuple[tuple[str, tuple], ...]:
+    """The workload fields a ``[sweep]`` table (or the flags) names: one value or a list each, checked.
+    ``where`` starts each error (``"FILE: [sweep] "``, ``"--"``)."""
+    out = []
+    for name in spec.AXES:
+        if name not in d:
+            continue
+        values = d[name] if isinstance(d[name], (list, tuple)) else [d[name]]
+        if not values:
+            raise SpecError(f"{where}{name}=[] must be one value or a non-empty list")
+        out.append((name, tuple(dict.fromkeys(spec.check_value(name, v, where) for v in values))))
     return tuple(out)
 
 
@@ -196,24 +207,12 @@ def _sweep(d, src) -> SweepConfig:
             raise SpecError(f"{src}: {sec}grid must be one or more [[sweep.grid]] tables")
         grid = _grid(d["grid"], src)
     else:
-        grid = _grid([{"models": d.get("models", []), "imgsz": d.get("imgsz", [640])}], src)
+        grid = _grid([{"models": d.get("models", []), "imgsz": d.get("imgsz", [spec.DEFAULTS["imgsz"]])}], src)
     fraction = check_fraction(_typed(d, "fraction", (int, float), src, sec, 0.8), f"{src}: {sec}fraction")
-    precision = _list(d, "precision", str, src, sec, ["fp16"])
-    for p in precision:
-        if p not in PRECISIONS:
-            raise SpecError(f"{src}: {sec}precision {p!r} must be one of {', '.join(PRECISIONS)}")
-    optimizer = _list(d, "optimizer", str, src, sec, ["SGD"])
-    for o in optimizer:
-        if o not in OPTIMIZERS:
-            raise SpecError(f"{src}: {sec}optimizer {o!r} must be one of {', '.join(OPTIMIZERS)}")
-    max_batch = _typed(d, "max_batch", int, src, sec, 1024)
-    if max_batch < 1:
-        raise SpecError(f"{src}: {sec}max_batch={max_batch} must be >= 1")
     return SweepConfig(
-        grid=grid, fraction=float(fraction), precision=precision, optimizer=optimizer,
-        ema=_typed(d, "ema", bool, src, sec, True),
-        cudnn_benchmark=_typed(d, "cudnn_benchmark", bool, src, sec, False),
-        max_batch=max_batch, out=_typed(d, "out", str, src, sec, "results/batch_table.csv"),
+        grid=grid, axes=_axes(d, f"{src}: {sec}"), fraction=fraction,
+        max_batch=check_max_batch(_typed(d, "max_batch", int, src, sec, 1024), f"{src}: {sec}max_batch"),
+        out=_typed(d, "out", str, src, sec, "results/batch_table.csv"),
         every_device=_typed(d, "every_device", bool, src, sec, False),
     )
 
@@ -239,36 +238,30 @@ def _fleet(d, src) -> FleetConfig:
     return cfg
 
 
-def with_overrides(job: Job, *, models=None, imgsz=None, fraction=None, precision=None, optimizer=None,
-                   simulate=None, address=None, out=None, ema=None, max_batch=None, every_device=None,
-                   cudnn_benchmark=None, real=False) -> Job:
-    """The job with command-line flags applied (None leaves a setting as the file has it)."""
+def with_overrides(job: Job, *, models=None, imgsz=None, fraction=None, simulate=None, address=None, out=None,
+                   max_batch=None, every_device=None, real=False, **workload_values) -> Job:
+    """The job with command-line flags applied (None leaves a setting as the file has it).
+
+    ``workload_values``: workload fields (``spec.AXES``) to sweep instead of the job's, a value or a list each.
+    """
     s, f = job.sweep, job.fleet
+    unknown = sorted(set(workload_values) - set(spec.AXES))
+    if unknown:
+        raise SpecError(f"unknown workload field {unknown[0]!r}; known: {', '.join(spec.AXES)}")
     grid = s.grid
     if models is not None:
         sizes = tuple(imgsz) if imgsz is not None else tuple(dict.fromkeys(x for g in grid for x in g.imgsz))
         grid = _grid([{"models": list(models), "imgsz": list(sizes)}], "--models")
     elif imgsz is not None:
         grid = tuple(_grid([{"models": list(g.models), "imgsz": list(imgsz)}], "--imgsz")[0] for g in grid)
-    if fraction is not None:
-        check_fraction(fraction, "--fraction")
-    for p in precision or ():
-        if p not in PRECISIONS:
-            raise SpecError(f"--precision {p!r} must be one of {', '.join(PRECISIONS)}")
-    for o in optimizer or ():
-        if o not in OPTIMIZERS:
-            raise SpecError(f"--optimizer {o!r} must be one of {', '.join(OPTIMIZERS)}")
-    if max_batch is not None and max_batch < 1:
-        raise SpecError(f"--max-batch={max_batch} must be >= 1")
+    given = {k: v for k, v in workload_values.items() if v is not None}
+    axes = dict(s.axes) | dict(_axes(given, "--"))
     s = replace(
-        s, grid=grid,
-        fraction=s.fraction if fraction is None else float(fraction),
-        precision=tuple(precision) if precision else s.precision,
-        optimizer=tuple(optimizer) if optimizer else s.optimizer,
-        out=s.out if out is None else out, ema=s.ema if ema is None else ema,
-        max_batch=s.max_batch if max_batch is None else max_batch,
+        s, grid=grid, axes=tuple((n, axes[n]) for n in spec.AXES if n in axes),
+        fraction=s.fraction if fraction is None else check_fraction(fraction, "--fraction"),
+        out=s.out if out is None else out,
+        max_batch=s.max_batch if max_batch is None else check_max_batch(max_batch, "--max-batch"),
         every_device=s.every_device if every_device is None else every_device,
-        cudnn_benchmark=s.cudnn_benchmark if cudnn_benchmark is None else cudnn_benchmark,
     )
     if simulate is not None:
         f = replace(f, mode="simulate", simulate=parse_fleet(simulate))

@@ -14,9 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .spec import SpecError
+from .spec import SpecError, Workload
 
 SOURCES = ("torchvision", "timm", "ultralytics", "package.module:callable")
+
+Loss = Callable[[object, Workload, int, bool], torch.Tensor]
+"""loss(outputs, workload, batch_size, surrogate) -> scalar. ``surrogate`` asks for a data-independent
+loss that allocates what the real one does: fake tensors cannot run data-dependent ops."""
 
 
 @dataclass
@@ -26,12 +30,18 @@ class Built:
     module: nn.Module
     stride: int | None
     """Input sizes must be a multiple of this (None: any size)."""
-    loss: Callable[[object, int, bool], torch.Tensor]
-    """loss(outputs, batch_size, fake) -> scalar; ``fake`` selects a data-independent surrogate."""
+    loss: Loss
     loss_note: str = ""
 
 
-def build(source: str) -> Built:
+def build(workload: Workload) -> Built:
+    """Build the model ``workload`` trains, checked against its image size; SpecError for bad names or sizes."""
+    built = build_source(workload.model)
+    check_imgsz(built, workload.model, workload.imgsz)
+    return built
+
+
+def build_source(source: str) -> Built:
     """Build the model ``source`` names; SpecError for unknown or malformed names."""
     kind, _, name = source.partition(":")
     if not name:
@@ -55,7 +65,7 @@ def check_imgsz(built: Built, source: str, imgsz: int) -> None:
         )
 
 
-def classification_loss(outputs, batch_size: int, fake: bool) -> torch.Tensor:
+def classification_loss(outputs, workload: Workload, batch_size: int, surrogate: bool) -> torch.Tensor:
     """Cross-entropy against random labels (classifiers) or mean square of every float output."""
     logits = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
     if isinstance(logits, torch.Tensor) and logits.dim() == 2:
@@ -144,8 +154,8 @@ def _yolo_loss(model):
         loss, _ = state["criterion"](outputs, batch)
         return loss.sum()
 
-    def loss(outputs, batch_size, fake):
-        return _detection_surrogate(outputs, model) if fake else real(outputs, batch_size)
+    def loss(outputs, workload, batch_size, surrogate):
+        return _detection_surrogate(outputs, model) if surrogate else real(outputs, batch_size)
 
     return loss
 

@@ -18,37 +18,9 @@ import pandas as pd
 
 from . import table as tables
 from .spec import SpecError
-from .summary import cell, gpu_label
+from .summary import gpu_label, pivot, row_label
 
 log = logging.getLogger(__name__)
-
-VARYING = ("precision", "optimizer", "ema", "cudnn_benchmark", "fraction")
-"""Key columns that join the row label only when the table holds more than one value."""
-
-
-def pivot(df: pd.DataFrame) -> pd.DataFrame:
-    """Cell text (batch size, ``no-fit``, ``error``, ``-``) per workload row and GPU-type column."""
-    df = df.copy()
-    df["gpu"] = [gpu_label(r) for _, r in df.iterrows()]
-    df["value"] = [cell(r) for _, r in df.iterrows()]
-    index = ["model", "imgsz"] + [c for c in VARYING if df[c].nunique() > 1]
-    out = df.pivot_table(index=index, columns="gpu", values="value", aggfunc="first")
-    order = df.drop_duplicates("gpu").sort_values("gpu_total_bytes")["gpu"]
-    return out[[g for g in order if g in out.columns]].fillna("-")
-
-
-def row_label(key, names: list[str]) -> str:
-    """``model @imgsz`` plus the varying keys, e.g. ``torchvision:resnet50 @224 bf16 AdamW``."""
-    values = dict(zip(names, key if isinstance(key, tuple) else (key,)))
-    extra = [_show(n, values[n]) for n in names[2:]]
-    return " ".join([f"{values['model']} @{values['imgsz']}"] + extra)
-
-
-def _show(name: str, value) -> str:
-    if name in ("ema", "cudnn_benchmark"):
-        return name.replace("_", ".") if value else f"no {name.replace('_', '.')}"
-    return f"fraction {value:g}" if name == "fraction" else str(value)
-
 
 def markdown(df: pd.DataFrame, source: str, png_name: str) -> str:
     """The summary: counts, the heatmap, the pivot as a Markdown table, then no-fit and error rows."""
@@ -152,8 +124,9 @@ def write(table_path: str | os.PathLike, out_dir: str | os.PathLike | None = Non
     return md_path, png_path
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser("report", help="write a Markdown summary and a heatmap PNG of a batch table")
+def register(subparsers, common=()) -> None:
+    p = subparsers.add_parser("report", parents=list(common),
+                              help="write a Markdown summary and a heatmap PNG of a batch table")
     p.add_argument("table", help="batch table CSV written by `sweep`, e.g. results/batch_table.csv")
     p.add_argument("--out", help="folder for TABLE.md and TABLE.png (default: report/ next to the table)")
     p.set_defaults(func=cmd_report)

@@ -76,14 +76,18 @@ def _fake_copy(module: torch.nn.Module, mode: FakeTensorMode) -> torch.nn.Module
     return copy.deepcopy(module, memo)
 
 
-def trace(built: models.Built, workload: Workload, batch: int, *, fake: bool = True,
+def trace(built: models.Built, workload: Workload, batch: int, *, fake: bool = True, surrogate: bool | None = None,
           run_step: Callable = step.train) -> list[int]:
     """Allocation events of: moving the model to the device, then ``run_step`` (``step.STEPS`` training steps).
 
-    ``fake=False`` runs the same step for real on the CPU (slow, memory-hungry): the
-    reference that the fake run is checked against. ``run_step`` has ``step.train``'s
-    signature; benchmarks swap in other steps (the seed's forward+backward-only probe).
+    ``fake=False`` runs the step for real on the CPU (slow, memory-hungry): the
+    reference that fake runs are checked against. ``surrogate`` (default: ``fake``)
+    selects the data-independent loss and grad scaler that fake tensors need; a
+    real run with ``surrogate=True`` is the same step as the fake one, a real run
+    without it is the trainer's own. ``run_step`` has ``step.train``'s signature;
+    benchmarks swap in other steps (the seed's forward+backward-only probe).
     """
+    surrogate = fake if surrogate is None else surrogate
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
     model = _fake_copy(built.module, mode) if fake else copy.deepcopy(built.module)
     run = models.Built(model, built.stride, built.loss)
@@ -92,7 +96,7 @@ def trace(built: models.Built, workload: Workload, batch: int, *, fake: bool = T
         for t in list(model.parameters()) + list(model.buffers()):
             tracker.track(t)
         with tracker:
-            run_step(run, workload, batch, torch.device("cpu"), fake=True)
+            run_step(run, workload, batch, torch.device("cpu"), surrogate=surrogate)
     del model, run
     return _canonical(tracker.events)
 
@@ -155,7 +159,7 @@ class Profile:
 
     def _trace(self, batch: int) -> list[int]:
         if self._built is None:
-            self._built = build(self.workload)
+            self._built = models.build(self.workload)
         t0 = time.perf_counter()
         ev = trace(self._built, self.workload, batch, run_step=self.run_step)
         self.trace_seconds += time.perf_counter() - t0
@@ -171,12 +175,6 @@ class Profile:
 
 def _synthesize(intercept: list[int], slope: list, batch: int) -> list[int]:
     return [c if k is None else c + k * batch for c, k in zip(intercept, slope)]
-
-
-def build(workload: Workload) -> models.Built:
-    built = models.build(workload.model)
-    models.check_imgsz(built, workload.model, workload.imgsz)
-    return built
 
 
 def profile(workload: Workload, built: models.Built | None = None, batches=(1, 2, 4, 8),

@@ -1,7 +1,20 @@
-"""What is measured: a training workload, validated when it is made."""
+"""What is measured: a training workload, declared once.
+
+Each field of ``Workload`` is declared here, once, with its help text and its
+metadata; everything else is derived from ``dataclasses.fields(Workload)``: the
+table key (``table.KEY``), the job file's ``[sweep]`` keys (``job.py``), the flags
+of ``sweep``, ``autobatch`` and ``lookup`` (``add_flags``), the lookup filter
+(``answers.workload_rows``) and the pivot's row labels (``summary.pivot``).
+
+Adding a field: declare it here, use it where the step is built or run
+(``models.py``/``step.py``), and say what it means in the README.
+"""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import argparse
+import numbers
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 PRECISIONS = {
     "fp32": "full precision, no autocast",
@@ -22,38 +35,169 @@ def check_fraction(fraction, name: str = "fraction") -> float:
     return float(fraction)
 
 
-@dataclass(frozen=True)
-class Workload:
-    """One training configuration whose memory is measured."""
+def check_max_batch(max_batch, name: str = "max_batch") -> int:
+    """``max_batch`` as a positive int; SpecError naming ``name`` (e.g. "--max-batch") otherwise."""
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise SpecError(f"{name}={max_batch!r} must be >= 1: the largest batch ever answered, e.g. 1024")
+    return max_batch
 
-    model: str
-    """Model source: ``torchvision:NAME``, ``timm:NAME``, ``ultralytics:FILE.yaml`` or ``package.module:callable``."""
-    imgsz: int = 640
-    """Square input size in pixels; a multiple of the model's stride where it has one."""
-    precision: str = "fp16"
-    """fp32, fp16 (AMP + grad scaler, YOLO's default) or bf16 (AMP)."""
-    optimizer: str = "SGD"
-    """SGD (momentum 0.937, nesterov: YOLO's default) or AdamW; both keep state per parameter."""
-    ema: bool = True
-    """Keep an EMA copy of the weights, as YOLO trainers do (+1 copy of the weights)."""
-    cudnn_benchmark: bool = False
-    """Profile with torch.backends.cudnn.benchmark as the trainer will run it (real GPUs only)."""
+
+def knob(default=MISSING, *, help: str, choices=None, minimum: int | None = None, grid: bool = False,
+         families: tuple[str, ...] = ()):
+    """A workload field with what the rest of the code derives from it.
+
+    ``help``: one line for flags and docs. ``choices``: allowed values. ``minimum``:
+    for ints. ``grid``: swept through ``[[sweep.grid]]`` cross products (model, imgsz)
+    rather than as a ``[sweep]`` key of its own. ``families``: model sources the
+    field applies to (empty: all), for help text and validation of future fields.
+    """
+    meta = {"help": help, "choices": tuple(choices) if choices else None, "minimum": minimum, "grid": grid,
+            "families": families}
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Workload:
+    """One training configuration whose memory is measured. Keyword-only: fields can be added safely."""
+
+    model: str = knob(help="model source: torchvision:NAME, timm:NAME, ultralytics:FILE.yaml or "
+                           "package.module:callable", grid=True)
+    imgsz: int = knob(640, help="square input size in pixels; a multiple of the model's stride where it has one "
+                                "(default 640, YOLO's)", minimum=1, grid=True)
+    precision: str = knob("fp16", help="fp16: AMP with grad scaler (YOLO's default); bf16: AMP; fp32: no autocast",
+                          choices=PRECISIONS)
+    optimizer: str = knob("SGD", help="SGD keeps 1 state tensor per weight (YOLO's default), AdamW 2",
+                          choices=OPTIMIZERS)
+    ema: bool = knob(True, help="keep an EMA copy of the weights, as YOLO trainers do (+1 copy of the weights)")
+    cudnn_benchmark: bool = knob(False, help="profile with torch.backends.cudnn.benchmark as your trainer sets it "
+                                             "(real GPUs only)")
 
     def __post_init__(self):
-        if not isinstance(self.model, str) or ":" not in self.model or not all(self.model.split(":", 1)):
-            raise SpecError(
-                f"model={self.model!r} must be SOURCE:NAME, e.g. torchvision:resnet50, "
-                "timm:convnext_tiny, ultralytics:yolov8s.yaml or my_pkg.models:build"
-            )
-        if isinstance(self.imgsz, bool) or not isinstance(self.imgsz, int) or self.imgsz <= 0:
-            raise SpecError(f"imgsz={self.imgsz!r} must be a positive integer number of pixels, e.g. 640")
-        if self.precision not in PRECISIONS:
-            raise SpecError(f"precision={self.precision!r} must be one of {', '.join(PRECISIONS)}")
-        if self.optimizer not in OPTIMIZERS:
-            raise SpecError(f"optimizer={self.optimizer!r} must be one of {', '.join(OPTIMIZERS)}")
+        check_model(self.model)
+        for f in fields(self):  # numpy scalars (a row read from the table) become Python values
+            object.__setattr__(self, f.name, check_value(f.name, getattr(self, f.name)))
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     def label(self) -> str:
-        return f"{self.model}@{self.imgsz} {self.precision} {self.optimizer}{' ema' if self.ema else ''}"
+        """``model@imgsz`` and every other field that is not at its default, e.g. ``m@640 fp16 SGD ema``."""
+        text = f"{self.model}@{self.imgsz} {self.precision} {self.optimizer}{' ema' if self.ema else ''}"
+        extra = [show(k, getattr(self, k)) for k in KEYS if k not in _LABELLED and getattr(self, k) != DEFAULTS[k]]
+        return " ".join([text] + extra)
+
+
+FIELDS = fields(Workload)
+KEYS = tuple(f.name for f in FIELDS)
+"""The workload's part of the table key, in declaration order."""
+AXES = tuple(f.name for f in FIELDS if not f.metadata["grid"])
+"""Fields swept as ``[sweep]`` keys of their own (one value or a list); model and imgsz come from the grid."""
+TYPES: dict[str, type] = {k: v for k, v in typing.get_type_hints(Workload).items() if k in KEYS}
+DEFAULTS = {f.name: f.default for f in FIELDS if f.default is not MISSING}
+_BY_NAME = {f.name: f for f in FIELDS}
+_LABELLED = ("model", "imgsz", "precision", "optimizer", "ema")  # always in a label
+
+
+def check_model(model) -> str:
+    if not isinstance(model, str) or ":" not in model or not all(model.split(":", 1)):
+        raise SpecError(
+            f"model={model!r} must be SOURCE:NAME, e.g. torchvision:resnet50, "
+            "timm:convnext_tiny, ultralytics:yolov8s.yaml or my_pkg.models:build"
+        )
+    return model
+
+
+def check_value(name: str, value, where: str = ""):
+    """``value`` as the field's Python type if it is valid for workload field ``name``; SpecError
+    starting with ``where`` (e.g. a file and section) otherwise."""
+    meta, kind = _BY_NAME[name].metadata, TYPES[name]
+    shown = f"{where}{name}={value!r}"
+    is_bool = isinstance(value, bool) or getattr(getattr(value, "dtype", None), "kind", "") == "b"
+    if kind is bool:
+        if not is_bool:
+            raise SpecError(f"{shown} must be a bool (true or false)")
+        value = bool(value)
+    elif kind is int:
+        if is_bool or not isinstance(value, numbers.Integral):
+            raise SpecError(f"{shown} must be an int")
+        value = int(value)
+        if meta["minimum"] is not None and value < meta["minimum"]:
+            what = "a positive integer" if meta["minimum"] == 1 else f"an integer >= {meta['minimum']}"
+            example = f", e.g. {DEFAULTS[name]}" if name in DEFAULTS else ""
+            raise SpecError(f"{shown} must be {what}{example}")
+    elif not isinstance(value, str):
+        raise SpecError(f"{shown} must be a string")
+    if meta["choices"] and value not in meta["choices"]:
+        raise SpecError(f"{shown} must be one of {', '.join(meta['choices'])}")
+    return value
+
+
+def make(where: str = "", **values) -> Workload:
+    """``Workload(**values)``; an unknown field name is a SpecError naming the known ones."""
+    unknown = sorted(set(values) - set(KEYS))
+    if unknown:
+        raise SpecError(f"{where}unknown workload field {unknown[0]!r}; known: {', '.join(KEYS)}")
+    return Workload(**values)
+
+
+def show(name: str, value) -> str:
+    """A field's value for people: booleans by name (``ema``, ``no cudnn.benchmark``), others as text."""
+    if TYPES.get(name) is bool:
+        label = name.replace("_", ".")
+        return label if value else f"no {label}"
+    return f"{name} {value}" if TYPES.get(name) is int and name != "imgsz" else str(value)
+
+
+# -- command-line flags, derived from the fields
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_flags(parser: argparse.ArgumentParser, *, many: bool) -> None:
+    """One flag per workload field. ``many`` (sweep): comma-separated lists that replace the job's
+    values, each defaulting to None (keep the job's); otherwise one value with the field's default."""
+    for f in FIELDS:
+        kind, meta = TYPES[f.name], f.metadata
+        if f.name == "model":
+            if many:
+                parser.add_argument("--models", type=csv_list(str), help=f"comma-separated, replacing the job's "
+                                                                         f"grid; {meta['help']}")
+            else:
+                parser.add_argument("--model", required=True, help=meta["help"])
+            continue
+        dest = f.name
+        if kind is bool:
+            on = not f.default  # the flag turns the default around
+            text = meta["help"] if on else f"leave out: {meta['help']}"
+            flag = _flag(f.name) if on else "--no-" + f.name.replace("_", "-")
+            default = None if many else f.default
+            parser.add_argument(flag, dest=dest, action="store_const", const=on, default=default, help=text)
+        elif many:
+            parser.add_argument(_flag(f.name), dest=dest, type=csv_list(kind),
+                                help=f"comma-separated; {meta['help']}")
+        else:
+            parser.add_argument(_flag(f.name), dest=dest, type=kind, default=f.default,
+                                choices=list(meta["choices"]) if meta["choices"] else None, help=meta["help"])
+
+
+def from_args(args: argparse.Namespace) -> Workload:
+    """The workload a single-value command (``autobatch``, ``lookup``) names."""
+    return make(**{k: getattr(args, k) for k in KEYS})
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict:
+    """The workload values ``sweep``'s flags set (None: not given), keyed by field name."""
+    out = {k: getattr(args, k) for k in AXES if getattr(args, k) is not None}
+    return {k: v if isinstance(v, list) else [v] for k, v in out.items()}
+
+
+def csv_list(kind):
+    def parse(text: str):
+        try:
+            return [kind(x.strip()) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} must be a comma-separated list of {kind.__name__}") from None
+
+    return parse

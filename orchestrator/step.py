@@ -1,13 +1,12 @@
 """One measured training step, as a trainer runs it, and the out-of-memory classifier.
 
 The same code runs on a real device (CUDA, or CPU in tests) and on fake tensors
-for the simulated backend; ``fake=True`` swaps the two things fake tensors cannot
-do (data-dependent losses, the grad scaler's ``.item()``) for equivalents that
-allocate the same memory.
+for the simulated backend; ``surrogate=True`` swaps the two things fake tensors
+cannot do (data-dependent losses, the grad scaler's ``.item()``) for equivalents
+that allocate the same memory.
 """
 from __future__ import annotations
 
-import copy
 from typing import Callable
 
 import torch
@@ -92,17 +91,17 @@ class _FakeScaler:
         pass
 
 
-def _scaler(workload: Workload, device: torch.device, fake: bool):
+def _scaler(workload: Workload, device: torch.device, surrogate: bool):
     if workload.precision != "fp16":
         return None
-    if fake:
+    if surrogate:
         return _FakeScaler()
     # init_scale=1: at the default 2**16 the first steps of a fresh model can overflow and
     # be skipped, and a skipped step allocates no optimizer state: the peak would be too low
     return torch.amp.GradScaler(device.type, init_scale=1.0)
 
 
-def train(built: Built, workload: Workload, batch: int, device: torch.device, *, fake: bool = False,
+def train(built: Built, workload: Workload, batch: int, device: torch.device, *, surrogate: bool = False,
           steps: int = STEPS, after_step: Callable[[int], bool | None] | None = None) -> int:
     """Run ``steps`` training steps at ``batch`` on ``device``; the caller reads the peak.
 
@@ -115,14 +114,14 @@ def train(built: Built, workload: Workload, batch: int, device: torch.device, *,
     model.zero_grad(set_to_none=True)  # a previous probe that ran out of memory can leave grads behind
     optimizer = make_optimizer(workload.optimizer, model)
     ema = EMA(model) if workload.ema else None
-    scaler = _scaler(workload, device, fake)
+    scaler = _scaler(workload, device, surrogate)
     dtype = AMP_DTYPES.get(workload.precision)
     done = 0
     while done < steps:
         images = torch.randn(batch, 3, workload.imgsz, workload.imgsz, device=device)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             outputs = model(images)
-            loss = built.loss(outputs, batch, fake)
+            loss = built.loss(outputs, workload, batch, surrogate)
         del images, outputs
         if scaler is None:
             loss.backward()

@@ -1,9 +1,14 @@
-"""Tables for people: the batch-size pivot (rows model x imgsz, columns GPU type)."""
+"""Tables for people: the batch-size pivot (rows workloads, columns GPU types), shared by the sweep's
+output and ``report``."""
 from __future__ import annotations
 
 import pandas as pd
 
+from . import spec
 from .units import GiB
+
+VARYING = (*spec.KEYS[2:], "fraction")
+"""Key columns that join the row label (after model and imgsz) only when the table holds more than one value."""
 
 
 def gpu_label(row) -> str:
@@ -18,13 +23,25 @@ def cell(row) -> str:
 
 
 def pivot(df: pd.DataFrame) -> pd.DataFrame:
-    """Batch sizes (or no-fit / error) with one column per GPU type, ordered by memory."""
+    """Cell text (batch size, ``no-fit``, ``error``, ``-``) per workload row and GPU-type column, by memory.
+
+    Rows are model and imgsz plus every other key column the table holds more than one
+    value of; two rows that still share a cell (two device names with one label) are
+    both shown, joined by ``/``, never one hidden behind the other.
+    """
     if df.empty:
         return pd.DataFrame()
     df = df.copy()
     df["gpu"] = [gpu_label(r) for _, r in df.iterrows()]
     df["value"] = [cell(r) for _, r in df.iterrows()]
-    index = ["model", "imgsz"] + [c for c in ("precision", "optimizer", "fraction") if df[c].nunique() > 1]
-    out = df.pivot_table(index=index, columns="gpu", values="value", aggfunc="first")
+    index = ["model", "imgsz"] + [c for c in VARYING if df[c].nunique() > 1]
+    out = df.pivot_table(index=index, columns="gpu", values="value", aggfunc="/".join)
     order = df.drop_duplicates("gpu").sort_values("gpu_total_bytes")["gpu"]
     return out[[g for g in order if g in out.columns]].fillna("-")
+
+
+def row_label(key, names: list[str]) -> str:
+    """``model @imgsz`` plus the varying keys, e.g. ``torchvision:resnet50 @224 bf16 AdamW no ema``."""
+    values = dict(zip(names, key if isinstance(key, tuple) else (key,)))
+    extra = [f"fraction {values[n]:g}" if n == "fraction" else spec.show(n, values[n]) for n in names[2:]]
+    return " ".join([f"{values['model']} @{values['imgsz']}"] + extra)

@@ -19,12 +19,16 @@ from typing import Iterable
 
 import pandas as pd
 
+from . import spec
 from .spec import SpecError
 
 log = logging.getLogger(__name__)
 
-KEY = ["gpu_name", "gpu_total_bytes", "model", "imgsz", "precision", "optimizer", "ema",
-       "cudnn_benchmark", "fraction"]
+KEY = ["gpu_name", "gpu_total_bytes", *spec.KEYS, "fraction"]
+"""A row's identity: the device type, every workload field (``spec.Workload``), the fraction."""
+REQUIRED = ["gpu_name", "gpu_total_bytes", "model", "imgsz", "fraction", "batch_size", "status"]
+"""Columns every table of ours has had; a workload field added later is filled with its default."""
+_TYPES = {"gpu_name": str, "gpu_total_bytes": int, **spec.TYPES, "fraction": float}
 COLUMNS = KEY + [
     "batch_size", "status", "gpu_count", "card", "peak_bytes", "budget_bytes", "outside_bytes",
     "bytes_per_sample", "fixed_bytes", "r2", "clamped", "probes", "probe_peak_bytes", "measurements",
@@ -61,10 +65,14 @@ def read(path: str | os.PathLike) -> pd.DataFrame:
         df = pd.read_csv(path, keep_default_na=False, na_values=[""])
     except Exception as e:
         raise TableError(f"{path} is not a readable CSV ({e}): choose another --out; it was not changed") from None
-    missing = [c for c in KEY + ["batch_size", "status"] if c not in df.columns]
+    missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
         raise TableError(f"{path} is not an orchestrator batch table (no column {', '.join(missing)}): "
                          "choose another --out or move the file; it was not changed")
+    for name in spec.KEYS:  # a table written before this field existed: its rows ran the default
+        if name not in df.columns:
+            log.info("%s has no column %s: reading its rows as %s=%r", path, name, name, spec.DEFAULTS[name])
+            df[name] = spec.DEFAULTS[name]
     if df[KEY].isna().any(axis=None) or not df["status"].isin(STATUSES).all():
         raise TableError(f"{path} has rows with empty keys or unknown status: restore it or choose another --out; "
                          "it was not changed")
@@ -80,12 +88,15 @@ def _normalize(df: pd.DataFrame) -> pd.DataFrame:
     for c in COLUMNS:
         if c not in df.columns:
             df[c] = None
-    df["imgsz"] = df["imgsz"].astype(int)
-    df["gpu_total_bytes"] = df["gpu_total_bytes"].astype("int64")
+    for c, kind in _TYPES.items():
+        if kind is bool:
+            df[c] = df[c].map(_as_bool)
+        elif kind is int:
+            df[c] = df[c].astype("int64")
+        elif kind is float:
+            df[c] = df[c].astype(float)
     df["batch_size"] = df["batch_size"].fillna(0).astype(int)
-    df["fraction"] = df["fraction"].astype(float)
-    for c in ("ema", "cudnn_benchmark", "clamped"):
-        df[c] = df[c].map(_as_bool)
+    df["clamped"] = df["clamped"].map(_as_bool)
     return df[COLUMNS + [c for c in df.columns if c not in COLUMNS]]
 
 
@@ -100,13 +111,22 @@ def key_of(row) -> tuple:
 
 
 def _key_value(col, v):
-    if col in ("imgsz", "gpu_total_bytes"):
-        return int(v)
-    if col == "fraction":
+    kind = _TYPES[col]
+    if kind is float:
         return round(float(v), 6)
-    if col in ("ema", "cudnn_benchmark"):
+    if kind is bool:
         return _as_bool(v)
-    return str(v)
+    return kind(v)
+
+
+def row_key(device, workload, fraction: float) -> tuple:
+    """The key of the row ``workload`` on ``device`` (a ``DeviceInfo``) at ``fraction`` would have."""
+    return key_of(_identity(workload, device, fraction))
+
+
+def _identity(workload, device, fraction: float) -> dict:
+    return {"gpu_name": device.name, "gpu_total_bytes": device.total_bytes, **workload.as_dict(),
+            "fraction": fraction}
 
 
 def merge(old: pd.DataFrame, rows: Iterable[dict]) -> pd.DataFrame:
@@ -189,41 +209,35 @@ def done_keys(df: pd.DataFrame) -> set[tuple]:
 
 def decision_row(result, *, gpu_count: int = 1, attempts: int = 1) -> dict:
     """A table row from an ``engine.Result``."""
-    from datetime import datetime, timezone
-
-    from . import __version__
-
-    w, dev, d = result.workload, result.device, result.decision
+    d = result.decision
     return {
-        "gpu_name": dev.name, "gpu_total_bytes": dev.total_bytes, "model": w.model, "imgsz": w.imgsz,
-        "precision": w.precision, "optimizer": w.optimizer, "ema": w.ema, "cudnn_benchmark": w.cudnn_benchmark,
-        "fraction": result.fraction, "batch_size": d.batch_size, "status": d.status, "gpu_count": gpu_count,
-        "card": dev.card, "peak_bytes": d.peak_bytes, "budget_bytes": d.budget_bytes,
-        "outside_bytes": dev.outside_bytes, "bytes_per_sample": d.bytes_per_sample, "fixed_bytes": d.fixed_bytes,
-        "r2": d.r2, "clamped": d.clamped, "probes": ",".join(str(p.batch) for p in d.probes),
+        **_base_row(result.workload, result.device, result.fraction, gpu_count, attempts, result.seconds),
+        "batch_size": d.batch_size, "status": d.status, "peak_bytes": d.peak_bytes, "budget_bytes": d.budget_bytes,
+        "bytes_per_sample": d.bytes_per_sample, "fixed_bytes": d.fixed_bytes, "r2": d.r2, "clamped": d.clamped,
+        "probes": ",".join(str(p.batch) for p in d.probes),
         "probe_peak_bytes": ",".join("oom" if p.oom else str(p.peak_bytes) for p in d.probes),
-        "measurements": d.measurements, "backend": dev.backend, "seconds": round(result.seconds, 3),
-        "profile_seconds": round(result.profile_seconds, 3),
-        "attempts": attempts, "error": d.reason if d.status != "ok" else "", "host": dev.host,
-        "torch": dev.torch, "cuda": dev.cuda, "driver": dev.driver, "orchestrator": __version__,
-        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "measurements": d.measurements, "profile_seconds": round(result.profile_seconds, 3),
+        "error": d.reason if d.status != "ok" else "",
     }
 
 
 def error_row(workload, device, fraction: float, error: str, *, gpu_count: int = 1, attempts: int = 1,
               seconds: float = 0.0) -> dict:
     """A row for a combination that failed for a reason other than memory."""
+    return {**_base_row(workload, device, fraction, gpu_count, attempts, seconds),
+            "batch_size": 0, "status": "error", "error": error.replace("\n", " ")[:500]}
+
+
+def _base_row(workload, device, fraction: float, gpu_count: int, attempts: int, seconds: float) -> dict:
+    """What every row says: its key, the device and software it ran on, when, and how many tries."""
     from datetime import datetime, timezone
 
     from . import __version__
 
     return {
-        "gpu_name": device.name, "gpu_total_bytes": device.total_bytes, "model": workload.model,
-        "imgsz": workload.imgsz, "precision": workload.precision, "optimizer": workload.optimizer,
-        "ema": workload.ema, "cudnn_benchmark": workload.cudnn_benchmark, "fraction": fraction,
-        "batch_size": 0, "status": "error", "gpu_count": gpu_count, "card": device.card,
+        **_identity(workload, device, fraction), "gpu_count": gpu_count, "card": device.card,
         "outside_bytes": device.outside_bytes, "backend": device.backend, "seconds": round(seconds, 3),
-        "attempts": attempts, "error": error.replace("\n", " ")[:500], "host": device.host, "torch": device.torch,
-        "cuda": device.cuda, "driver": device.driver, "orchestrator": __version__,
+        "attempts": attempts, "host": device.host, "torch": device.torch, "cuda": device.cuda,
+        "driver": device.driver, "orchestrator": __version__,
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

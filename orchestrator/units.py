@@ -1,11 +1,15 @@
-"""Bytes inside, GiB only for people: the one place that converts."""
+"""Bytes inside, GiB only for people: the one place that defines the units and formats them."""
 
-GiB = 2**30
+KiB = 2**10
 MiB = 2**20
+GiB = 2**30
 
 
-def gib(nbytes: float | None, digits: int = 2) -> str:
-    return "-" if nbytes is None else f"{nbytes / GiB:.{digits}f} GiB"
+def gib(nbytes: float | None, digits: int = 2, *, unit: bool = True) -> str:
+    """``nbytes`` in GiB for display ("-" for None), e.g. ``11.39 GiB``."""
+    if nbytes is None:
+        return "-"
+    return f"{nbytes / GiB:.{digits}f}" + (" GiB" if unit else "")
 
 
 def mib(nbytes: float | None) -> str:

@@ -9,7 +9,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ sits beside the package
 from benchmarks import baselines, decision_quality, estimation_speed  # noqa: E402
 
-GiB = 2**30
+from orchestrator.units import GiB
 
 
 class LineBed:

@@ -77,3 +77,19 @@ def test_interrupted_sweep_keeps_rows_and_rerun_does_the_rest(tmp_path, sig, cod
     final = pd.read_csv(out)
     assert len(final) == 8 and (final["status"] == "ok").all()
     assert f"{len(done)} already in the table" in p.stdout
+
+
+def test_sweep_with_error_rows_exits_3_and_user_model_from_cwd(tmp_path):
+    """A model module in the working directory (not on PYTHONPATH) is importable in the Ray workers;
+    a sweep that wrote an error row exits 3 with one line saying so; its ok rows are in the table."""
+    (tmp_path / "usermodels.py").write_text(
+        "from tiny_models import Tiny\n\n\ndef build():\n    return Tiny(fail_at=96)\n")
+    p = run("sweep", "--simulate", "T4", "--models", "usermodels:build", "--imgsz", "64,96", "--out", "t.csv",
+            cwd=tmp_path)
+    assert p.returncode == 3, p.stderr[-2000:]
+    df = pd.read_csv(tmp_path / "t.csv")
+    status = dict(zip(df["imgsz"], df["status"]))
+    assert status == {64: "ok", 96: "error"}, df[["imgsz", "status", "error"]]
+    assert "ValueError: Tiny does not support 96 px" in df.set_index("imgsz").loc[96, "error"]
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "1 rows are `error`" in errors[0], p.stderr

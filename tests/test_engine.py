@@ -4,7 +4,7 @@ import statistics
 import pytest
 
 import orchestrator
-from orchestrator.autobatch import OutOfMemory
+from orchestrator.decision import OutOfMemory
 from orchestrator.devices import SimulatedBackend
 from orchestrator.engine import decide_on
 from orchestrator.spec import SpecError, Workload
@@ -24,7 +24,7 @@ def true_limit(measure, budget, start, hi=4097):
     """
     def fits(b):
         try:
-            return measure(b) <= budget
+            return measure(b).reserved_bytes <= budget
         except OutOfMemory:
             return False
 
@@ -46,7 +46,7 @@ def test_decision_quality_on_simulated_cards(profiles):
     steps, ratios = [], []
     for model, sizes in GRID_MODELS:
         for imgsz in sizes:
-            w = Workload(model, imgsz)
+            w = Workload(model=model, imgsz=imgsz)
             prof = profiles(w)
             for card in CARDS:
                 backend = SimulatedBackend(card)
@@ -56,7 +56,7 @@ def test_decision_quality_on_simulated_cards(profiles):
                 truth = true_limit(backend.measurer(w), d.budget_bytes, start=d.batch_size)
                 assert d.status == "ok"
                 assert d.peak_bytes <= d.budget_bytes
-                assert backend.measurer(w)(d.batch_size) <= d.budget_bytes
+                assert backend.measurer(w)(d.batch_size).reserved_bytes <= d.budget_bytes
                 assert d.batch_size <= truth
                 assert d.batch_size >= 0.95 * truth, (w.label(), card, d.batch_size, truth)
                 steps.append(d.measurements)

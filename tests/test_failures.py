@@ -46,7 +46,7 @@ CASES = {
     "Ray address unreachable": (SWEEP[:1] + ["--models", "tiny_models:tiny", "--address", "127.0.0.1:9"],
                                 "nothing answers there"),
     "no GPUs for --real": (["sweep", "--models", "tiny_models:tiny", "--real"], "has no GPUs"),
-    "bad precision flag": (SWEEP + ["--precision", "fp8"], "precision 'fp8' must be one of"),
+    "bad precision flag": (SWEEP + ["--precision", "fp8"], "--precision='fp8' must be one of fp32, fp16, bf16"),
     "max batch zero": (SWEEP + ["--max-batch", "0"], "--max-batch=0 must be >= 1"),
 }
 
@@ -98,8 +98,10 @@ def test_missing_output_folder(tmp_path):
     assert p.returncode == 2 and "does not exist; create it" in p.stderr
 
 
-def test_debug_shows_the_traceback(tmp_path):
-    p = cli("--debug", "autobatch", "--model", "resnet50", "--gpu", "T4")
+@pytest.mark.parametrize("args", [["--debug", "autobatch", "--model", "resnet50", "--gpu", "T4"],
+                                  ["autobatch", "--model", "resnet50", "--gpu", "T4", "--debug"]])
+def test_debug_shows_the_traceback_before_or_after_the_subcommand(args):
+    p = cli(*args)
     assert p.returncode == 2 and "Traceback" in p.stderr and "must be SOURCE:NAME" in p.stderr
 
 
@@ -230,3 +232,18 @@ def test_table_keeps_its_file_mode(tmp_path):
     row = dict(table.read(out).iloc[0])
     table.write_rows(out, [dict(row, imgsz=96)])
     assert out.stat().st_mode & 0o777 == 0o644
+
+
+def test_table_without_a_newer_key_column_reads_as_its_default(tmp_path):
+    """A table written before a workload field existed is read with that field at its default, answers
+    lookups, and keeps its rows when new ones are merged in (the column is added)."""
+    from orchestrator import lookup
+
+    out = tmp_path / "table.csv"
+    out.write_text(EXISTING.replace(",cudnn_benchmark,", ",").replace(",True,False,0.8,", ",True,0.8,"))
+    df = table.read(out)
+    assert df["cudnn_benchmark"].tolist() == [False]
+    assert lookup(out, "tiny_models:tiny", 64, "T4").batch_size == 512
+    table.write_rows(out, [dict(df.iloc[0], imgsz=96, batch_size=300)])
+    again = pd.read_csv(out)
+    assert "cudnn_benchmark" in again.columns and sorted(again["imgsz"]) == [64, 96]

@@ -42,7 +42,7 @@ def write(tmp_path, text):
     ('[sweep]\nmodels = ["torchvision:resnet18"]\nimgsz = [0]\n', r"imgsz=0 must be a positive"),
     ('[sweep]\nmodels = []\n', r"models=\[\] must be a non-empty list"),
     ('[sweep]\nmodels = ["resnet18"]\n', r"must be SOURCE:NAME"),
-    ('[sweep]\nmodels = ["torchvision:resnet18"]\nprecision = ["fp8"]\n', r"precision 'fp8' must be one of fp32, fp16, bf16"),
+    ('[sweep]\nmodels = ["torchvision:resnet18"]\nprecision = ["fp8"]\n', r"\[sweep\] precision='fp8' must be one of fp32, fp16, bf16"),
     ('[sweep]\nmodels = ["torchvision:resnet18"]\nema = "yes"\n', r"ema='yes' must be a bool"),
     ('[sweep]\nmodels = ["torchvision:resnet18"]\n[fleet]\nsimulate = "T4, Z9"\n', r"unknown GPU 'Z9': known cards are"),
     ('[sweep]\nmodels = ["torchvision:resnet18"]\n[fleet]\nmode = "cloud"\n', r"mode='cloud' must be auto, real or simulate"),

@@ -14,8 +14,8 @@ from orchestrator.units import GiB
 
 SWEPT = ("T4", "A10G", "A100-80GB")  # the default sweep's simulated fleet
 WORKLOADS = {  # the same workloads test_simulated traces: the session's profiles serve both
-    "mobilenet": Workload("torchvision:mobilenet_v3_small", 224, "fp16", "SGD", True),
-    "yolo": Workload("ultralytics:yolov8n.yaml", 320, "fp16", "SGD", True),
+    "mobilenet": Workload(model="torchvision:mobilenet_v3_small", imgsz=224, precision="fp16", optimizer="SGD", ema=True),
+    "yolo": Workload(model="ultralytics:yolov8n.yaml", imgsz=320, precision="fp16", optimizer="SGD", ema=True),
 }
 UNCAPPED = 10**6  # compare extrapolations with the engine's real limit, not with max_batch
 
@@ -47,7 +47,8 @@ def test_every_ok_row_is_answered_as_measured(swept):
     assert (df["status"] == "ok").all() and len(df) == len(WORKLOADS) * len(SWEPT)
     for _, r in df.iterrows():
         for gpu in (r["card"], r["gpu_name"]):
-            a = lookup(swept, r["model"], r["imgsz"], gpu, r["precision"], r["optimizer"], ema=r["ema"])
+            a = lookup(swept, r["model"], r["imgsz"], gpu, precision=r["precision"], optimizer=r["optimizer"],
+                       ema=r["ema"])
             assert (a.batch_size, a.extrapolated, a.gpu_name) == (r["batch_size"], False, r["gpu_name"])
 
 
@@ -61,7 +62,7 @@ def test_extrapolation_fits_and_is_near_the_measured_limit(swept, profiles, name
     a = lookup(df, w.model, w.imgsz, left_out, max_batch=UNCAPPED)
     backend, truth = decided(profiles, w, left_out)
     assert a.extrapolated
-    assert backend.measurer(w)(a.batch_size) <= backend.info().budget_bytes(0.8)
+    assert backend.measurer(w)(a.batch_size).reserved_bytes <= backend.info().budget_bytes(0.8)
     assert 0.9 <= a.batch_size / truth.decision.batch_size <= 1.1, (a.batch_size, truth.decision.batch_size)
 
 
@@ -71,16 +72,48 @@ def test_another_fraction_is_recomputed(swept, profiles):
     a = lookup(swept, w.model, w.imgsz, "T4", fraction=0.6, max_batch=UNCAPPED)
     backend, truth = decided(profiles, w, "T4", fraction=0.6)
     assert a.extrapolated and a.fraction == 0.6
-    assert backend.measurer(w)(a.batch_size) <= backend.info().budget_bytes(0.6)
+    assert backend.measurer(w)(a.batch_size).reserved_bytes <= backend.info().budget_bytes(0.6)
     assert 0.9 <= a.batch_size / truth.decision.batch_size <= 1.0
 
 
 def test_memory_sizes_name_a_card(swept):
-    """24 GiB as a float, a string or int bytes is the same card; extrapolations stop at max_batch."""
+    """A bare size (float or string) is one card; exact GiB ("24GiB") and int bytes another; both
+    extrapolated; extrapolations stop at max_batch."""
     w = WORKLOADS["yolo"]
-    answers = {lookup(swept, w.model, w.imgsz, gpu) for gpu in (24.0, "24", 24 * GiB, "24GiB")}
-    assert len(answers) == 1 and answers.pop().extrapolated
+    sold = {lookup(swept, w.model, w.imgsz, gpu) for gpu in (24.0, "24")}
+    exact = {lookup(swept, w.model, w.imgsz, gpu) for gpu in (24 * GiB, "24GiB")}
+    assert len(sold) == 1 and len(exact) == 1
+    sold, exact = sold.pop(), exact.pop()
+    assert sold.extrapolated and exact.extrapolated
+    assert sold.batch_size < exact.batch_size  # 24 GB as sold is 21.96 GiB on an A10G, not 24 GiB
     assert lookup(swept, WORKLOADS["mobilenet"].model, 224, "H200").batch_size == 1024
+
+
+@pytest.mark.parametrize("card", SWEPT)
+def test_gpu_memory_as_sold_never_above_a_card_of_that_size(swept, card):
+    """`--gpu-memory N` with the size a card is sold as (16 for a T4, 24 for an A10G, 80 for an A100-80GB)
+    never answers above what that card measured: users type the advertised size, the driver reports less."""
+    from orchestrator import catalog
+
+    sold_gb = catalog.card(card).sold_gb
+    for w in WORKLOADS.values():
+        measured = lookup(swept, w, gpu=card)
+        by_size = lookup(swept, w, gpu=float(sold_gb), max_batch=UNCAPPED)
+        assert not measured.extrapolated and by_size.extrapolated
+        assert by_size.batch_size <= measured.batch_size, (w.label(), card, by_size.batch_size, measured.batch_size)
+    done = run_cli(swept, "--model", WORKLOADS["yolo"].model, "--imgsz", WORKLOADS["yolo"].imgsz,
+                   "--gpu-memory", sold_gb)
+    assert done.returncode == 0 and int(done.stdout) <= lookup(swept, WORKLOADS["yolo"], gpu=card).batch_size
+
+
+def test_measured_only_refuses_to_extrapolate(swept):
+    """--measured-only: a card the table did not measure is exit 2 with one line, not an extrapolation."""
+    w = WORKLOADS["yolo"]
+    with pytest.raises(NoAnswer, match="was not measured on H100-80GB .* drop --measured-only"):
+        lookup(swept, w, gpu="H100-80GB", measured_only=True)
+    assert lookup(swept, w, gpu="A10G", measured_only=True).extrapolated is False
+    done = run_cli(swept, "--model", w.model, "--imgsz", w.imgsz, "--gpu", "H100-80GB", "--measured-only")
+    assert (done.returncode, done.stdout, len(done.stderr.strip().splitlines())) == (2, "", 1), done.stderr
 
 
 def test_small_int_is_not_taken_for_bytes(swept):
@@ -93,7 +126,7 @@ def test_no_fit_and_error_rows_are_not_answers(tmp_path, profiles):
     w = WORKLOADS["yolo"]
     no_fit = decided(profiles, w, "T4", fraction=0.02)[1]  # nothing left after the CUDA context
     assert no_fit.decision.status == "no-fit"
-    broken = Workload("torchvision:vgg11", 224)
+    broken = Workload(model="torchvision:vgg11", imgsz=224)
     path = tmp_path / "t.csv"
     table.write_rows(path, [table.decision_row(no_fit),
                             table.error_row(broken, SimulatedBackend("A10G").info(), 0.8, "RuntimeError: boom")])
@@ -125,7 +158,7 @@ def test_cli_warns_when_extrapolated(swept, capsys):
                      "--gpu-memory", "24"]) == 0
     out, err = capsys.readouterr()
     assert int(out) > 0 and out.strip().isdigit()
-    assert "warning: extrapolated" in err and "EXTRAPOLATED for a card (24.00 GiB)" in err
+    assert "warning: extrapolated" in err and "EXTRAPOLATED for a 24 GB card (21.96 GiB)" in err
 
 
 @pytest.mark.parametrize("flags,missing,existing", [

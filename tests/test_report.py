@@ -11,8 +11,8 @@ from orchestrator.engine import decide_on
 from orchestrator.spec import SpecError, Workload
 
 CARDS = ("T4", "A10G", "A100-80GB")
-WORKLOADS = [Workload("torchvision:mobilenet_v3_small", 224, "fp16", "SGD", True),
-             Workload("ultralytics:yolov8n.yaml", 320, "fp16", "SGD", True)]
+WORKLOADS = [Workload(model="torchvision:mobilenet_v3_small", imgsz=224, precision="fp16", optimizer="SGD", ema=True),
+             Workload(model="ultralytics:yolov8n.yaml", imgsz=320, precision="fp16", optimizer="SGD", ema=True)]
 LABELS = {"T4": "T4 (15 GiB)", "A10G": "A10G (22 GiB)", "A100-80GB": "A100-80GB (79 GiB)"}
 
 
@@ -28,7 +28,7 @@ def swept(tmp_path_factory, profiles):
     backend = SimulatedBackend("T4")
     backend.add_profile(profiles(WORKLOADS[1]))
     rows.append(table.decision_row(decide_on(backend, WORKLOADS[1], 0.02)))  # no-fit: the context fills it
-    rows.append(table.error_row(Workload("torchvision:vgg11", 224), SimulatedBackend("A10G").info(), 0.8,
+    rows.append(table.error_row(Workload(model="torchvision:vgg11", imgsz=224), SimulatedBackend("A10G").info(), 0.8,
                                 "RuntimeError: boom"))
     path = tmp_path_factory.mktemp("report") / "batch_table.csv"
     table.write_rows(path, rows)
@@ -71,3 +71,19 @@ def test_cli_writes_next_to_the_table_and_prints_the_paths(swept):
 def test_empty_table_says_how_to_build_one(tmp_path):
     with pytest.raises(SpecError, match="has no rows .* orchestrator sweep --out"):
         report.write(tmp_path / "none.csv")
+
+
+def test_one_pivot_shows_every_varying_key_and_hides_no_row(swept):
+    """The sweep's and the report's pivot are one: a second ema value gets its own row, and two rows
+    that share a cell (two device names with one label) are both shown, not one hidden."""
+    from orchestrator import summary
+
+    df = table.read(swept)
+    ok = df[df["status"] == "ok"]
+    no_ema = ok.assign(ema=False, batch_size=ok["batch_size"] - 1)
+    piv = summary.pivot(pd.concat([ok, no_ema], ignore_index=True))
+    assert "ema" in piv.index.names
+    assert {summary.row_label(k, list(piv.index.names)).split(" @")[1] for k in piv.index} >= {"224 ema", "224 no ema"}
+    twin = ok.iloc[[0]].assign(gpu_name="Tesla T4 (other driver)", batch_size=7)
+    cells = summary.pivot(pd.concat([ok, twin], ignore_index=True)).values.ravel().tolist()
+    assert any("/" in c and "7" in [x.rstrip("+") for x in c.split("/")] for c in cells), cells

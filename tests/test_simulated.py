@@ -1,8 +1,8 @@
 """The simulated device: fake-tensor traces against real runs, synthesis, OOM and decisions."""
 import pytest
 
-from orchestrator import allocator, catalog, simulated
-from orchestrator.autobatch import OutOfMemory, decide
+from orchestrator import allocator, catalog, models, simulated
+from orchestrator.decision import OutOfMemory, decide
 from orchestrator.devices import SimulatedBackend
 from orchestrator.spec import Workload
 
@@ -10,16 +10,16 @@ from orchestrator.spec import Workload
 @pytest.mark.parametrize("precision,optimizer,ema", [("fp32", "SGD", False), ("fp16", "AdamW", True)])
 def test_fake_trace_equals_real_cpu_run(precision, optimizer, ema):
     """The fake-tensor step peaks at exactly the live tensor bytes of the same step on real CPU tensors."""
-    w = Workload("torchvision:resnet18", 64, precision, optimizer, ema)
-    built = simulated.build(w)
+    w = Workload(model="torchvision:resnet18", imgsz=64, precision=precision, optimizer=optimizer, ema=ema)
+    built = models.build(w)
     fake = simulated.trace(built, w, 4)
-    real = simulated.trace(built, w, 4, fake=False)
+    real = simulated.trace(built, w, 4, fake=False, surrogate=True)
     assert simulated.tensor_peak(fake) == simulated.tensor_peak(real) > 0
 
 
 def test_reserved_at_least_allocated_at_least_tensors(profiles):
     """Allocator rounding and caching only add: reserved >= allocated >= live tensor bytes."""
-    prof = profiles(Workload("torchvision:mobilenet_v3_small", 224, "fp16", "SGD", True))
+    prof = profiles(Workload(model="torchvision:mobilenet_v3_small", imgsz=224, precision="fp16", optimizer="SGD", ema=True))
     for b in (1, 8, 33):
         ev = prof.events(b)
         st = allocator.replay(ev)
@@ -28,21 +28,21 @@ def test_reserved_at_least_allocated_at_least_tensors(profiles):
 
 def test_synthesized_trace_equals_direct_trace(profiles):
     """Traces at batch sizes never run are synthesized exactly: checked against a direct fake run."""
-    w = Workload("ultralytics:yolov8n.yaml", 320, "fp16", "SGD", True)
+    w = Workload(model="ultralytics:yolov8n.yaml", imgsz=320, precision="fp16", optimizer="SGD", ema=True)
     prof = profiles(w)
     assert prof.slope is not None, "YOLO traces should be affine in batch size"
-    direct = simulated.trace(simulated.build(w), w, 13)
+    direct = simulated.trace(models.build(w), w, 13)
     assert prof.events(13) == direct
 
 
 def test_simulated_oom_drives_no_fit():
     """A workload larger than the card is a no-fit decision (batch 1 OOMs), not an error."""
-    w = Workload("torchvision:resnet50", 3072, "fp32", "AdamW", True)
+    w = Workload(model="torchvision:resnet50", imgsz=3072, precision="fp32", optimizer="AdamW", ema=True)
     backend = SimulatedBackend("T4")
     measure = backend.measurer(w)
     with pytest.raises(OutOfMemory):
         measure(64)
-    d = decide(measure, backend.info().budget_bytes(0.8))
+    d = decide(lambda b: measure(b).reserved_bytes, backend.info().budget_bytes(0.8))
     assert d.status in ("ok", "no-fit")
     assert d.status == "no-fit" or d.peak_bytes <= d.budget_bytes
 
@@ -68,9 +68,9 @@ def test_real_training_step_runs_on_cpu(model, imgsz):
 
     from orchestrator import step
 
-    w = Workload(model, imgsz, "fp16", "AdamW", True)
-    built = simulated.build(w)
-    step.train(built, w, 2, torch.device("cpu"), fake=False)
+    w = Workload(model=model, imgsz=imgsz, precision="fp16", optimizer="AdamW", ema=True)
+    built = models.build(w)
+    step.train(built, w, 2, torch.device("cpu"))
     assert all(p.grad is None for p in built.module.parameters())  # zero_grad(set_to_none=True) ran
 
 
@@ -91,10 +91,10 @@ def test_oom_classifier():
 
 def test_measured_peak_includes_workspace_without_shifting_frees(profiles):
     """The card's cuBLAS workspace adds to the replayed peak; it must not change which block each free releases."""
-    w = Workload("torchvision:mobilenet_v3_small", 224, "fp16", "SGD", True)
+    w = Workload(model="torchvision:mobilenet_v3_small", imgsz=224, precision="fp16", optimizer="SGD", ema=True)
     backend = SimulatedBackend("H100-80GB")
     backend.add_profile(profiles(w))
     for b in (1, 16, 100):
         bare = allocator.replay(profiles(w).events(b)).peak_reserved
-        measured = backend.measurer(w)(b)
+        measured = backend.measurer(w)(b).reserved_bytes
         assert bare <= measured <= bare + backend.card.workspace_bytes + 20 * 2**20

@@ -4,9 +4,9 @@ import random
 
 import pytest
 
-from orchestrator.autobatch import OutOfMemory, decide, fit_line, monotonic
+from orchestrator.decision import OutOfMemory, decide, fit_line, monotonic
 
-MiB = 2**20
+from orchestrator.units import MiB
 
 
 def line(fixed, per_sample, capacity=None):

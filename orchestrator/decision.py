@@ -102,6 +102,17 @@ def monotonic(points: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return kept
 
 
+FIT_WINDOW = 8
+"""Fit only points at or above 1/FIT_WINDOW of the largest batch measured: below, the optimizer
+step rather than the activations sets the peak, and the curve bends."""
+
+
+def near_limit(points: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The (batch, bytes) points that a line predicting the limit is fitted on (see ``FIT_WINDOW``)."""
+    top = max((b for b, _ in points), default=0)
+    return [(b, y) for b, y in points if b * FIT_WINDOW >= top]
+
+
 class _Search:
     """The probes so far, and what they say about where the limit is."""
 
@@ -141,17 +152,11 @@ class _Search:
         return next((p.peak_bytes for p in reversed(self.probes) if p.batch == batch), None)
 
     def fit(self) -> Fit | None:
-        """Line through the monotonic measured points nearest the limit.
-
-        The curve is piecewise at small batches (the optimizer step, not the
-        activations, sets the peak), so fit only points at or above 1/8 of the
-        largest measured batch, keeping at least the two largest.
-        """
+        """Line through the monotonic measured points ``near_limit``, keeping at least the two largest."""
         pts = monotonic([(p.batch, p.peak_bytes) for p in self.probes if p.peak_bytes is not None])
         if len(pts) < 2:
             return None
-        top = pts[-1][0]
-        window = [pt for pt in pts if pt[0] * 8 >= top]
+        window = near_limit(pts)
         return fit_line(window if len(window) >= 2 else pts[-2:])
 
 
@@ -171,11 +176,13 @@ def decide(
     The result is within ``tolerance`` (relative) of the largest fitting batch,
     assuming peak memory grows with batch size; it is capped at ``max_batch``.
     """
-    if budget_bytes <= 0:
-        raise ValueError(f"budget_bytes={budget_bytes} must be > 0: raise fraction or free the device")
     if max_batch < 1:
         raise ValueError(f"max_batch={max_batch} must be >= 1")
     s = _Search(measure, budget_bytes)
+    if budget_bytes <= 0:  # nothing to measure: memory outside the allocator already takes the whole fraction
+        return _result(s, "no-fit", max_batch=max_batch,
+                       reason=f"nothing left: the budget is {budget_bytes} B (memory outside the allocator "
+                              "takes the whole fraction)")
     if not s.run(1):
         return _result(s, "no-fit", max_batch=max_batch, reason=_no_fit_reason(s.probes[0], budget_bytes))
     for b in first_probes:
