@@ -44,7 +44,7 @@ def test_one_actor_per_gpu_grouped_by_type(ray_session, tmp_path):
     sweep = fleet.Sweep(j)
     sweep.start(fleet.resolve_devices(j.fleet)[0])
     try:
-        pids = {s.info.pid for s in sweep.slots}
+        pids = {info.pid for info in sweep.devices()}
         assert len(pids) == 3
         assert sorted(sweep.stats.devices.values()) == [1, 2]
         stats = sweep.run()
@@ -78,11 +78,13 @@ def test_actor_killed_mid_combination_is_requeued(ray_session, tmp_path):
     def killer():
         deadline = time.monotonic() + 60
         while not killed and time.monotonic() < deadline:
-            for slot, task in list(sweep.pending.values()):
-                if task.kind == "profile" and task.workload.model.endswith("slow") \
-                        and time.monotonic() - slot.started > 0.5:
-                    os.kill(slot.info.pid, signal.SIGKILL)
-                    killed.append(slot.info.pid)
+            for job in sweep.scheduler.running():
+                devices = job.devices  # read once: the sweep's thread changes it
+                if devices and job.call == "profile" and job.args[0].model.endswith("slow") \
+                        and time.monotonic() - job.started_s > 0.5:
+                    pid = sweep.scheduler.devices[devices[0]].info.pid
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
                     break
             time.sleep(0.05)
 
