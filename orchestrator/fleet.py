@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import re
 import signal
 import socket
 import threading
@@ -101,6 +102,8 @@ class Sweep:
         self.pending: dict = {}  # ObjectRef -> (device id, job id; None for the actor's start)
         self.stats = SweepStats()
         self.simulated = False
+        self.start_failures: list[tuple[str, str]] = []  # (node address, "" when never placed; why)
+        self._starting = False  # starting the fleet: start failures are reported per node at the end
 
     # ---- devices ----------------------------------------------------------------
     def _spawn(self, device: int, slot: Slot) -> None:
@@ -116,15 +119,17 @@ class Sweep:
         now = time.monotonic()
         for card, opts in cards:
             self._spawn(self.scheduler.add_device(now), Slot(card, opts))
-        while self.scheduler.starting():
-            self._wait()
+        self._starting = True
+        try:
+            while self.scheduler.starting():
+                self._wait()
+        finally:
+            self._starting = False
+        for line in _per_node(self.start_failures):
+            log.warning("%s", line)
         live = self.scheduler.live()
         if not live:
-            raise RuntimeError(
-                f"no device actor started within {self.fleet.actor_timeout_s:.0f}s: the cluster has "
-                f"{ray.cluster_resources().get('GPU', 0):g} GPUs for {len(cards)} actors; "
-                "check `ray status` or use fewer devices"
-            )
+            raise RuntimeError(self._nothing_started(len(cards)))
         self.stats.devices = collections.Counter(d.type_key for d in live)
         for key, n in self.stats.devices.items():
             log.info("device type %s x%d", key, n)
@@ -133,15 +138,30 @@ class Sweep:
         """What each started, live device reported, in start order."""
         return [d.info for d in self.scheduler.live()]
 
-    def _drop(self, dropped: scheduler.Dropped) -> None:
+    def _nothing_started(self, n: int) -> str:
+        """The error when no actor started: what each node said, and what to do about it."""
+        fixes = []
+        if any(node for node, _ in self.start_failures):  # actors ran and raised: the device would not open
+            fixes.append("give the Ray workers a working NVIDIA driver and a CUDA build of torch (check "
+                         "`python -c 'import torch; print(torch.cuda.is_available())'` on each node), "
+                         "or plan with a simulated fleet (--simulate 'T4, A100-80GB')")
+        if any(not node for node, _ in self.start_failures):
+            fixes.append("for actors not placed: check `ray status` or use fewer devices")
+        return (f"no device actor started ({n} tried; the cluster has {ray.cluster_resources().get('GPU', 0):g} "
+                f"GPUs): {'; '.join(_per_node(self.start_failures))}. Fix: {'; '.join(fixes)}")
+
+    def _drop(self, dropped: scheduler.Dropped, node: str = "") -> None:
         """Kill a device's actor (its calls in flight are forgotten) and start its replacement, if any."""
         slot = self.slots[dropped.device]
         for ref in [r for r, (d, _) in self.pending.items() if d == dropped.device]:
             del self.pending[ref]
         with contextlib.suppress(Exception):  # already gone
             ray.kill(slot.actor, no_restart=True)
-        info = self.scheduler.devices[dropped.device].info
-        log.warning("device %s dropped: %s", info.name if info else slot.card, dropped.reason)
+        if dropped.starting:
+            self.start_failures.append((node, dropped.reason))
+        if not (dropped.starting and self._starting):
+            info = self.scheduler.devices[dropped.device].info
+            log.warning("device %s dropped: %s", info.name if info else slot.card or "(real GPU)", dropped.reason)
         if dropped.replacement is not None:
             self.stats.actor_restarts += 1
             self._spawn(dropped.replacement, Slot(slot.card, slot.options))
@@ -217,7 +237,7 @@ class Sweep:
     def _failed(self, device: int, job: int | None, e: Exception, now: float) -> None:
         reason = _reason(e)
         if job is None:  # the actor never reported its device
-            self._drop(self.scheduler.start_failed(device, reason, now))
+            self._drop(self.scheduler.start_failed(device, reason, now), node=_node_of(e) or "?")
         elif isinstance(e, ray.exceptions.RayTaskError):  # a Python error: the combination is broken, not the actor
             self.scheduler.failed(job, reason, now)
         else:  # the process died (crash, OOM-kill, node loss) or Ray lost it: retried on another actor
@@ -266,9 +286,43 @@ def _reason(e: Exception) -> str:
         cause = e.cause if getattr(e, "cause", None) is not None else e
         return f"{type(cause).__name__}: {cause}"
     if isinstance(e, ray.exceptions.RayActorError):
-        return f"actor died: {type(e).__name__}"
+        return _constructor_error(e) or f"actor died: {type(e).__name__}"
     # lost object, dead node, Ray's memory monitor: the actor is dropped and the work retried elsewhere
     return f"ray failure: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+
+
+def _constructor_error(e: ray.exceptions.RayActorError) -> str | None:
+    """``Type: message`` of what the actor's constructor raised, when that is why the actor died.
+
+    Ray 2.x marks such a death ``actor_init_failed`` and keeps the creation task's error only
+    as its formatted traceback in the message; some releases also keep it in ``cause``.
+    """
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, ray.exceptions.RayTaskError):
+        return _reason(cause)
+    if not getattr(e, "actor_init_failed", False):
+        return None
+    lines = str(e).splitlines()
+    frames = [i for i, line in enumerate(lines) if line.startswith("  File ")]
+    # a traceback ends with the exception: the unindented lines after the last frame
+    first = frames[-1] + 1 if frames else len(lines) - 1
+    return " ".join(line for line in lines[first:] if line and not line.startswith(" "))[:300] or None
+
+
+def _node_of(e: Exception) -> str:
+    """The node address a Ray error names ("... pid=12, ip=10.0.0.5, ..." or "ip: 10.0.0.5"), else ""."""
+    m = re.search(r"\bip(?:=|: )([0-9A-Fa-f.:]+)", str(e))
+    return m.group(1).rstrip(":") if m else ""
+
+
+def _per_node(failures: list[tuple[str, str]]) -> list[str]:
+    """Actors that did not start, one line per node (those never placed on one last) with each reason once."""
+    nodes: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    for node, reason in sorted(failures, key=lambda f: not f[0]):
+        nodes[node][reason] += 1
+    return [f"{'node ' + node if node else 'not placed'}: {sum(why.values())} device "
+            f"actor{'s' if sum(why.values()) > 1 else ''} did not start: {'; '.join(why)}"
+            for node, why in nodes.items()]
 
 
 # ---- the whole sweep: Ray up, fleet, work, Ray down ----------------------------------

@@ -1,4 +1,5 @@
 """The Ray fleet: real local Ray, logical GPUs, simulated cards, real process kills."""
+import logging
 import os
 import signal
 import threading
@@ -129,3 +130,31 @@ def test_more_simulated_cards_than_gpus_is_bad_input(ray_session, tmp_path):
     j = make_job(tmp_path, [TINY], [64], "T4 x5")
     with pytest.raises(Exception, match="asks for 5 devices but the Ray cluster has 4 GPUs"):
         fleet.run_sweep(j)
+
+
+def test_actor_that_cannot_start_says_why_once_per_node(ray_session, tmp_path, caplog):
+    """Actors whose constructor raises (an unknown card) are reported with that error, one line for
+    their node; the fleet goes on with the device that started."""
+    sweep = fleet.Sweep(make_job(tmp_path, [TINY], [64], "T4"))
+    try:
+        with caplog.at_level(logging.WARNING, logger="orchestrator.fleet"):
+            sweep.start([("T4", {}), ("GTX-1080", {}), ("GTX-1080", {})])
+    finally:
+        sweep.shutdown()
+    lines = [r.getMessage() for r in caplog.records if r.name == "orchestrator.fleet"]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("node ") and "2 device actors did not start: ValueError: unknown GPU 'GTX-1080'" \
+        in lines[0], lines
+    assert [info.card for info in sweep.devices()] == ["T4"]
+
+
+def test_no_actor_started_names_the_cause_and_the_fixes(ray_session, tmp_path):
+    """When no actor starts, the error carries the constructor's own error and the likely fixes."""
+    sweep = fleet.Sweep(make_job(tmp_path, [TINY], [64], "T4"))
+    try:
+        with pytest.raises(RuntimeError, match=r"no device actor started \(1 tried.*: node \S+: 1 device actor "
+                                               r"did not start: ValueError: unknown GPU 'GTX-1080'.*"
+                                               r"CUDA build of torch.*--simulate"):
+            sweep.start([("GTX-1080", {})])
+    finally:
+        sweep.shutdown()
