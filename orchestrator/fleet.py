@@ -317,12 +317,11 @@ def _node_of(e: Exception) -> str:
 
 def _per_node(failures: list[tuple[str, str]]) -> list[str]:
     """Actors that did not start, one line per node (those never placed on one last) with each reason once."""
-    nodes: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    nodes: dict[str, list[str]] = collections.defaultdict(list)
     for node, reason in sorted(failures, key=lambda f: not f[0]):
-        nodes[node][reason] += 1
-    return [f"{'node ' + node if node else 'not placed'}: {sum(why.values())} device "
-            f"actor{'s' if sum(why.values()) > 1 else ''} did not start: {'; '.join(why)}"
-            for node, why in nodes.items()]
+        nodes[node].append(reason)
+    return [f"{'node ' + node if node else 'not placed'}: {len(why)} device actor{'s' * (len(why) > 1)} "
+            f"did not start: {'; '.join(dict.fromkeys(why))}" for node, why in nodes.items()]
 
 
 # ---- the whole sweep: Ray up, fleet, work, Ray down ----------------------------------

@@ -225,17 +225,19 @@ class Scheduler:
 
     def assign(self, now: float) -> list[Assignment]:
         """Everything that can run now, by (priority, age). Queued work no device can ever run becomes
-        an error first. A group that cannot start holds its type: later jobs do not take its devices."""
+        an error first. A group that cannot start yet holds its type: later jobs do not take its
+        idle devices, so it is not starved."""
         self._fail_orphans()
-        out, held = [], set()
+        out, idle = [], [d for d in self.devices.values() if d.state is State.IDLE]
         for job in sorted((self.jobs[i] for i in self._queue), key=lambda j: (j.priority, j.id)):
             if job.after is not None and job.after not in self._values:
                 continue
-            devices = self._pick(job.need, held)
+            devices = self._pick(job.need, idle)
             if devices is not None:
                 out.append(self._start(job, devices, now))
+                idle = [d for d in idle if d.id not in devices]
             elif job.need.count > 1:
-                held.add(job.need.type_key)
+                idle = [d for d in idle if d.type_key != job.need.type_key]
         return out
 
     def finished(self, job_id: int, value: Any, now: float) -> None:
@@ -272,14 +274,14 @@ class Scheduler:
         return not self._queue and not self._running
 
     # ---- rules --------------------------------------------------------------------
-    def _pick(self, need: Need, held: set) -> tuple[int, ...] | None:
-        """Idle devices for ``need``, all of one type, or None when there are not enough now."""
+    @staticmethod
+    def _pick(need: Need, idle: list[Device]) -> tuple[int, ...] | None:
+        """Devices out of ``idle`` for ``need``, all of one type, or None when there are not enough."""
         if need.count == 0:
             return ()
         by_type: dict[Hashable, list[int]] = collections.defaultdict(list)
-        for d in self.devices.values():
-            if d.state is State.IDLE and d.type_key not in held and need.device in (None, d.id) \
-                    and need.type_key in (None, d.type_key):
+        for d in idle:
+            if need.device in (None, d.id) and need.type_key in (None, d.type_key):
                 by_type[d.type_key].append(d.id)
         return next((tuple(ids[:need.count]) for ids in by_type.values() if len(ids) >= need.count), None)
 
@@ -328,23 +330,28 @@ class Scheduler:
         return dropped
 
     def _fail_orphans(self) -> None:
+        alive = collections.Counter(d.type_key for d in self.devices.values() if d.state is not State.DEAD)
         for i in list(self._queue):
             job = self.jobs[i]
-            why = self._unrunnable(job) if i in self._queue else None  # _fail may have taken it already
+            why = self._unrunnable(job, alive) if i in self._queue else None  # _fail may have taken it already
             if why:
                 self._fail(job, why, job.attempts)
 
-    def _unrunnable(self, job: Job) -> str | None:
-        """Why no device can ever run ``job``: too few devices of its type (or its device) not dead."""
+    def _unrunnable(self, job: Job, alive: collections.Counter) -> str | None:
+        """Why no device can ever run ``job`` (``alive``: devices not dead per type), or None."""
         need = job.need
         if need.count == 0:
             return None
-        pool = [self.devices[need.device]] if need.device is not None else \
-            [d for d in self.devices.values() if need.type_key in (None, d.type_key)]
-        alive = collections.Counter(d.type_key for d in pool if d.state is not State.DEAD)
-        if max(alive.values(), default=0) >= need.count:
+        if need.device is not None:
+            runnable = self.devices[need.device].state is not State.DEAD
+        else:
+            runnable = (alive[need.type_key] if need.type_key is not None else max(alive.values(), default=0)) \
+                >= need.count
+        if runnable:
             return None
-        why = (job.errors or [d.reason for d in pool if d.state is State.DEAD] or ["device died"])[-1]
+        dead = [d.reason for d in self.devices.values() if d.state is State.DEAD
+                and need.device in (None, d.id) and need.type_key in (None, d.type_key)]
+        why = (job.errors or dead or ["device died"])[-1]
         what = "no device" if need.count == 1 else f"fewer than {need.count} devices"
         return f"{what}{' of this type' if need.type_key is not None else ''} left ({why})"
 
