@@ -2,8 +2,10 @@
 
 The driver submits everything it can, then waits with ``ray.wait``; an actor that
 dies has its combination re-queued (bounded attempts) and is replaced; a
-combination that runs too long is cancelled by killing its actor. Probing knows
-nothing of Ray: actors call ``engine.decide_on`` on their own backend.
+combination that runs too long is cancelled by killing its actor. Those rules are
+``scheduler.py``'s (plain Python); this module is the Ray plumbing that carries
+them out. Probing knows nothing of Ray: actors call ``engine.decide_on`` on their
+own backend.
 
 Simulated fleets split the work in two: a card-independent *profile* of each
 workload (fake-tensor traces, the expensive part) on whichever actor is free,
@@ -17,6 +19,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import re
 import signal
 import socket
 import threading
@@ -25,7 +28,7 @@ from dataclasses import dataclass, field
 
 import ray
 
-from . import catalog, engine, table
+from . import catalog, engine, scheduler, table
 from .devices import DeviceInfo
 from .spec import SpecError, Workload
 
@@ -59,30 +62,11 @@ RemoteDeviceActor = ray.remote(DeviceActor)
 
 @dataclass
 class Slot:
-    """One device: its actor handle and what it is doing."""
+    """The Ray side of one scheduler device: how to start its actor, and the actor."""
 
     card: str | None
     options: dict = field(default_factory=dict)
     actor: object = None
-    info: DeviceInfo | None = None  # kept by a replacement: same device, so same type
-    ready: bool = False  # reported its device and can take work
-    job: "Task | None" = None
-    started: float = 0.0
-    alive: bool = True
-
-    @property
-    def type_key(self):
-        return self.info.type_key if self.info else None
-
-
-@dataclass
-class Task:
-    kind: str  # "start" | "profile" | "decide"
-    workload: Workload | None = None
-    type_key: tuple | None = None  # decide: the device type it must run on
-    slot: Slot | None = None  # decide with every_device: this device only
-    attempts: int = 0
-    errors: list = field(default_factory=list)
 
 
 @dataclass
@@ -99,7 +83,11 @@ class SweepStats:
 
 
 class Sweep:
-    """Runs one job's combinations over the fleet and writes rows as they arrive."""
+    """Runs one job's combinations over the fleet and writes rows as they arrive.
+
+    The plumbing only: spawn, submit, wait, kill. What runs where, retries, timeouts and
+    the every-device merge are ``scheduler.Scheduler``'s; this feeds it what Ray reports.
+    """
 
     def __init__(self, job, *, force: bool = False, progress=None):
         """``progress(total)`` returns an object with ``update(n)`` (a tqdm bar), or None."""
@@ -107,294 +95,231 @@ class Sweep:
         self.sweep, self.fleet = job.sweep, job.fleet
         self.force = force
         self.progress = progress
-        self.slots: list[Slot] = []
-        self.pending: dict = {}  # ObjectRef -> (Slot, Task)
-        self.queue: collections.deque[Task] = collections.deque()
-        self.profiles: dict[Workload, object] = {}  # workload -> ObjectRef of its Profile
-        self.waiting: dict[Workload, list[Task]] = {}  # decide tasks waiting for a profile
+        self.scheduler = scheduler.Scheduler(
+            max_attempts=self.fleet.max_attempts, start_timeout_s=self.fleet.actor_timeout_s,
+            task_timeout_s=self.fleet.task_timeout_s, answer_of=lambda result: result.decision.batch_size)
+        self.slots: dict[int, Slot] = {}  # scheduler device id -> its actor
+        self.pending: dict = {}  # ObjectRef -> (device id, job id; None for the actor's start)
         self.stats = SweepStats()
         self.simulated = False
-        self._results: dict[tuple, list] = collections.defaultdict(list)  # (type, workload) -> rows so far
-        self._expected: collections.Counter = collections.Counter()  # (type, workload) -> rows to wait for
+        self.start_failures: list[tuple[str, str]] = []  # (node address, "" when never placed; why)
+        self._starting = False  # starting the fleet: start failures are reported per node at the end
 
     # ---- devices ----------------------------------------------------------------
-    def _spawn(self, slot: Slot) -> None:
+    def _spawn(self, device: int, slot: Slot) -> None:
         # num_cpus=0: an actor holding a CPU for life starves placement on small machines
         opts = {"num_gpus": 1, "num_cpus": 0, "max_restarts": 0, "max_task_retries": 0, **slot.options}
         slot.actor = RemoteDeviceActor.options(**opts).remote(slot.card)
-        self._submit(slot, Task("start"), slot.actor.info.remote())
+        self.slots[device] = slot
+        self.pending[slot.actor.info.remote()] = (device, None)
 
     def start(self, cards: list[tuple[str | None, dict]]) -> None:
         """One actor per (card, actor options); blocks until each reports its device or times out."""
         self.simulated = any(c is not None for c, _ in cards)
-        self.slots = [Slot(card, opts) for card, opts in cards]
-        for slot in self.slots:
-            self._spawn(slot)
-        deadline = time.monotonic() + self.fleet.actor_timeout_s
-        while any(t.kind == "start" for _, t in self.pending.values()):
-            ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
-            if not ready:
-                break
-            self._on_ready(ready[0])
-        for ref, (slot, task) in list(self.pending.items()):
-            if task.kind == "start":  # never placed: a missing resource, not a slow start
-                del self.pending[ref]
-                self._drop(slot, f"actor not placed within {self.fleet.actor_timeout_s:.0f}s")
-        live = [s for s in self.slots if s.alive and s.ready]
+        now = time.monotonic()
+        for card, opts in cards:
+            self._spawn(self.scheduler.add_device(now), Slot(card, opts))
+        self._starting = True
+        try:
+            while self.scheduler.starting():
+                self._wait()
+        finally:
+            self._starting = False
+        for line in _per_node(self.start_failures):
+            log.warning("%s", line)
+        live = self.scheduler.live()
         if not live:
-            raise RuntimeError(
-                f"no device actor started within {self.fleet.actor_timeout_s:.0f}s: the cluster has "
-                f"{ray.cluster_resources().get('GPU', 0):g} GPUs for {len(cards)} actors; "
-                "check `ray status` or use fewer devices"
-            )
-        self.stats.devices = collections.Counter(s.type_key for s in live)
+            raise RuntimeError(self._nothing_started(len(cards)))
+        self.stats.devices = collections.Counter(d.type_key for d in live)
         for key, n in self.stats.devices.items():
             log.info("device type %s x%d", key, n)
 
-    def _drop(self, slot: Slot, reason: str) -> None:
-        slot.alive = False
-        if slot.actor is not None:
-            try:
-                ray.kill(slot.actor, no_restart=True)
-            except Exception:  # already gone
-                pass
-        log.warning("device %s dropped: %s", slot.info.name if slot.info else slot.card, reason)
+    def devices(self) -> list[DeviceInfo]:
+        """What each started, live device reported, in start order."""
+        return [d.info for d in self.scheduler.live()]
 
-    def types(self) -> dict[tuple, list[Slot]]:
-        out: dict[tuple, list[Slot]] = collections.defaultdict(list)
-        for s in self.slots:
-            if s.info is not None:
-                out[s.type_key].append(s)
-        return out
+    def _nothing_started(self, n: int) -> str:
+        """The error when no actor started: what each node said, and what to do about it."""
+        fixes = []
+        if any(node for node, _ in self.start_failures):  # actors ran and raised: the device would not open
+            fixes.append("give the Ray workers a working NVIDIA driver and a CUDA build of torch (check "
+                         "`python -c 'import torch; print(torch.cuda.is_available())'` on each node), "
+                         "or plan with a simulated fleet (--simulate 'T4, A100-80GB')")
+        if any(not node for node, _ in self.start_failures):
+            fixes.append("for actors not placed: check `ray status` or use fewer devices")
+        return (f"no device actor started ({n} tried; the cluster has {ray.cluster_resources().get('GPU', 0):g} "
+                f"GPUs): {'; '.join(_per_node(self.start_failures))}. Fix: {'; '.join(fixes)}")
+
+    def _drop(self, dropped: scheduler.Dropped, node: str = "") -> None:
+        """Kill a device's actor (its calls in flight are forgotten) and start its replacement, if any."""
+        slot = self.slots[dropped.device]
+        for ref in [r for r, (d, _) in self.pending.items() if d == dropped.device]:
+            del self.pending[ref]
+        with contextlib.suppress(Exception):  # already gone
+            ray.kill(slot.actor, no_restart=True)
+        if dropped.starting:
+            self.start_failures.append((node, dropped.reason))
+        if not (dropped.starting and self._starting):
+            info = self.scheduler.devices[dropped.device].info
+            log.warning("device %s dropped: %s", info.name if info else slot.card or "(real GPU)", dropped.reason)
+        if dropped.replacement is not None:
+            self.stats.actor_restarts += 1
+            self._spawn(dropped.replacement, Slot(slot.card, slot.options))
 
     # ---- work -------------------------------------------------------------------
-    def plan(self) -> list[Task]:
-        """Decide tasks for every (device type x workload) not already in the table."""
+    def _plan(self) -> int:
+        """Queue a decision for every (device type x workload) not already in the table; returns the
+        number of rows to come."""
         done = set() if self.force else table.done_keys(table.read(self.sweep.out))
-        tasks = []
-        for key, slots in self.types().items():
-            info = slots[0].info
+        work = []
+        for key in dict.fromkeys(d.type_key for d in self.scheduler.live()):
+            info = self.scheduler.info_of(key)
             for w in self.sweep.workloads():
                 if self._row_key(info, w) in done:
                     self.stats.skipped += 1
-                    continue
-                targets = slots if self.sweep.every_device else [None]
-                tasks.extend(Task("decide", w, key, slot=s) for s in targets)
-        return tasks
+                else:
+                    work.append((key, w))
+        return scheduler.plan_sweep(self.scheduler, work, decide_args=(self.sweep.fraction, self.sweep.max_batch),
+                                    every_device=self.sweep.every_device, shared_profiles=self.simulated,
+                                    label=Workload.label)
 
     def _row_key(self, info: DeviceInfo, w: Workload) -> tuple:
         return table.row_key(info, w, self.sweep.fraction)
 
     def run(self) -> SweepStats:
         t0 = time.monotonic()
-        tasks = self.plan()
-        self._expected = collections.Counter((t.type_key, t.workload) for t in tasks)
+        total = self._plan()
         if self.progress is not None:  # a factory: no bar before there is work to show
-            self.progress = self.progress(len(self._expected))
-        for t in tasks:
-            if self.simulated:
-                self.waiting.setdefault(t.workload, []).append(t)
-            else:
-                self.queue.append(t)
-        for w in self.waiting:
-            self.queue.append(Task("profile", w))
-        while self.queue or self._working():
-            self._dispatch()
-            self._fail_orphans()
-            if not self.pending:
-                if self.queue:
-                    raise RuntimeError("work left but no device can run it")  # _fail_orphans empties it
+            self.progress = self.progress(total)
+        while True:
+            for a in self.scheduler.assign(time.monotonic()):
+                self._submit(a)
+            self._write(self.scheduler.outcomes())
+            if self.scheduler.done():
                 break
-            ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=1.0)
-            if ready:
-                self._on_ready(ready[0])
-            self._check_timeouts()
+            if not self.pending:  # the scheduler turns work no device can run into errors: a bug if reached
+                raise RuntimeError("work left but no device can run it")
+            self._wait()
+        self.stats.profiles = self.scheduler.completed["profile"]
         self.stats.seconds = time.monotonic() - t0
         return self.stats
 
-    def _working(self) -> bool:
-        """Work in flight; replacement actors still starting don't count once nothing waits for them."""
-        return any(task.kind != "start" for _, task in self.pending.values())
+    def _submit(self, a: scheduler.Assignment) -> None:
+        (device,) = a.devices  # a sweep's jobs take one device each; group and CPU-only jobs need their own submit
+        ref = getattr(self.slots[device].actor, a.call).remote(*a.args)
+        self.pending[ref] = (device, a.job)
 
-    def _idle(self, task: Task) -> Slot | None:
-        for s in self.slots:
-            if not s.alive or not s.ready or s.job is not None:
-                continue
-            if task.slot is not None and s is not task.slot:
-                continue
-            if task.kind == "decide" and s.type_key != task.type_key:
-                continue
-            return s
-        return None
+    def _wait(self) -> None:
+        """Wait for one call to return (at most 1 s, or until the next deadline), handle it, then timeouts."""
+        deadline = self.scheduler.next_deadline_s()
+        timeout = 1.0 if deadline is None else min(1.0, max(0.0, deadline - time.monotonic()))
+        ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=timeout)
+        for ref in ready:
+            self._collect(ref)
+        for dropped in self.scheduler.expire(time.monotonic()):
+            self._drop(dropped)
 
-    def _dispatch(self) -> None:
-        # decisions first: they finish rows (a simulated one replays in milliseconds), so
-        # rows land, and survive an interrupt, before the next workload's profile starts
-        for task in sorted(self.queue, key=lambda t: t.kind != "decide"):
-            slot = self._idle(task)
-            if slot is None:
-                continue
-            self.queue.remove(task)
-            if task.kind == "profile":
-                ref = slot.actor.profile.remote(task.workload)
-            else:
-                prof = self.profiles.get(task.workload)
-                ref = slot.actor.decide.remote(task.workload, self.sweep.fraction, self.sweep.max_batch, prof)
-            self._submit(slot, task, ref)
-
-    def _submit(self, slot: Slot, task: Task, ref) -> None:
-        slot.job, slot.started = task, time.monotonic()
-        task.attempts += task.kind != "start"
-        self.pending[ref] = (slot, task)
-
-    def _fail_orphans(self) -> None:
-        """Queued work that no live device can ever run becomes error rows."""
-        live_types = {s.type_key for s in self.slots if s.alive and s.info}
-        any_live = bool(live_types)
-        for task in list(self.queue):
-            if task.kind == "profile" and not any_live:
-                self.queue.remove(task)
-                self._fail_workload(task.workload, "no device left to profile on")
-            elif task.kind == "decide" and (task.type_key not in live_types or (task.slot and not task.slot.alive)):
-                self.queue.remove(task)
-                why = "; ".join(task.errors[-1:]) or "device died"
-                self._error(task, f"no device of this type left ({why})")
-
-    def _on_ready(self, ref) -> None:
-        slot, task = self.pending.pop(ref)
-        slot.job = None
-        try:
-            value = ray.get(ref)
-        except ray.exceptions.RayTaskError as e:  # a Python error: the combination is broken, not the actor
-            cause = e.cause if getattr(e, "cause", None) is not None else e
-            self._failed(task, f"{type(cause).__name__}: {cause}", retry=False, slot=slot)
-            return
-        except ray.exceptions.RayActorError as e:  # the process died (crash, OOM-kill, node loss)
-            self._actor_died(slot, task, f"actor died: {type(e).__name__}")
-            return
-        except ray.exceptions.RayError as e:  # lost object, dead node, Ray's memory monitor: retry elsewhere
-            self._drop(slot, f"{type(e).__name__}")
-            self._actor_died(slot, task, f"ray failure: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-            return
-        if task.kind == "start":
-            slot.info, slot.ready = value, True
-        elif task.kind == "profile":
-            self.profiles[task.workload] = ray.put(value)
-            self.stats.profiles += 1
-            self.queue.extend(self.waiting.pop(task.workload, []))
-        else:
-            self._done(task, value)
-
-    def _actor_died(self, slot: Slot, task: Task, reason: str) -> None:
-        slot.alive = False
-        if task.kind == "start":  # a device that cannot even start is not retried
-            self._drop(slot, reason)
-            return
-        log.warning("%s on %s: %s (attempt %d)", task.workload.label(), slot.info.name, reason, task.attempts)
-        self._failed(task, reason, retry=True, slot=slot)
-        self._replace(slot)
-
-    def _replace(self, slot: Slot) -> None:
-        """A new actor for the same device; it takes work once it reports (its start task)."""
-        self.stats.actor_restarts += 1
-        new = Slot(slot.card, slot.options, info=slot.info)
-        self.slots.append(new)
-        self._spawn(new)
-        # --every-device work queued for the old actor goes to its replacement
-        for task in list(self.queue) + [t for ts in self.waiting.values() for t in ts]:
-            if task.slot is slot:
-                task.slot = new
-
-    def _failed(self, task: Task, reason: str, *, retry: bool, slot: Slot) -> None:
-        task.errors.append(reason)
-        if task.kind == "start":
-            self._drop(slot, reason)
-            return
-        if retry and task.attempts < self.fleet.max_attempts:
-            if task.slot is not None:
-                task.slot = None  # its device is gone: any device of the type will do
-            self.queue.append(task)
-            return
-        if retry:
-            reason = f"{reason}; gave up after {task.attempts} attempts"
-        if task.kind == "profile":
-            self._fail_workload(task.workload, reason)
-        else:
-            self._error(task, reason)
-
-    def _check_timeouts(self) -> None:
+    def _collect(self, ref) -> None:
+        device, job = self.pending.pop(ref)
         now = time.monotonic()
-        for ref, (slot, task) in list(self.pending.items()):
-            limit = self.fleet.actor_timeout_s if task.kind == "start" else self.fleet.task_timeout_s
-            if now - slot.started <= limit:
-                continue
-            del self.pending[ref]
-            slot.job = None
-            if task.kind == "start":
-                self._drop(slot, f"actor not placed within {limit:.0f}s")
-                continue
-            self._drop(slot, f"{task.workload.label()} ran past task_timeout_s={limit:g}")
-            task.errors.append(f"cancelled after {limit:g}s (task_timeout_s)")
-            task.attempts = self.fleet.max_attempts  # a hang is not retried: it would hang again
-            self._failed(task, task.errors[-1], retry=False, slot=slot)
-            self._replace(slot)
+        try:
+            value = ray.get(ref)  # ready: returns at once
+        except ray.exceptions.RayError as e:
+            self._failed(device, job, e, now)
+            return
+        if job is None:
+            self.scheduler.started(device, value.type_key, value, now)
+        else:
+            self.scheduler.finished(job, value, now)
+
+    def _failed(self, device: int, job: int | None, e: Exception, now: float) -> None:
+        reason = _reason(e)
+        if job is None:  # the actor never reported its device
+            self._drop(self.scheduler.start_failed(device, reason, now), node=_node_of(e) or "?")
+        elif isinstance(e, ray.exceptions.RayTaskError):  # a Python error: the combination is broken, not the actor
+            self.scheduler.failed(job, reason, now)
+        else:  # the process died (crash, OOM-kill, node loss) or Ray lost it: retried on another actor
+            self._drop(self.scheduler.died(device, reason, now))
 
     # ---- rows -------------------------------------------------------------------
-    def _fail_workload(self, w: Workload, reason: str) -> None:
-        for t in self.waiting.pop(w, []):
-            self._error(t, reason)
-
-    def _error(self, task: Task, reason: str) -> None:
-        info = self.types()[task.type_key][0].info
-        gpu_count = self.stats.devices.get(task.type_key, 0)
-        row = table.error_row(task.workload, info, self.sweep.fraction, reason, gpu_count=gpu_count,
-                              attempts=task.attempts)
-        self._finish(task, row, None)
-
-    def _done(self, task: Task, result: engine.Result) -> None:
-        row = table.decision_row(result, gpu_count=self.stats.devices.get(task.type_key, 0),
-                                 attempts=task.attempts)
-        # one key per type: the name and total of the type's first device, whichever device measured
-        canonical = self.types()[task.type_key][0].info
-        row.update(gpu_name=canonical.name, gpu_total_bytes=canonical.total_bytes)
-        self._finish(task, row, result)
-
-    def _finish(self, task: Task, row: dict, result) -> None:
-        key = (task.type_key, task.workload)
-        self._results[key].append(row)
-        if len(self._results[key]) < self._expected[key]:
-            return  # every_device: wait for every device of the type
-        rows = self._results.pop(key)
-        row = _combine(rows)
-        table.write_rows(self.sweep.out, [row])
-        self.stats.rows += 1
-        status = row["status"]
-        self.stats.ok += status == "ok"
-        self.stats.no_fit += status == "no-fit"
-        self.stats.errors += status == "error"
+    def _write(self, outcomes: list[scheduler.Outcome]) -> None:
+        rows = [self._row(o) for o in outcomes]
+        if not rows:
+            return
+        table.write_rows(self.sweep.out, rows)
+        for row in rows:
+            self.stats.rows += 1
+            self.stats.ok += row["status"] == "ok"
+            self.stats.no_fit += row["status"] == "no-fit"
+            self.stats.errors += row["status"] == "error"
         if self.progress is not None:
-            self.progress.update(1)
+            self.progress.update(len(rows))
+
+    def _row(self, o: scheduler.Outcome) -> dict:
+        type_key, w = o.key
+        # one key per type: the name and total of the type's first device, whichever device measured
+        info = self.scheduler.info_of(type_key)
+        gpu_count = self.stats.devices.get(type_key, 0)
+        if o.error:
+            row = table.error_row(w, info, self.sweep.fraction, o.error, gpu_count=gpu_count, attempts=o.attempts)
+        else:
+            row = table.decision_row(o.value, gpu_count=gpu_count, attempts=o.attempts)
+            row.update(gpu_name=info.name, gpu_total_bytes=info.total_bytes)
+        if o.answers:
+            row["device_batches"] = ",".join("error" if a is None else str(a) for a in o.answers)
+            if len(set(o.answers)) > 1:
+                log.warning("devices of %s disagree on %s@%s: %s", info.name, w.model, w.imgsz, row["device_batches"])
+        return row
 
     def shutdown(self) -> None:
-        for s in self.slots:
-            if s.actor is not None and s.alive:
-                try:
-                    ray.kill(s.actor, no_restart=True)
-                except Exception:
-                    pass
+        for device, slot in self.slots.items():
+            if self.scheduler.devices[device].state is not scheduler.State.DEAD:
+                with contextlib.suppress(Exception):
+                    ray.kill(slot.actor, no_restart=True)
 
 
-def _combine(rows: list[dict]) -> dict:
-    """Rows of one type measured on several devices: the smallest answer is the safe one."""
-    if len(rows) == 1:
-        return rows[0]
-    best = min(rows, key=lambda r: (r["status"] != "error", r["batch_size"]))
-    best = dict(best)
-    best["device_batches"] = ",".join(str(r["batch_size"]) for r in rows)
-    if len({r["batch_size"] for r in rows}) > 1:
-        log.warning("devices of %s disagree on %s@%s: %s", best["gpu_name"], best["model"], best["imgsz"],
-                    best["device_batches"])
-    return best
+def _reason(e: Exception) -> str:
+    """One line on why a Ray call failed, for logs and error rows."""
+    if isinstance(e, ray.exceptions.RayTaskError):
+        cause = e.cause if getattr(e, "cause", None) is not None else e
+        return f"{type(cause).__name__}: {cause}"
+    if isinstance(e, ray.exceptions.RayActorError):
+        return _constructor_error(e) or f"actor died: {type(e).__name__}"
+    # lost object, dead node, Ray's memory monitor: the actor is dropped and the work retried elsewhere
+    return f"ray failure: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+
+
+def _constructor_error(e: ray.exceptions.RayActorError) -> str | None:
+    """``Type: message`` of what the actor's constructor raised, when that is why the actor died.
+
+    Ray 2.x marks such a death ``actor_init_failed`` and keeps the creation task's error only
+    as its formatted traceback in the message; some releases also keep it in ``cause``.
+    """
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, ray.exceptions.RayTaskError):
+        return _reason(cause)
+    if not getattr(e, "actor_init_failed", False):
+        return None
+    lines = str(e).splitlines()
+    frames = [i for i, line in enumerate(lines) if line.startswith("  File ")]
+    # a traceback ends with the exception: the unindented lines after the last frame
+    first = frames[-1] + 1 if frames else len(lines) - 1
+    return " ".join(line for line in lines[first:] if line and not line.startswith(" "))[:300] or None
+
+
+def _node_of(e: Exception) -> str:
+    """The node address a Ray error names ("... pid=12, ip=10.0.0.5, ..." or "ip: 10.0.0.5"), else ""."""
+    m = re.search(r"\bip(?:=|: )([0-9A-Fa-f.:]+)", str(e))
+    return m.group(1).rstrip(":") if m else ""
+
+
+def _per_node(failures: list[tuple[str, str]]) -> list[str]:
+    """Actors that did not start, one line per node (those never placed on one last) with each reason once."""
+    nodes: dict[str, list[str]] = collections.defaultdict(list)
+    for node, reason in sorted(failures, key=lambda f: not f[0]):
+        nodes[node].append(reason)
+    return [f"{'node ' + node if node else 'not placed'}: {len(why)} device actor{'s' * (len(why) > 1)} "
+            f"did not start: {'; '.join(dict.fromkeys(why))}" for node, why in nodes.items()]
 
 
 # ---- the whole sweep: Ray up, fleet, work, Ray down ----------------------------------
@@ -548,4 +473,4 @@ def survey(fleet_cfg) -> tuple[list[DeviceInfo], bool]:
     from .job import Job, SweepConfig
 
     with _started_fleet(Job(SweepConfig(grid=()), fleet_cfg)) as (sweep, simulated):
-        return [s.info for s in sweep.slots if s.ready], simulated
+        return sweep.devices(), simulated

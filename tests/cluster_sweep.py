@@ -39,7 +39,7 @@ def main(out: str, remove_after: int | None) -> None:
             removed.append(a100.node_id)
 
         threading.Thread(target=remover, daemon=True).start()
-    placed = [{"card": s.card, "node": s.info.node} for s in sweep.slots]
+    placed = [{"card": info.card, "node": info.node} for info in sweep.devices()]
     stats = sweep.run()
     sweep.shutdown()
     df = table.read(out)

@@ -1,4 +1,5 @@
 """The Ray fleet: real local Ray, logical GPUs, simulated cards, real process kills."""
+import logging
 import os
 import signal
 import threading
@@ -44,7 +45,7 @@ def test_one_actor_per_gpu_grouped_by_type(ray_session, tmp_path):
     sweep = fleet.Sweep(j)
     sweep.start(fleet.resolve_devices(j.fleet)[0])
     try:
-        pids = {s.info.pid for s in sweep.slots}
+        pids = {info.pid for info in sweep.devices()}
         assert len(pids) == 3
         assert sorted(sweep.stats.devices.values()) == [1, 2]
         stats = sweep.run()
@@ -78,11 +79,13 @@ def test_actor_killed_mid_combination_is_requeued(ray_session, tmp_path):
     def killer():
         deadline = time.monotonic() + 60
         while not killed and time.monotonic() < deadline:
-            for slot, task in list(sweep.pending.values()):
-                if task.kind == "profile" and task.workload.model.endswith("slow") \
-                        and time.monotonic() - slot.started > 0.5:
-                    os.kill(slot.info.pid, signal.SIGKILL)
-                    killed.append(slot.info.pid)
+            for job in sweep.scheduler.running():
+                devices = job.devices  # read once: the sweep's thread changes it
+                if devices and job.call == "profile" and job.args[0].model.endswith("slow") \
+                        and time.monotonic() - job.started_s > 0.5:
+                    pid = sweep.scheduler.devices[devices[0]].info.pid
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
                     break
             time.sleep(0.05)
 
@@ -127,3 +130,31 @@ def test_more_simulated_cards_than_gpus_is_bad_input(ray_session, tmp_path):
     j = make_job(tmp_path, [TINY], [64], "T4 x5")
     with pytest.raises(Exception, match="asks for 5 devices but the Ray cluster has 4 GPUs"):
         fleet.run_sweep(j)
+
+
+def test_actor_that_cannot_start_says_why_once_per_node(ray_session, tmp_path, caplog):
+    """Actors whose constructor raises (an unknown card) are reported with that error, one line for
+    their node; the fleet goes on with the device that started."""
+    sweep = fleet.Sweep(make_job(tmp_path, [TINY], [64], "T4"))
+    try:
+        with caplog.at_level(logging.WARNING, logger="orchestrator.fleet"):
+            sweep.start([("T4", {}), ("GTX-1080", {}), ("GTX-1080", {})])
+    finally:
+        sweep.shutdown()
+    lines = [r.getMessage() for r in caplog.records if r.name == "orchestrator.fleet"]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("node ") and "2 device actors did not start: ValueError: unknown GPU 'GTX-1080'" \
+        in lines[0], lines
+    assert [info.card for info in sweep.devices()] == ["T4"]
+
+
+def test_no_actor_started_names_the_cause_and_the_fixes(ray_session, tmp_path):
+    """When no actor starts, the error carries the constructor's own error and the likely fixes."""
+    sweep = fleet.Sweep(make_job(tmp_path, [TINY], [64], "T4"))
+    try:
+        with pytest.raises(RuntimeError, match=r"no device actor started \(1 tried.*: node \S+: 1 device actor "
+                                               r"did not start: ValueError: unknown GPU 'GTX-1080'.*"
+                                               r"CUDA build of torch.*--simulate"):
+            sweep.start([("GTX-1080", {})])
+    finally:
+        sweep.shutdown()

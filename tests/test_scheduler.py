@@ -1,0 +1,278 @@
+"""The fleet's scheduling policy without Ray: plain data, a fake clock (plain numbers)."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestrator import scheduler
+from orchestrator.scheduler import DECIDE, PROFILE, Need, Scheduler, State, plan_sweep
+
+T4, A100 = ("T4", 15), ("A100", 79)
+SCHEDULER = str(Path(scheduler.__file__))
+
+
+def fleet(*types, **kw) -> tuple[Scheduler, list[int]]:
+    """A scheduler whose devices (one per type given) all started at t=0."""
+    s = Scheduler(**kw)
+    ids = [s.add_device(0.0) for _ in types]
+    for d, t in zip(ids, types):
+        s.started(d, t, f"{t[0]}#{d}", 0.0)
+    return s, ids
+
+
+def by_job(assignments):
+    return {a.job: a for a in assignments}
+
+
+def test_jobs_wait_for_an_idle_device_of_their_type():
+    """A job runs only on an idle device of its type; the next one waits for it, other types stay idle."""
+    s, (t4, a100) = fleet(T4, A100)
+    j1 = s.add_job("decide", ("w1",), Need(type_key=T4), outcome=(T4, "w1"))
+    j2 = s.add_job("decide", ("w2",), Need(type_key=T4), outcome=(T4, "w2"))
+    [a] = s.assign(1.0)
+    assert (a.job, a.devices, a.call, a.args) == (j1, (t4,), "decide", ("w1",))
+    assert s.assign(2.0) == [] and s.devices[a100].state is State.IDLE
+    s.finished(j1, 64, 3.0)
+    [a] = s.assign(3.0)
+    assert (a.job, a.devices) == (j2, (t4,))
+    [o] = s.outcomes()
+    assert (o.key, o.value, o.error, o.attempts) == ((T4, "w1"), 64, "", 1)
+    assert not s.done()
+    s.finished(j2, 32, 4.0)
+    assert s.done() and [o.value for o in s.outcomes()] == [32]
+
+
+def test_decisions_wait_for_their_profile_and_go_before_other_profiles():
+    """A decision starts only once its workload's profile is done, with the profile appended to its
+    arguments, and ahead of profiles queued before it (rows land before the next expensive profile)."""
+    s, (t4, a100) = fleet(T4, A100)
+    n = plan_sweep(s, [(T4, "w1"), (A100, "w1"), (T4, "w2")], decide_args=(0.8,), shared_profiles=True)
+    assert n == 3
+    p1, p2 = s.assign(0.0)  # both profiles, one per device; no decision before its profile
+    assert (p1.call, p1.args, p1.devices) == ("profile", ("w1",), (t4,))
+    assert (p2.call, p2.args, p2.devices) == ("profile", ("w2",), (a100,))
+    s.finished(p1.job, "trace-w1", 1.0)
+    [d1] = s.assign(1.0)  # only t4 is idle: w1's T4 decision
+    assert (d1.call, d1.args, d1.devices) == ("decide", ("w1", 0.8, "trace-w1"), (t4,))
+    s.finished(p2.job, "trace-w2", 2.0)
+    [d2] = s.assign(2.0)
+    assert (d2.args, d2.devices) == (("w1", 0.8, "trace-w1"), (a100,))
+    assert s.completed["profile"] == 2
+
+
+def test_decision_is_assigned_before_an_older_profile():
+    """With one device free, a ready decision goes before a profile queued earlier."""
+    s, (t4,) = fleet(T4)
+    prof = s.add_job("profile", ("w2",), Need(), priority=PROFILE)
+    dec = s.add_job("decide", ("w1",), Need(type_key=T4), outcome=(T4, "w1"), priority=DECIDE)
+    [a] = s.assign(0.0)
+    assert a.job == dec and prof != dec
+
+
+def test_actor_death_retries_on_another_device_then_gives_up():
+    """A job whose actor dies is re-queued on another device of its type and the device replaced;
+    after max_attempts deaths it is an error naming the cause and the attempts."""
+    s, (d0, d1) = fleet(T4, T4, max_attempts=2)
+    j = s.add_job("decide", ("w",), Need(type_key=T4), outcome=(T4, "w"), label="w@64")
+    [a] = s.assign(0.0)
+    drop = s.died(a.devices[0], "actor died: ActorDiedError", 1.0)
+    assert drop.device == d0 and drop.replacement is not None and not drop.starting
+    assert "under w@64 (attempt 1)" in drop.reason
+    assert s.devices[drop.replacement].state is State.STARTING and s.devices[drop.replacement].type_key == T4
+    [a] = s.assign(1.0)
+    assert a.devices == (d1,) and s.outcomes() == []
+    drop2 = s.died(d1, "actor died: ActorDiedError", 2.0)
+    assert drop2.replacement not in (None, drop.replacement)
+    [o] = s.outcomes()
+    assert o.error == "actor died: ActorDiedError; gave up after 2 attempts" and o.attempts == 2
+    assert s.jobs[j].errors == ["actor died: ActorDiedError"] * 2 and s.done()
+
+
+def test_python_error_is_not_retried_and_the_device_goes_on():
+    """A Python error is the job's answer at once (attempts 1); its device is idle and takes more work."""
+    s, (d0,) = fleet(T4)
+    s.add_job("decide", ("bad",), Need(type_key=T4), outcome=(T4, "bad"))
+    j2 = s.add_job("decide", ("good",), Need(type_key=T4), outcome=(T4, "good"))
+    [a] = s.assign(0.0)
+    s.failed(a.job, "ValueError: no 96 px", 1.0)
+    [o] = s.outcomes()
+    assert (o.error, o.attempts, o.value) == ("ValueError: no 96 px", 1, None)
+    [a2] = s.assign(1.0)
+    assert (a2.job, a2.devices) == (j2, (d0,))
+    assert len(s.devices) == 1  # nothing was replaced
+
+
+def test_device_that_never_reports_is_dropped_at_the_start_timeout():
+    """A STARTING device past start_timeout_s is dropped once, not replaced; the deadline says when."""
+    s = Scheduler(start_timeout_s=120.0)
+    d = s.add_device(5.0)
+    assert s.next_deadline_s() == 125.0
+    assert s.expire(125.0) == []
+    [drop] = s.expire(125.5)
+    assert (drop.device, drop.starting, drop.replacement) == (d, True, None)
+    assert drop.reason == "actor not placed within 120s"
+    assert s.devices[d].state is State.DEAD and not s.starting() and s.expire(500.0) == []
+
+
+def test_hang_is_cancelled_not_retried_with_its_real_attempts():
+    """A job past task_timeout_s becomes an error with the attempts it had (1 on a first try, 2 after one
+    death), its device dropped and replaced; a late answer from it is ignored."""
+    s, (d0, d1) = fleet(T4, T4, task_timeout_s=10.0)
+    hang = s.add_job("decide", ("hang",), Need(type_key=T4), outcome=(T4, "hang"), label="hang@64")
+    dies = s.add_job("decide", ("dies",), Need(type_key=T4), outcome=(T4, "dies"))
+    a_hang, a_dies = s.assign(0.0)
+    assert s.next_deadline_s() == 10.0 and s.expire(10.0) == []
+    s.died(a_dies.devices[0], "actor died: ActorDiedError", 4.0)  # dies is re-queued: attempt 2 is next
+    [drop] = s.expire(10.5)
+    assert drop.device == a_hang.devices[0] and drop.replacement is not None
+    assert drop.reason == "hang@64 ran past task_timeout_s=10"
+    [o] = s.outcomes()
+    assert (o.key, o.error, o.attempts) == ((T4, "hang"), "cancelled after 10s (task_timeout_s)", 1)
+    s.finished(hang, 7, 11.0)  # the killed actor's late answer
+    assert s.outcomes() == []
+    for d in list(s.devices):
+        if s.devices[d].state is State.STARTING:
+            s.started(d, T4, "T4", 11.0)
+    [a] = s.assign(11.0)
+    assert a.job == dies
+    s.expire(30.0)
+    [o] = s.outcomes()
+    assert (o.key, o.attempts) == ((T4, "dies"), 2)
+    assert s.done()
+
+
+def test_work_of_a_type_whose_last_device_is_gone_becomes_errors():
+    """While a replacement is starting the type's work waits; once it fails to start, every queued job
+    of the type is an error with the reason; other types are untouched."""
+    s, (t4, a100) = fleet(T4, A100)
+    running = s.add_job("decide", ("w1",), Need(type_key=T4), outcome=(T4, "w1"))
+    waiting = s.add_job("decide", ("w2",), Need(type_key=T4), outcome=(T4, "w2"))
+    other = s.add_job("decide", ("w1",), Need(type_key=A100), outcome=(A100, "w1"))
+    assert {a.job for a in s.assign(0.0)} == {running, other}
+    drop = s.died(t4, "actor died: ActorDiedError", 1.0)
+    assert s.assign(1.0) == [] and s.outcomes() == []  # the replacement may still come up
+    s.start_failed(drop.replacement, "actor not placed within 120s", 2.0)
+    assert s.assign(2.0) == []
+    errors = {o.key: o for o in s.outcomes()}
+    assert set(errors) == {(T4, "w1"), (T4, "w2")}
+    assert errors[(T4, "w1")].error == "no device of this type left (actor died: ActorDiedError)"
+    assert errors[(T4, "w2")].error == "no device of this type left (actor not placed within 120s)"
+    assert errors[(T4, "w1")].attempts == 1 and errors[(T4, "w2")].attempts == 0
+    assert not s.done() and s.jobs[waiting].attempts == 0
+    s.finished(other, 900, 3.0)
+    assert [o.key for o in s.outcomes()] == [(A100, "w1")] and s.done()
+
+
+def test_every_device_merge_keeps_the_smallest_real_answer():
+    """Every device of a type answers; the outcome keeps the smallest answer, an error loses to real
+    answers, all answers are recorded in device order; when all fail the outcome is the first error."""
+    s, devs = fleet(T4, T4, T4)
+    assert plan_sweep(s, [(T4, "w1"), (T4, "w2")], every_device=True) == 2
+    first = s.assign(0.0)
+    assert [a.devices for a in first] == [(d,) for d in devs] and {a.args for a in first} == {("w1",)}
+    values = {devs[0]: 40, devs[1]: 32}
+    for a in first:
+        if a.devices[0] in values:
+            s.finished(a.job, values[a.devices[0]], 1.0)
+        else:
+            s.failed(a.job, "RuntimeError: flaky", 1.0)
+    [o] = s.outcomes()
+    assert (o.key, o.value, o.error, o.answers) == ((T4, "w1"), 32, "", (40, 32, None))
+    for i, a in enumerate(s.assign(2.0)):
+        s.failed(a.job, f"RuntimeError: {i}", 3.0)
+    [o] = s.outcomes()
+    assert (o.value, o.error, o.answers) == (None, "RuntimeError: 0", (None, None, None))
+
+
+def test_group_job_waits_for_n_idle_devices_of_its_type():
+    """A group of 3 devices of one type starts only when 3 are idle, all of that type; while it waits,
+    later jobs do not take that type's devices from it."""
+    s, (d0, d1, d2, a100) = fleet(T4, T4, T4, A100)
+    busy = s.add_job("decide", ("w0",), Need(type_key=T4))
+    [a] = s.assign(0.0)
+    group = s.add_job("ddp", ("w",), Need(count=3, type_key=T4))
+    later = s.add_job("decide", ("w1",), Need(type_key=T4))
+    elsewhere = s.add_job("decide", ("w1",), Need(type_key=A100))
+    assert [x.job for x in s.assign(1.0)] == [elsewhere]
+    s.finished(busy, 1, 2.0)
+    [g] = s.assign(2.0)
+    assert (g.job, g.devices) == (group, (d0, d1, d2))
+    assert all(s.devices[d].state is State.BUSY for d in (d0, d1, d2))
+    s.finished(group, 1, 3.0)
+    assert [x.job for x in s.assign(3.0)] == [later] and a.job == busy
+
+
+def test_group_job_larger_than_its_type_is_an_error():
+    """A group needing more devices than its type has left can never start: an error with the reason."""
+    s, _ = fleet(T4, T4)
+    s.add_job("ddp", ("w",), Need(count=4, type_key=T4), outcome=(T4, "w"))
+    assert s.assign(0.0) == []
+    [o] = s.outcomes()
+    assert o.error.startswith("fewer than 4 devices of this type left")
+
+
+def test_cpu_only_jobs_never_take_a_device():
+    """CPU-only work runs with no device, even with none idle (or none at all), and leaves devices idle."""
+    s = Scheduler()
+    cpu = s.add_job("profile", ("w",), Need(count=0))
+    [a] = s.assign(0.0)
+    assert (a.job, a.devices) == (cpu, ())
+    s2, (d0,) = fleet(T4)
+    s2.add_job("decide", ("w",), Need(type_key=T4))
+    s2.add_job("profile", ("w",), Need(count=0))
+    s2.add_job("profile", ("w2",), Need(count=0))
+    out = s2.assign(0.0)
+    assert sorted(a.devices for a in out) == [(), (), (d0,)]
+    assert s2.devices[d0].state is State.BUSY and len(s2.running()) == 3
+
+
+def test_replacement_takes_work_queued_for_the_dead_device():
+    """Work pinned to a device (every-device mode), queued or running when it died, goes to its
+    replacement, never to the type's other devices."""
+    s, (d0, d1) = fleet(T4, T4)
+    plan_sweep(s, [(T4, "w1"), (T4, "w2")], every_device=True)
+    first = {a.devices[0]: a for a in s.assign(0.0)}
+    assert set(first) == {d0, d1}
+    s.finished(first[d1].job, 16, 1.0)
+    drop = s.died(d0, "actor died: ActorDiedError", 1.0)
+    assert [(a.args, a.devices) for a in s.assign(1.0)] == [(("w2",), (d1,))]  # d1's own w2 only
+    s.started(drop.replacement, T4, "T4#new", 2.0)
+    [a] = s.assign(2.0)
+    assert (a.args, a.devices) == (("w1",), (drop.replacement,))
+    s.finished(a.job, 24, 3.0)
+    [a] = s.assign(3.0)
+    assert (a.args, a.devices) == (("w2",), (drop.replacement,))
+    [o] = s.outcomes()
+    assert (o.key, o.value, o.answers, o.attempts) == ((T4, "w1"), 16, (24, 16), 1)
+
+
+def test_failed_profile_fails_its_decisions_with_its_reason_and_attempts():
+    """A profile that fails (here a hang) ends every decision waiting for it as an error with its
+    reason and its attempts; no decision runs."""
+    s, _ = fleet(T4, A100, task_timeout_s=5.0)
+    plan_sweep(s, [(T4, "w"), (A100, "w")], shared_profiles=True)
+    [p] = s.assign(0.0)
+    assert p.call == "profile"
+    s.expire(6.0)
+    outs = s.outcomes()
+    assert {o.key for o in outs} == {(T4, "w"), (A100, "w")}
+    assert all((o.error, o.attempts) == ("cancelled after 5s (task_timeout_s)", 1) for o in outs)
+    assert s.assign(6.0) == [] and s.done()
+
+
+def test_need_rejects_a_named_device_with_a_count():
+    with pytest.raises(ValueError, match="1 when a device is named"):
+        Need(count=2, device=0)
+
+
+def test_the_policy_imports_no_ray_torch_or_package_code():
+    """scheduler.py loaded on its own pulls in neither ray, torch, pandas nor the rest of the package
+    (the package's __init__ imports torch, so this loads the file by path)."""
+    code = ("import importlib.util, sys\n"
+            f"spec = importlib.util.spec_from_file_location('scheduler', {SCHEDULER!r})\n"
+            "m = importlib.util.module_from_spec(spec); sys.modules['scheduler'] = m; spec.loader.exec_module(m)\n"
+            "print(sorted(k for k in sys.modules if k.split('.')[0] in ('ray', 'torch', 'pandas', 'orchestrator')))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "[]"
