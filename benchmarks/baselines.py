@@ -51,7 +51,8 @@ ULTRALYTICS_SIZES = (1, 2, 4, 8, 16, 32, 64)  # on cards of 16 GiB or more
 SEED_ITERATIONS = 3  # the profiler's n=3 in the seed's autobatch call
 
 
-def forward_backward(built, workload: Workload, batch: int, device: torch.device, *, surrogate: bool = False) -> None:
+def forward_backward(built, workload: Workload, batch: int, device: torch.device, *, surrogate: bool = False,
+                     **_) -> None:
     """The seed's probe: ``SEED_ITERATIONS`` x (forward, sum of every output, backward) on one input.
 
     As the seed's profiler runs it: an uninitialised input that requires grad, the
@@ -71,7 +72,7 @@ def forward_backward(built, workload: Workload, batch: int, device: torch.device
     # images, the last outputs and the gradients are alive when the seed reads memory_reserved()
 
 
-def _load_only(built, workload, batch, device, *, surrogate=False) -> None:
+def _load_only(built, workload, batch, device, *, surrogate=False, **_) -> None:
     """No step: what a trace records is the model's weights arriving on the device."""
 
 

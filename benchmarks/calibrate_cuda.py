@@ -613,7 +613,7 @@ def run_simulate_only(args, clock, card, models, configs, decisions, jobs, out_d
             res = sim.get(model, (prec, opt))
             if res[0] == "ok":
                 log(f"[sim] {model}@{imgsz} {prec} {opt}: profile in {res[2]:.1f}s "
-                    f"({'affine' if res[1].slope is not None else 'traced per batch'})")
+                    f"({'affine' if res[1].affine else 'traced per batch'})")
             for b in batches:
                 row = _base_row(card.key, card.name, card.total_bytes, model, imgsz, prec, opt, b)
                 _fill_sim(row, card, res, b)

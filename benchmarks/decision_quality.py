@@ -157,7 +157,7 @@ def run(grid: Grid, algorithms=ALGORITHMS) -> Run:
     for i, w in enumerate(workloads, 1):
         traces = trace_workload(w)
         result.trace_s += traces.seconds
-        if traces.full.slope is None or traces.probe.slope is None:
+        if not traces.full.affine or not traces.probe.affine:
             log.warning("%s: traces are not affine in batch size; every new batch is traced (slow)", w.label())
         for card in grid.cards:
             bed = Testbed(traces, card, grid.fraction)

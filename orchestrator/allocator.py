@@ -18,7 +18,7 @@ c10/cuda/CUDACachingAllocator.cpp:
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable
 
 from .units import MiB
@@ -66,6 +66,10 @@ class Stats:
     reserved: int = 0
     allocated: int = 0
     segments: int = 0
+    phase_peak_reserved: int = 0
+    """Peak reserved since the last phase mark (a 0 event), e.g. the validation pass after training."""
+    phase_peaks: list = field(default_factory=list)
+    """``phase_peak_reserved`` of each phase that a mark (or the end of ``replay``) closed."""
 
 
 class CachingAllocator:
@@ -147,6 +151,7 @@ class CachingAllocator:
         self.stats.reserved += seg_size
         self.stats.segments += 1
         self.stats.peak_reserved = max(self.stats.peak_reserved, self.stats.reserved)
+        self.stats.phase_peak_reserved = max(self.stats.phase_peak_reserved, self.stats.reserved)
         self._give(block)
         return block
 
@@ -164,7 +169,8 @@ class CachingAllocator:
 
 
 def replay(sizes: Iterable[int], capacity_bytes: int | None = None, held: Iterable[int] = ()) -> Stats:
-    """Run an event sequence: a positive size allocates a new block, ``-(i + 1)`` frees allocation ``i``.
+    """Run an event sequence: a positive size allocates a new block, ``-(i + 1)`` frees allocation ``i``,
+    ``0`` marks the start of a new phase (``Stats.phase_peaks``).
 
     Allocation ``i`` is the i-th positive entry of ``sizes``. ``held`` are allocated
     first and never freed (e.g. the cuBLAS workspace); they do not shift the indices.
@@ -174,11 +180,16 @@ def replay(sizes: Iterable[int], capacity_bytes: int | None = None, held: Iterab
     for nbytes in held:
         alloc.malloc(nbytes)
     blocks: list[_Block | None] = []
+    stats = alloc.stats
     for ev in sizes:
         if ev > 0:
             blocks.append(alloc.malloc(ev))
+        elif ev == 0:
+            stats.phase_peaks.append(stats.phase_peak_reserved)
+            stats.phase_peak_reserved = stats.reserved
         else:
             i = -ev - 1
             alloc.free(blocks[i])
             blocks[i] = None
-    return alloc.stats
+    stats.phase_peaks.append(stats.phase_peak_reserved)
+    return stats

@@ -394,11 +394,12 @@ def register(subparsers, common=()) -> None:
 def cmd_lookup(args: argparse.Namespace) -> int:
     """Only the integer goes to stdout, so `batch=$(python -m orchestrator lookup ...)` works."""
     gpu = args.gpu if args.gpu_memory is None else args.gpu_memory
-    a = lookup(args.table, spec.from_args(args), gpu=gpu, fraction=args.fraction, max_batch=args.max_batch,
+    w = spec.from_args(args)
+    a = lookup(args.table, w, gpu=gpu, fraction=args.fraction, max_batch=args.max_batch,
                measured_only=args.measured_only)
     if a.extrapolated:
         print("warning: extrapolated, not measured on this card or fraction; check it on the first run "
-              f"(`python -m orchestrator autobatch --model {args.model} --imgsz {args.imgsz} ...`)", file=sys.stderr)
+              f"(`python -m orchestrator autobatch --model {w.model} --imgsz {w.imgsz} ...`)", file=sys.stderr)
     print(a.explanation, file=sys.stderr)
     print(a.batch_size)
     return 0

@@ -62,7 +62,7 @@ def cmd_sweep(args) -> int:
     job = jobs.with_overrides(
         jobs.load(args.job), models=args.models, imgsz=args.imgsz, fraction=args.fraction, simulate=args.simulate,
         address=args.address, out=args.out, max_batch=args.max_batch, every_device=args.every_device or None,
-        real=args.real, **spec.overrides_from_args(args),
+        real=args.real, data=args.data, **spec.overrides_from_args(args),
     )
     bars = []
 

@@ -59,11 +59,13 @@ class Measurement:
     """One measured training step (bytes)."""
 
     reserved_bytes: int
-    """Peak reserved by the caching allocator during the step: what decides whether it fits."""
+    """Peak reserved by the caching allocator during the step, validation included: what decides whether it fits."""
     allocated_bytes: int
     """Peak held by live tensors during the step (reserved less the allocator's cache and rounding)."""
     outside_bytes: int
     """Device memory used outside the allocator after the step (CUDA context, kernels, other processes)."""
+    val_reserved_bytes: int = 0
+    """Peak reserved during the validation pass (0: the workload has none)."""
 
 
 class Measurer(Protocol):
@@ -127,7 +129,8 @@ class _SimulatedMeasurer:
             stats = allocator.replay(self.prof.events(batch), self.capacity, held=[self.card.workspace_bytes])
         except allocator.AllocatorOutOfMemory as e:
             raise OutOfMemory(f"simulated {self.card.key}: {e}") from None
-        return Measurement(stats.peak_reserved, stats.peak_allocated, self.card.context_bytes)
+        val = stats.phase_peaks[1] if len(stats.phase_peaks) > 1 else 0
+        return Measurement(stats.peak_reserved, stats.peak_allocated, self.card.context_bytes, val)
 
 
 class CudaBackend:
@@ -182,11 +185,20 @@ class _CudaMeasurer:
         try:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-            step.train(self.built, self.workload, batch, device)
+            train_peaks = []
+
+            def mark():  # training ends, validation starts: keep training's peaks, measure validation's alone
+                torch.cuda.synchronize(device)
+                train_peaks[:] = [torch.cuda.max_memory_reserved(device), torch.cuda.max_memory_allocated(device)]
+                torch.cuda.reset_peak_memory_stats(device)
+
+            step.train(self.built, self.workload, batch, device, mark=mark)
             torch.cuda.synchronize(device)
             free, total = torch.cuda.mem_get_info(device)
-            return Measurement(torch.cuda.max_memory_reserved(device), torch.cuda.max_memory_allocated(device),
-                               total - free - torch.cuda.memory_reserved(device))
+            reserved, allocated = torch.cuda.max_memory_reserved(device), torch.cuda.max_memory_allocated(device)
+            val = reserved if train_peaks else 0
+            reserved, allocated = max([reserved] + train_peaks[:1]), max([allocated] + train_peaks[1:])
+            return Measurement(reserved, allocated, total - free - torch.cuda.memory_reserved(device), val)
         except Exception as e:
             if not step.is_oom(e):
                 raise

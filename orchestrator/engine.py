@@ -24,6 +24,8 @@ class Result:
     seconds: float
     profile_seconds: float = 0.0
     """Preparing the measurement: simulated, tracing the workload (shared by every card); CUDA, build and warm-up."""
+    val_peak_bytes: int | None = None
+    """Peak reserved by the validation pass at the chosen batch (None: no answer, or no validation)."""
 
 
 def decide_on(backend: Backend, workload: Workload, fraction: float, *, max_batch: int = 1024) -> Result:
@@ -33,12 +35,19 @@ def decide_on(backend: Backend, workload: Workload, fraction: float, *, max_batc
     t0 = time.perf_counter()
     measure = backend.measurer(workload)  # builds the model; CUDA: loads kernels, so context is counted
     info = backend.info()
-    decision = core.decide(lambda batch: measure(batch).reserved_bytes, info.budget_bytes(fraction),
-                           max_batch=max_batch)
+    seen = {}  # batch -> Measurement: the row reports the chosen batch's validation peak
+
+    def reserved(batch: int) -> int:
+        seen[batch] = measure(batch)
+        return seen[batch].reserved_bytes
+
+    decision = core.decide(reserved, info.budget_bytes(fraction), max_batch=max_batch)
     seconds = time.perf_counter() - t0
     log.info("%s on %s: batch %d (%s) after %d measurements in %.1fs", workload.label(), info.name,
              decision.batch_size, decision.status, decision.measurements, seconds)
-    return Result(workload, info, fraction, decision, seconds, measure.setup_seconds)
+    chosen = seen.get(decision.batch_size)
+    val = chosen.val_reserved_bytes if chosen is not None and chosen.val_reserved_bytes else None
+    return Result(workload, info, fraction, decision, seconds, measure.setup_seconds, val)
 
 
 def autobatch(model: str | Workload, imgsz: int = 640, fraction: float = 0.8, *, gpu: str | None = None,

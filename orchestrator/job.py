@@ -91,7 +91,7 @@ class Job:
 
 
 _ALLOWED = {
-    "sweep": {f.name for f in fields(SweepConfig)} - {"axes"} | {"models", "imgsz", *spec.AXES},
+    "sweep": {f.name for f in fields(SweepConfig)} - {"axes"} | {"models", "imgsz", "data", *spec.AXES},
     "grid": {"models", "imgsz"},
     "fleet": {f.name for f in fields(FleetConfig)},
 }
@@ -209,6 +209,8 @@ def _sweep(d, src) -> SweepConfig:
     else:
         grid = _grid([{"models": d.get("models", []), "imgsz": d.get("imgsz", [spec.DEFAULTS["imgsz"]])}], src)
     fraction = check_fraction(_typed(d, "fraction", (int, float), src, sec, 0.8), f"{src}: {sec}fraction")
+    if "data" in d:
+        d = with_data(d, _typed(d, "data", str, src, sec, ""), f"{src}: {sec}")
     return SweepConfig(
         grid=grid, axes=_axes(d, f"{src}: {sec}"), fraction=fraction,
         max_batch=check_max_batch(_typed(d, "max_batch", int, src, sec, 1024), f"{src}: {sec}max_batch"),
@@ -238,8 +240,19 @@ def _fleet(d, src) -> FleetConfig:
     return cfg
 
 
+def with_data(values: dict, data: str, where: str) -> dict:
+    """``values`` with objects and classes read from the data yaml ``data`` (relative paths: from the
+    current directory); naming either field as well is an error, since they would disagree."""
+    from .datasets import fields_from
+
+    both = [k for k in ("objects", "classes") if values.get(k) is not None]
+    if both:
+        raise SpecError(f"{where}data={data!r} sets objects and classes; leave out {', '.join(both)}")
+    return {**values, **fields_from(data)}
+
+
 def with_overrides(job: Job, *, models=None, imgsz=None, fraction=None, simulate=None, address=None, out=None,
-                   max_batch=None, every_device=None, real=False, **workload_values) -> Job:
+                   max_batch=None, every_device=None, real=False, data=None, **workload_values) -> Job:
     """The job with command-line flags applied (None leaves a setting as the file has it).
 
     ``workload_values``: workload fields (``spec.AXES``) to sweep instead of the job's, a value or a list each.
@@ -255,6 +268,8 @@ def with_overrides(job: Job, *, models=None, imgsz=None, fraction=None, simulate
     elif imgsz is not None:
         grid = tuple(_grid([{"models": list(g.models), "imgsz": list(imgsz)}], "--imgsz")[0] for g in grid)
     given = {k: v for k, v in workload_values.items() if v is not None}
+    if data is not None:
+        given = with_data(given, data, "--")
     axes = dict(s.axes) | dict(_axes(given, "--"))
     s = replace(
         s, grid=grid, axes=tuple((n, axes[n]) for n in spec.AXES if n in axes),

@@ -6,6 +6,7 @@ values); nothing is downloaded.
 from __future__ import annotations
 
 import importlib
+import math
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -32,26 +33,34 @@ class Built:
     """Input sizes must be a multiple of this (None: any size)."""
     loss: Loss
     loss_note: str = ""
+    uint8_input: bool = False
+    """Images reach the device as uint8 and become float there (ultralytics' trainer), not as floats."""
+    for_fake: Callable[[nn.Module], None] | None = None
+    """Adjusts a copy of ``module`` whose weights are fake tensors (for the simulator), where the model
+    reads a value out of a small tensor (YOLO's head strides) that fake tensors cannot give."""
+    data_dependent_loss: bool = False
+    """The real loss indexes by data (YOLO's target assigner): fake tensors cannot run it, so the
+    simulator runs it on real tensors shaped like the model's outputs and splices its allocations in."""
 
 
 def build(workload: Workload) -> Built:
     """Build the model ``workload`` trains, checked against its image size; SpecError for bad names or sizes."""
-    built = build_source(workload.model)
+    built = build_source(workload.model, workload.classes)
     check_imgsz(built, workload.model, workload.imgsz)
     return built
 
 
-def build_source(source: str) -> Built:
-    """Build the model ``source`` names; SpecError for unknown or malformed names."""
+def build_source(source: str, classes: int = 0) -> Built:
+    """Build the model ``source`` names with ``classes`` outputs (0: its own); SpecError for bad names."""
     kind, _, name = source.partition(":")
     if not name:
         raise SpecError(f"model={source!r} must be SOURCE:NAME with SOURCE one of {', '.join(SOURCES)}")
     if kind == "torchvision":
-        return _torchvision(name)
+        return _torchvision(name, classes)
     if kind == "timm":
-        return _timm(name)
+        return _timm(name, classes)
     if kind == "ultralytics":
-        return _ultralytics(name)
+        return _ultralytics(name, classes)
     if "." in kind or kind.isidentifier():
         return _callable(kind, name, source)
     raise SpecError(f"model={source!r}: unknown source {kind!r}; use one of {', '.join(SOURCES)}")
@@ -88,26 +97,28 @@ def _flatten(x):
             yield from _flatten(v)
 
 
-def _torchvision(name: str) -> Built:
+def _torchvision(name: str, classes: int) -> Built:
     import torchvision
 
     known = torchvision.models.list_models(module=torchvision.models)
     if name not in known:
         raise SpecError(f"model='torchvision:{name}' is not a torchvision classifier; e.g. {', '.join(sorted(known)[:6])}, ...")
-    return Built(torchvision.models.get_model(name, weights=None), None, classification_loss)
+    extra = {"num_classes": classes} if classes else {}
+    return Built(torchvision.models.get_model(name, weights=None, **extra), None, classification_loss)
 
 
-def _timm(name: str) -> Built:
+def _timm(name: str, classes: int) -> Built:
     try:
         import timm
     except ImportError as e:
         raise SpecError(f"model='timm:{name}' needs timm: pip install -e '.[timm]'") from e
     if not timm.is_model(name):
         raise SpecError(f"model='timm:{name}' is not a timm model; list them with timm.list_models()")
-    return Built(timm.create_model(name, pretrained=False), None, classification_loss)
+    extra = {"num_classes": classes} if classes else {}
+    return Built(timm.create_model(name, pretrained=False, **extra), None, classification_loss)
 
 
-def _ultralytics(name: str) -> Built:
+def _ultralytics(name: str, classes: int) -> Built:
     os.environ.setdefault("YOLO_OFFLINE", "1")
     os.environ.setdefault("YOLO_VERBOSE", "False")
     try:
@@ -119,48 +130,72 @@ def _ultralytics(name: str) -> Built:
     if any(stem.endswith(t) for t in ("-cls", "-seg", "-pose", "-obb")):
         raise SpecError(f"model='ultralytics:{name}': only detection models are supported, e.g. yolov8s.yaml")
     try:
-        model = DetectionModel(cfg, nc=80, verbose=False)
+        model = DetectionModel(cfg, nc=classes or 80, verbose=False)
     except FileNotFoundError as e:
         raise SpecError(
             f"model='ultralytics:{name}' is not a yaml that ultralytics ships; e.g. yolov8s.yaml, yolo11n.yaml, yolov9c.yaml"
         ) from e
-    return Built(model, int(model.stride.max()), _yolo_loss(model), "surrogate detection loss when simulated")
+    return Built(model, int(model.stride.max()), _yolo_loss(model), "YOLO's own loss and target assigner",
+                 uint8_input=True, for_fake=_strides_as_numbers, data_dependent_loss=True)
 
 
-def _yolo_loss(model):
-    """YOLO's own detection loss on synthetic boxes for real tensors; a dense surrogate on fake ones.
+def _strides_as_numbers(module: nn.Module) -> None:
+    """The eval-mode head builds anchors with ``new_full(..., stride)``: a number, not a tensor, on fake copies."""
+    head = module.model[-1]
+    head.stride = [float(s) for s in head.stride]
 
-    The real loss assigns targets with data-dependent shapes (nonzero, unique) that
-    fake tensors cannot run. The surrogate does the loss's dense, batch-sized work:
-    the box-distribution decode, a target-anchor alignment matrix for
-    ``SURROGATE_TARGETS`` boxes per image, BCE over every anchor and class, and a
-    DFL cross-entropy over every anchor side.
+
+def _yolo_loss(model) -> "_YoloLoss":
+    return _YoloLoss(model)
+
+
+class _YoloLoss:
+    """YOLO's own detection loss (``v8DetectionLoss``, target assigner included) on ``yolo_targets``.
+
+    ``surrogate=True`` gives a dense stand-in that allocates like the loss without
+    indexing by data (for callers that cannot run the real one); the simulator does
+    not use it: it runs this real loss on real tensors and splices it into its trace.
     """
-    state = {}
 
-    def real(outputs, batch_size):
-        if "criterion" not in state:
+    def __init__(self, model):
+        self.model = model
+        self.criterion = None
+
+    def setup(self, device: torch.device) -> None:
+        """Create the criterion for ``device`` (once; its own small tensors are not part of a step)."""
+        if self.criterion is None or self.criterion.device != device:
             from ultralytics.cfg import get_cfg
 
-            model.args = get_cfg()
-            state["criterion"] = model.init_criterion()
-        device = next(model.parameters()).device
-        n = SURROGATE_TARGETS
-        batch = {
-            "batch_idx": torch.arange(batch_size, device=device).repeat_interleave(n).float(),
-            "cls": torch.randint(0, 80, (batch_size * n, 1), device=device).float(),
-            "bboxes": torch.rand(batch_size * n, 4, device=device) * 0.5 + 0.25,
-        }
-        loss, _ = state["criterion"](outputs, batch)
+            self.model.args = get_cfg()
+            self.criterion = self.model.init_criterion()
+
+    def __call__(self, outputs, workload: Workload, batch_size: int, surrogate: bool) -> torch.Tensor:
+        if surrogate:
+            return _detection_surrogate(outputs, self.model)
+        device = next(self.model.parameters()).device
+        self.setup(device)
+        targets = yolo_targets(batch_size, workload.objects, self.model.model[-1].nc, device)
+        loss, _ = self.criterion(outputs, targets)
         return loss.sum()
 
-    def loss(outputs, workload, batch_size, surrogate):
-        return _detection_surrogate(outputs, model) if surrogate else real(outputs, batch_size)
 
-    return loss
+def yolo_targets(batch_size: int, objects: int, classes: int, device) -> dict:
+    """``objects`` labels on every image, deterministic: the image tiled by a grid of boxes, so that every
+    image pads to ``objects`` targets (as the loss pads to the busiest image) and every anchor lies in a
+    box (the most foreground anchors without overlap). Classes cycle through ``classes``."""
+    side = math.ceil(math.sqrt(objects))
+    k = torch.arange(objects, device=device)
+    cx, cy = (k % side + 0.5) / side, (k // side + 0.5) / side
+    wh = torch.full((objects,), 1.0 / side, device=device)
+    boxes = torch.stack([cx, cy, wh, wh], 1)  # normalised xywh, as the data loader gives them
+    return {
+        "batch_idx": torch.arange(batch_size, device=device).repeat_interleave(objects).float(),
+        "cls": (k % classes).float().repeat(batch_size).view(-1, 1),
+        "bboxes": boxes.repeat(batch_size, 1),
+    }
 
 
-SURROGATE_TARGETS = 8  # boxes per image, near COCO's mean of 7.3
+SURROGATE_TARGETS = 8  # the dense stand-in's boxes per image
 
 
 def _detection_surrogate(outputs, model) -> torch.Tensor:

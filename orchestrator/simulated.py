@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import time
 import weakref
@@ -25,7 +26,7 @@ from typing import Callable
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import models, step
 from .spec import Workload
@@ -34,20 +35,74 @@ log = logging.getLogger(__name__)
 
 
 class _StorageTracker(TorchDispatchMode):
-    """Records storage allocations (size) and frees (index) in order."""
+    """Records storage allocations (size) and frees (index) in order, and phase marks (0)."""
 
     def __init__(self):
         super().__init__()
-        self.events: list[int] = []  # size > 0: allocation; -(i + 1): free of allocation i
+        self.events: list[int] = []  # size > 0: allocation; -(i + 1): free of allocation i; 0: phase mark
         self._live: dict[int, int] = {}  # id(storage) -> allocation index
+        self._ignored: set[int] = set()  # id(storage) of stand-ins for tensors already counted
         self._count = 0
+        self._paused = False
+
+    @contextlib.contextmanager
+    def untracked(self):
+        """Ops inside create storages that are not recorded (and never freed in the trace)."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
+
+    def mark(self) -> None:
+        self.events.append(0)
+
+    @property
+    def allocations(self) -> int:
+        return self._count
+
+    def local(self, start: int, first: int) -> list[int] | None:
+        """Events since ``events[start]`` with allocation indices counted from ``first`` (the allocations
+        made by then); None unless they free only what they allocated and leave nothing alive."""
+        allocated = 0
+        local_events = []
+        freed = set()
+        for ev in self.events[start:]:
+            if ev > 0:
+                local_events.append(ev)
+                allocated += 1
+            elif ev < 0:
+                i = -ev - 1 - first
+                if i < 0:
+                    return None  # frees something from before the loss
+                freed.add(i)
+                local_events.append(-(i + 1))
+            else:
+                return None
+        return local_events if len(freed) == allocated else None
+
+    def replay(self, events: list[int]) -> None:
+        """Append ``local``'s events as if they had happened again now."""
+        first = self._count
+        for ev in events:
+            if ev > 0:
+                self.events.append(ev)
+                self._count += 1
+            else:
+                self.events.append(-(first + (-ev - 1) + 1))
+
+    def ignore(self, t: torch.Tensor) -> None:
+        """Never record ``t``'s storage (nor views of it): it stands in for a tensor already counted."""
+        s = t.untyped_storage()
+        self._ignored.add(id(s))
+        weakref.finalize(s, self._ignored.discard, id(s))
 
     def track(self, t) -> None:
         if not isinstance(t, torch.Tensor):
             return
         s = t.untyped_storage()
         nbytes = s.nbytes()
-        if nbytes == 0 or id(s) in self._live:
+        if nbytes == 0 or id(s) in self._live or id(s) in self._ignored:
             return
         index = self._count
         self._count += 1
@@ -62,6 +117,8 @@ class _StorageTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if self._paused:
+            return out
         for t in tree_flatten(out)[0]:
             self.track(t)
         return out
@@ -77,42 +134,128 @@ def _fake_copy(module: torch.nn.Module, mode: FakeTensorMode) -> torch.nn.Module
 
 
 def trace(built: models.Built, workload: Workload, batch: int, *, fake: bool = True, surrogate: bool | None = None,
-          run_step: Callable = step.train) -> list[int]:
+          surrogate_loss: bool = False, run_step: Callable = step.train, **step_options) -> list[int]:
     """Allocation events of: moving the model to the device, then ``run_step`` (``step.STEPS`` training steps).
 
     ``fake=False`` runs the step for real on the CPU (slow, memory-hungry): the
     reference that fake runs are checked against. ``surrogate`` (default: ``fake``)
-    selects the data-independent loss and grad scaler that fake tensors need; a
-    real run with ``surrogate=True`` is the same step as the fake one, a real run
-    without it is the trainer's own. ``run_step`` has ``step.train``'s signature;
-    benchmarks swap in other steps (the seed's forward+backward-only probe).
+    selects the grad scaler (and loss) that fake tensors need: a real run with
+    ``surrogate=True`` is the same step as the fake one, a real run without it is
+    the trainer's own. A data-dependent loss (YOLO's) runs for real even in a fake
+    trace (``_SplicedLoss``) unless ``surrogate_loss`` asks for the dense stand-in.
+    ``run_step`` has ``step.train``'s signature; benchmarks swap in other steps (the
+    seed's forward+backward-only probe). ``step_options`` go to ``run_step``.
     """
     surrogate = fake if surrogate is None else surrogate
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
     model = _fake_copy(built.module, mode) if fake else copy.deepcopy(built.module)
-    run = models.Built(model, built.stride, built.loss)
+    if fake and built.for_fake is not None:
+        built.for_fake(model)
     tracker = _StorageTracker()
+    loss = built.loss
+    if fake and built.data_dependent_loss and not surrogate_loss:
+        loss = _SplicedLoss(built.loss, tracker)
+    run = dataclasses.replace(built, module=model, loss=loss)
     with mode:
         for t in list(model.parameters()) + list(model.buffers()):
             tracker.track(t)
         with tracker:
-            run_step(run, workload, batch, torch.device("cpu"), surrogate=surrogate)
+            run_step(run, workload, batch, torch.device("cpu"), surrogate=surrogate, mark=tracker.mark, **step_options)
     del model, run
     return _canonical(tracker.events)
 
 
 def tensor_peak(events: list[int]) -> int:
     """Peak live bytes of a trace, before any allocator rounding or caching."""
+    return max(phase_tensor_peaks(events))
+
+
+def phase_tensor_peaks(events: list[int]) -> list[int]:
+    """Peak live bytes of each phase of a trace (phases are separated by 0 marks)."""
     sizes: list[int] = []
-    live = peak = 0
+    live = 0
+    peaks = [0]
     for ev in events:
         if ev > 0:
             sizes.append(ev)
             live += ev
-            peak = max(peak, live)
+            peaks[-1] = max(peaks[-1], live)
+        elif ev == 0:
+            peaks.append(live)
         else:
             live -= sizes[-ev - 1]
-    return peak
+    return peaks
+
+
+class _SplicedLoss:
+    """A data-dependent loss (YOLO's target assigner) run for real inside a fake trace.
+
+    Fake tensors cannot index by data, so the loss runs on real CPU tensors shaped
+    like the model's fake outputs (stand-ins, not recorded: the outputs are already
+    counted), with its forward and backward recorded by the tracker as they allocate;
+    the gradients it gives the outputs then flow into the fake graph from a fake
+    scalar, allocated there as the backward would allocate them.
+    """
+
+    def __init__(self, loss: models.Loss, tracker: _StorageTracker):
+        self.loss, self.tracker = loss, tracker
+        if hasattr(loss, "setup"):  # the criterion's own tensors exist before any step: not in the trace
+            loss.setup(torch.device("cpu"))
+        self._seen: dict[tuple, tuple[list[int], list]] = {}  # inputs' shapes -> (its events, grad shapes)
+
+    def __call__(self, outputs, workload: Workload, batch: int, surrogate: bool):
+        flat, spec = tree_flatten(outputs)
+        tensors = [t for t in flat if isinstance(t, torch.Tensor)]
+        wants = [t for t in tensors if t.requires_grad]
+        key = (tuple((t.shape, t.dtype, t.requires_grad) for t in tensors), torch.is_grad_enabled())
+        if key in self._seen:  # the same loss on the same shapes allocates the same: replay it, don't rerun it
+            events, shapes = self._seen[key]
+            self.tracker.replay(events)
+        else:
+            start, first = len(self.tracker.events), self.tracker.allocations
+            shapes = self._run(outputs, flat, spec, tensors, wants, workload, batch)
+            events = self.tracker.local(start, first)
+            if events is not None:
+                self._seen[key] = (events, shapes)
+        if not shapes:
+            return tensors[0].new_zeros(())
+        return _GradsInto.apply(shapes, *wants)
+
+    def _run(self, outputs, flat, spec, tensors, wants, workload, batch) -> list:
+        """The loss for real on stand-ins, and the gradient of each output that wants one; its shapes."""
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily():
+            stand_ins = {id(t): self._stand_in(t) for t in tensors}
+            real = tree_unflatten([stand_ins.get(id(x), x) for x in flat], spec)
+            loss = self.loss(real, workload, batch, False)
+            shapes = []
+            if wants and loss.requires_grad:  # no grad (validation): the forward is all there is
+                grads = torch.autograd.grad(loss, [stand_ins[id(t)] for t in wants], allow_unused=True)
+                shapes = [(t.shape, t.dtype) if g is not None else None for t, g in zip(wants, grads)]
+                del grads
+            del loss, real, stand_ins
+        return shapes
+
+    def _stand_in(self, t: torch.Tensor) -> torch.Tensor:
+        with self.tracker.untracked():
+            real = torch.zeros(t.shape, dtype=t.dtype)
+        self.tracker.ignore(real)
+        return real.requires_grad_(t.requires_grad)
+
+
+class _GradsInto(torch.autograd.Function):
+    """A zero scalar whose backward gives each input a gradient of its shape (None where the loss gave none)."""
+
+    @staticmethod
+    def forward(ctx, shapes, *tensors):
+        ctx.shapes, ctx.device = shapes, tensors[0].device
+        return tensors[0].new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad):
+        grads = [torch.zeros(s[0], dtype=s[1], device=ctx.device) if s else None for s in ctx.shapes]
+        return (None, *grads)
 
 
 def _canonical(events: list[int]) -> list[int]:
@@ -137,34 +280,79 @@ def _canonical(events: list[int]) -> list[int]:
 
 
 @dataclass
+class Regime:
+    """Traces of one shape of step and their affine model in batch size.
+
+    The step's shape depends on the batch only through gradient accumulation: with
+    it, a step runs two iterations (``iterations`` 2), without it one (see
+    ``step.train``); within a shape every event is affine in the batch size.
+    """
+
+    iterations: int
+    base: dict[int, list[int]] = field(default_factory=dict)  # batch -> events, traced directly
+    intercept: list[int] | None = None  # allocation sizes at b >= 2: intercept + slope * b
+    slope: list[int] | None = None  # None for frees and marks, whose entries in intercept are the event
+
+    def fit(self, b1: int, b2: int, b3: int) -> bool:
+        """Fit on ``b2``, ``b3`` and check on ``b1`` and ``b3``; True when the traces are affine."""
+        e1, e2, e3 = self.base[b1], self.base[b2], self.base[b3]
+        if len(e1) == len(e2) == len(e3) and all((x > 0) == (y > 0) for x, y in zip(e2, e3)):
+            slope = [(y - x) // (b3 - b2) if x > 0 else None for x, y in zip(e2, e3)]
+            intercept = [x - k * b2 if k is not None else x for x, k in zip(e2, slope)]
+            if _synthesize(intercept, slope, b1) == e1 and _synthesize(intercept, slope, b3) == e3:
+                self.intercept, self.slope = intercept, slope
+        return self.slope is not None
+
+
+def iterations(workload: Workload, batch: int) -> int:
+    """The shape of step ``batch`` runs: 2 iterations per optimizer step when gradients accumulate, else 1."""
+    return min(step.accumulation(workload, batch), 2)
+
+
+@dataclass
 class Profile:
     """Card-independent allocation traces of one workload at any batch size."""
 
     workload: Workload
-    base: dict[int, list[int]]  # batch -> events, traced directly
-    intercept: list[int] | None = None  # allocation sizes at b >= 2: intercept + slope * b
-    slope: list[int] | None = None  # None for frees, whose entries in intercept are the event
+    regimes: dict[int, Regime] = field(default_factory=dict)  # iterations -> its traces
     trace_seconds: float = 0.0
     traced: int = 0
     run_step: Callable = step.train
     """The step that is traced: the full training step unless a benchmark swaps in another."""
     _built: models.Built | None = field(default=None, repr=False, compare=False)
 
-    def events(self, batch: int) -> list[int]:
-        if batch in self.base:
-            return self.base[batch]
-        if self.slope is not None and batch >= 2:
-            return _synthesize(self.intercept, self.slope, batch)
-        return self._trace(batch)
+    @property
+    def affine(self) -> bool:
+        """Every shape of step profiled so far synthesizes any batch size exactly."""
+        return all(r.slope is not None for r in self.regimes.values())
 
-    def _trace(self, batch: int) -> list[int]:
+    def events(self, batch: int) -> list[int]:
+        it = iterations(self.workload, batch)
+        regime = self.regimes.get(it) or self.add_regime(it, PROFILE_BATCHES[1:])
+        if batch in regime.base:
+            return regime.base[batch]
+        if regime.slope is not None and batch >= 2:
+            return _synthesize(regime.intercept, regime.slope, batch)
+        return self._trace(regime, batch)
+
+    def add_regime(self, it: int, batches: tuple[int, ...]) -> Regime:
+        """Trace the step shape ``it`` at ``batches`` and fit it on the last three."""
+        regime = self.regimes[it] = Regime(it)
+        for b in batches:
+            self._trace(regime, b)
+        if not regime.fit(*batches[-3:]):
+            log.warning("%s: traces are not affine in batch size; tracing every batch (slower)",
+                        self.workload.label())
+        return regime
+
+    def _trace(self, regime: Regime, batch: int) -> list[int]:
         if self._built is None:
             self._built = models.build(self.workload)
         t0 = time.perf_counter()
-        ev = trace(self._built, self.workload, batch, run_step=self.run_step)
+        ev = trace(self._built, self.workload, batch, run_step=self.run_step, accumulate=regime.iterations)
         self.trace_seconds += time.perf_counter() - t0
         self.traced += 1
-        self.base[batch] = ev
+        regime.base[batch] = ev
         return ev
 
     def __getstate__(self):  # travels between Ray processes without the model
@@ -177,19 +365,21 @@ def _synthesize(intercept: list[int], slope: list, batch: int) -> list[int]:
     return [c if k is None else c + k * batch for c, k in zip(intercept, slope)]
 
 
-def profile(workload: Workload, built: models.Built | None = None, batches=(1, 2, 4, 8),
+PROFILE_BATCHES = (1, 2, 3, 4)
+"""Batches traced per shape of step (batch 1 only where it occurs: with accumulation, when nbs > 1).
+Small, because YOLO's loss runs for real in every trace and its cost grows with the batch."""
+
+
+def profile(workload: Workload, built: models.Built | None = None, batches=PROFILE_BATCHES,
             run_step: Callable = step.train) -> Profile:
-    """Trace ``workload`` at ``batches``; fit the affine event model on the two largest, check it on another."""
-    prof = Profile(workload, {}, run_step=run_step, _built=built)
-    for b in batches:
-        prof._trace(b)
-    b1, b2, b3 = batches[-3], batches[-2], batches[-1]
-    e1, e2, e3 = prof.base[b1], prof.base[b2], prof.base[b3]
-    if len(e1) == len(e2) == len(e3) and all((x > 0) == (y > 0) for x, y in zip(e2, e3)):
-        slope = [(y - x) // (b3 - b2) if x > 0 else None for x, y in zip(e2, e3)]
-        intercept = [x - k * b2 if k is not None else x for x, k in zip(e2, slope)]
-        if _synthesize(intercept, slope, b1) == e1 and _synthesize(intercept, slope, b3) == e3:
-            prof.intercept, prof.slope = intercept, slope
-    if prof.slope is None:
-        log.warning("%s: traces are not affine in batch size; tracing every batch (slower)", workload.label())
+    """Trace every shape of step ``workload`` can take (``iterations``) at ``batches``, and fit each.
+
+    Batch 1 runs the shape of small batches; large batches never accumulate: with
+    ``nbs`` > 1 both shapes are traced, so that any card replays the profile alone.
+    """
+    prof = Profile(workload, run_step=run_step, _built=built)
+    small = iterations(workload, 1)
+    prof.add_regime(small, batches)
+    if small != 1:
+        prof.add_regime(1, batches[1:])
     return prof

@@ -43,17 +43,24 @@ def check_max_batch(max_batch, name: str = "max_batch") -> int:
 
 
 def knob(default=MISSING, *, help: str, choices=None, minimum: int | None = None, grid: bool = False,
-         families: tuple[str, ...] = ()):
+         families: tuple[str, ...] = (), legacy=MISSING):
     """A workload field with what the rest of the code derives from it.
 
     ``help``: one line for flags and docs. ``choices``: allowed values. ``minimum``:
     for ints. ``grid``: swept through ``[[sweep.grid]]`` cross products (model, imgsz)
     rather than as a ``[sweep]`` key of its own. ``families``: model sources the
-    field applies to (empty: all), for help text and validation of future fields.
+    field applies to (empty: all). ``legacy``: what rows of a table written before
+    the field existed were measured with (default: ``default``).
     """
     meta = {"help": help, "choices": tuple(choices) if choices else None, "minimum": minimum, "grid": grid,
-            "families": families}
+            "families": families, "legacy": default if legacy is MISSING else legacy}
     return field(default=default, metadata=meta)
+
+
+DEFAULT_OBJECTS = 400
+"""Most boxes on one training image when no data set is named: ultralytics' AutoBatch rule
+(4 x the most labels on one image, for mosaic) for COCO-like data, whose busiest images
+carry about 100 labels. Name your ``data`` yaml to measure with your own data's figure."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,6 +78,16 @@ class Workload:
     ema: bool = knob(True, help="keep an EMA copy of the weights, as YOLO trainers do (+1 copy of the weights)")
     cudnn_benchmark: bool = knob(False, help="profile with torch.backends.cudnn.benchmark as your trainer sets it "
                                              "(real GPUs only)")
+    classes: int = knob(0, help="class count: YOLO's nc, a classifier's outputs; 0 = the model's own (80 for "
+                                "YOLO yamls, 1000 for torchvision/timm)", minimum=0)
+    objects: int = knob(DEFAULT_OBJECTS, help="most boxes on one training image after augmentation (YOLO only; "
+                                              f"default {DEFAULT_OBJECTS}: 4 x ~100 for mosaic on COCO-like data; "
+                                              "a data yaml gives 4 x its own most)", minimum=1,
+                        families=("ultralytics",), legacy=8)
+    nbs: int = knob(64, help="nominal batch: gradients accumulate over round(nbs / batch) steps, alive through "
+                             "the next forward (YOLO's 64; 1 = no accumulation)", minimum=1, legacy=1)
+    val_scale: int = knob(2, help="validation pass of the EMA weights at val_scale x batch, no grad, with the "
+                                  "training state alive (YOLO's 2; 0 = no validation)", minimum=0, legacy=0)
 
     def __post_init__(self):
         check_model(self.model)
@@ -83,7 +100,9 @@ class Workload:
     def label(self) -> str:
         """``model@imgsz`` and every other field that is not at its default, e.g. ``m@640 fp16 SGD ema``."""
         text = f"{self.model}@{self.imgsz} {self.precision} {self.optimizer}{' ema' if self.ema else ''}"
-        extra = [show(k, getattr(self, k)) for k in KEYS if k not in _LABELLED and getattr(self, k) != DEFAULTS[k]]
+        source = self.model.split(":", 1)[0]
+        extra = [show(k, getattr(self, k)) for k in KEYS if k not in _LABELLED
+                 and (getattr(self, k) != DEFAULTS[k] or source in _BY_NAME[k].metadata["families"])]
         return " ".join([text] + extra)
 
 
@@ -94,6 +113,8 @@ AXES = tuple(f.name for f in FIELDS if not f.metadata["grid"])
 """Fields swept as ``[sweep]`` keys of their own (one value or a list); model and imgsz come from the grid."""
 TYPES: dict[str, type] = {k: v for k, v in typing.get_type_hints(Workload).items() if k in KEYS}
 DEFAULTS = {f.name: f.default for f in FIELDS if f.default is not MISSING}
+LEGACY = {f.name: f.metadata["legacy"] for f in FIELDS if f.default is not MISSING}
+"""What rows of a table that lacks a field's column were measured with."""
 _BY_NAME = {f.name: f for f in FIELDS}
 _LABELLED = ("model", "imgsz", "precision", "optimizer", "ema")  # always in a label
 
@@ -156,8 +177,10 @@ def _flag(name: str) -> str:
 
 
 def add_flags(parser: argparse.ArgumentParser, *, many: bool) -> None:
-    """One flag per workload field. ``many`` (sweep): comma-separated lists that replace the job's
-    values, each defaulting to None (keep the job's); otherwise one value with the field's default."""
+    """One flag per workload field, and ``--data``. ``many`` (sweep): comma-separated lists that replace the
+    job's values; otherwise one value. Every flag defaults to None: not given (the job's, or the field's default)."""
+    parser.add_argument("--data", help="an ultralytics data yaml: objects = 4 x the most labels on one training "
+                                       "image (mosaic), classes = its names (read offline from its label files)")
     for f in FIELDS:
         kind, meta = TYPES[f.name], f.metadata
         if f.name == "model":
@@ -172,19 +195,26 @@ def add_flags(parser: argparse.ArgumentParser, *, many: bool) -> None:
             on = not f.default  # the flag turns the default around
             text = meta["help"] if on else f"leave out: {meta['help']}"
             flag = _flag(f.name) if on else "--no-" + f.name.replace("_", "-")
-            default = None if many else f.default
-            parser.add_argument(flag, dest=dest, action="store_const", const=on, default=default, help=text)
+            parser.add_argument(flag, dest=dest, action="store_const", const=on, default=None, help=text)
         elif many:
             parser.add_argument(_flag(f.name), dest=dest, type=csv_list(kind),
                                 help=f"comma-separated; {meta['help']}")
         else:
-            parser.add_argument(_flag(f.name), dest=dest, type=kind, default=f.default,
+            parser.add_argument(_flag(f.name), dest=dest, type=kind, default=None,
                                 choices=list(meta["choices"]) if meta["choices"] else None, help=meta["help"])
 
 
 def from_args(args: argparse.Namespace) -> Workload:
-    """The workload a single-value command (``autobatch``, ``lookup``) names."""
-    return make(**{k: getattr(args, k) for k in KEYS})
+    """The workload a single-value command (``autobatch``, ``lookup``) names (``--data`` read here)."""
+    values = {k: getattr(args, k) for k in KEYS if getattr(args, k) is not None}
+    if args.data is not None:
+        from .datasets import fields_from
+
+        both = [k for k in ("objects", "classes") if k in values]
+        if both:
+            raise SpecError(f"--data={args.data!r} sets objects and classes; leave out --{', --'.join(both)}")
+        values.update(fields_from(args.data))
+    return make(**values)
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict:

@@ -101,14 +101,27 @@ def _scaler(workload: Workload, device: torch.device, surrogate: bool):
     return torch.amp.GradScaler(device.type, init_scale=1.0)
 
 
-def train(built: Built, workload: Workload, batch: int, device: torch.device, *, surrogate: bool = False,
-          steps: int = STEPS, after_step: Callable[[int], bool | None] | None = None) -> int:
-    """Run ``steps`` training steps at ``batch`` on ``device``; the caller reads the peak.
+def accumulation(workload: Workload, batch: int) -> int:
+    """Optimizer steps come every ``round(nbs / batch)`` iterations, as ultralytics' trainer does."""
+    return max(round(workload.nbs / batch), 1)
 
-    Mirrors a trainer: train mode, random images and labels, forward and loss under
-    autocast, backward (scaled for fp16), optimizer step (state created lazily),
-    ``zero_grad(set_to_none=True)``, and the EMA update. ``after_step(i)`` runs after
-    step ``i`` and may return True to stop early. Returns the number of steps run.
+
+def train(built: Built, workload: Workload, batch: int, device: torch.device, *, surrogate: bool = False,
+          steps: int = STEPS, after_step: Callable[[int], bool | None] | None = None,
+          accumulate: int | None = None, mark: Callable[[], None] | None = None) -> int:
+    """Run ``steps`` optimizer steps at ``batch`` on ``device``, then the validation pass; the caller reads the peak.
+
+    Mirrors ultralytics' trainer: train mode; each iteration's images arrive as uint8
+    (``Built.uint8_input``) and become ``float() / 255`` on the device, and stay alive
+    until the next batch replaces them (the last one through validation); forward and
+    loss under autocast, backward (scaled for fp16). Gradients accumulate over
+    ``accumulate`` iterations (default ``accumulation(workload, batch)``): the first
+    step runs one iteration (optimizer state is created lazily), later ones two when
+    accumulating, so the peak with state, live gradients and a forward is seen. Then
+    the optimizer step, ``zero_grad(set_to_none=True)`` and the EMA update.
+    ``after_step(i)`` runs after step ``i`` and may return True to stop early. With
+    ``workload.val_scale``, ``mark()`` (the phase boundary a caller may record) and
+    ``validate`` follow, with the training state alive. Returns the steps run.
     """
     model = built.module.train()
     model.zero_grad(set_to_none=True)  # a previous probe that ran out of memory can leave grads behind
@@ -116,26 +129,69 @@ def train(built: Built, workload: Workload, batch: int, device: torch.device, *,
     ema = EMA(model) if workload.ema else None
     scaler = _scaler(workload, device, surrogate)
     dtype = AMP_DTYPES.get(workload.precision)
+    iterations = min(accumulation(workload, batch) if accumulate is None else accumulate, 2)
+    images = None
     done = 0
     while done < steps:
-        images = torch.randn(batch, 3, workload.imgsz, workload.imgsz, device=device)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            outputs = model(images)
-            loss = built.loss(outputs, workload, batch, surrogate)
-        del images, outputs
+        for _ in range(iterations if done else 1):
+            images = None  # the loader's next batch replaces the last one
+            images = _images(built, batch, workload.imgsz, device, torch.float32)
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                outputs = model(images)
+                loss = built.loss(outputs, workload, batch, surrogate)
+            del outputs
+            (loss if scaler is None else scaler.scale(loss)).backward()
+            del loss
         if scaler is None:
-            loss.backward()
             optimizer.step()
         else:
-            scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-        del loss
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
             ema.update(model)
         done += 1
         if after_step is not None and after_step(done - 1):
             break
-    del optimizer, ema, scaler
+    if workload.val_scale:
+        if mark is not None:
+            mark()
+        validate(built, workload, batch * workload.val_scale, device, ema, surrogate)
+    del optimizer, ema, scaler, images
     return done
+
+
+def _images(built: Built, batch: int, imgsz: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A batch of images as the trainer has it on the device: uint8 made ``dtype`` / 255 there (YOLO),
+    or floats as a plain loader delivers them."""
+    if not built.uint8_input:
+        return torch.randn(batch, 3, imgsz, imgsz, device=device, dtype=dtype)
+    raw = torch.randint(0, 256, (batch, 3, imgsz, imgsz), dtype=torch.uint8, device=device)
+    return raw.to(dtype) / 255
+
+
+@torch.no_grad()
+def validate(built: Built, workload: Workload, batch: int, device: torch.device, ema: EMA | None,
+             surrogate: bool = False) -> None:
+    """The validation pass a trainer runs every epoch: the EMA weights (the model's own without EMA) in eval
+    mode, no grad, at ``batch``, half precision when training with AMP (ultralytics converts the EMA model
+    to half and back), forward and the loss. The training model and optimizer state stay where they are."""
+    model = built.module
+    half = workload.precision in AMP_DTYPES
+    dtype = torch.float16 if half else torch.float32
+    if ema is not None and half:  # model.half(): each float tensor replaced by a half one
+        ema.state = {k: v.half() if v.is_floating_point() else v for k, v in ema.state.items()}
+    model.eval()
+    try:
+        images = _images(built, batch, workload.imgsz, device, dtype)
+        if ema is None:
+            outputs = model(images)
+        else:
+            outputs = torch.func.functional_call(model, ema.state, (images,))
+        del images
+        loss = built.loss(outputs, workload, batch, surrogate)
+        del outputs, loss
+    finally:
+        model.train()
+        if ema is not None and half:  # model.float() after validation
+            ema.state = {k: v.float() if v.is_floating_point() else v for k, v in ema.state.items()}

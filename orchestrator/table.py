@@ -30,7 +30,7 @@ REQUIRED = ["gpu_name", "gpu_total_bytes", "model", "imgsz", "fraction", "batch_
 """Columns every table of ours has had; a workload field added later is filled with its default."""
 _TYPES = {"gpu_name": str, "gpu_total_bytes": int, **spec.TYPES, "fraction": float}
 COLUMNS = KEY + [
-    "batch_size", "status", "gpu_count", "card", "peak_bytes", "budget_bytes", "outside_bytes",
+    "batch_size", "status", "gpu_count", "card", "peak_bytes", "val_peak_bytes", "budget_bytes", "outside_bytes",
     "bytes_per_sample", "fixed_bytes", "r2", "clamped", "probes", "probe_peak_bytes", "measurements",
     "device_batches", "backend", "seconds", "profile_seconds", "attempts", "error", "host", "torch", "cuda", "driver", "orchestrator", "time",
 ]
@@ -69,10 +69,10 @@ def read(path: str | os.PathLike) -> pd.DataFrame:
     if missing:
         raise TableError(f"{path} is not an orchestrator batch table (no column {', '.join(missing)}): "
                          "choose another --out or move the file; it was not changed")
-    for name in spec.KEYS:  # a table written before this field existed: its rows ran the default
+    for name in spec.KEYS:  # a table written before this field existed: its rows ran what was measured then
         if name not in df.columns:
-            log.info("%s has no column %s: reading its rows as %s=%r", path, name, name, spec.DEFAULTS[name])
-            df[name] = spec.DEFAULTS[name]
+            log.info("%s has no column %s: reading its rows as %s=%r", path, name, name, spec.LEGACY[name])
+            df[name] = spec.LEGACY[name]
     if df[KEY].isna().any(axis=None) or not df["status"].isin(STATUSES).all():
         raise TableError(f"{path} has rows with empty keys or unknown status: restore it or choose another --out; "
                          "it was not changed")
@@ -212,7 +212,8 @@ def decision_row(result, *, gpu_count: int = 1, attempts: int = 1) -> dict:
     d = result.decision
     return {
         **_base_row(result.workload, result.device, result.fraction, gpu_count, attempts, result.seconds),
-        "batch_size": d.batch_size, "status": d.status, "peak_bytes": d.peak_bytes, "budget_bytes": d.budget_bytes,
+        "batch_size": d.batch_size, "status": d.status, "peak_bytes": d.peak_bytes,
+        "val_peak_bytes": result.val_peak_bytes, "budget_bytes": d.budget_bytes,
         "bytes_per_sample": d.bytes_per_sample, "fixed_bytes": d.fixed_bytes, "r2": d.r2, "clamped": d.clamped,
         "probes": ",".join(str(p.batch) for p in d.probes),
         "probe_peak_bytes": ",".join("oom" if p.oom else str(p.peak_bytes) for p in d.probes),

@@ -30,7 +30,7 @@ def test_synthesized_trace_equals_direct_trace(profiles):
     """Traces at batch sizes never run are synthesized exactly: checked against a direct fake run."""
     w = Workload(model="ultralytics:yolov8n.yaml", imgsz=320, precision="fp16", optimizer="SGD", ema=True)
     prof = profiles(w)
-    assert prof.slope is not None, "YOLO traces should be affine in batch size"
+    assert prof.affine, "YOLO traces should be affine in batch size"
     direct = simulated.trace(models.build(w), w, 13)
     assert prof.events(13) == direct
 
