@@ -170,7 +170,7 @@ class CachingAllocator:
 
 def replay(sizes: Iterable[int], capacity_bytes: int | None = None, held: Iterable[int] = ()) -> Stats:
     """Run an event sequence: a positive size allocates a new block, ``-(i + 1)`` frees allocation ``i``,
-    ``0`` marks the start of a new phase (``Stats.phase_peaks``).
+    ``0`` starts a new phase (``Stats.phase_peaks``) with ``torch.cuda.empty_cache()``.
 
     Allocation ``i`` is the i-th positive entry of ``sizes``. ``held`` are allocated
     first and never freed (e.g. the cuBLAS workspace); they do not shift the indices.
@@ -184,8 +184,9 @@ def replay(sizes: Iterable[int], capacity_bytes: int | None = None, held: Iterab
     for ev in sizes:
         if ev > 0:
             blocks.append(alloc.malloc(ev))
-        elif ev == 0:
+        elif ev == 0:  # the trainer empties the cache before validating (ultralytics, reserved > 50%)
             stats.phase_peaks.append(stats.phase_peak_reserved)
+            alloc.release_cache()
             stats.phase_peak_reserved = stats.reserved
         else:
             i = -ev - 1

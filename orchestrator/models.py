@@ -118,24 +118,37 @@ def _timm(name: str, classes: int) -> Built:
     return Built(timm.create_model(name, pretrained=False, **extra), None, classification_loss)
 
 
+YOLO_TASKS = {"": "detect", "-seg": "segment", "-pose": "pose", "-obb": "obb", "-cls": "classify"}
+"""yaml name suffix -> ultralytics task; each task trains with its own model class, loss and targets."""
+
+
+def yolo_task(source: str) -> str:
+    """The ultralytics task a model source trains (``detect`` unless its yaml ends in -seg/-pose/-obb/-cls)."""
+    stem = source.split(":", 1)[-1].rsplit(".", 1)[0]
+    return next((task for suffix, task in YOLO_TASKS.items() if suffix and suffix in stem), "detect")
+
+
 def _ultralytics(name: str, classes: int) -> Built:
     os.environ.setdefault("YOLO_OFFLINE", "1")
     os.environ.setdefault("YOLO_VERBOSE", "False")
     try:
-        from ultralytics.nn.tasks import DetectionModel
+        from ultralytics.nn import tasks
     except ImportError as e:
         raise SpecError(f"model='ultralytics:{name}' needs ultralytics: pip install -e '.[yolo]'") from e
     cfg = name if name.endswith((".yaml", ".yml")) else f"{name}.yaml"
-    stem = cfg.rsplit(".", 1)[0]
-    if any(stem.endswith(t) for t in ("-cls", "-seg", "-pose", "-obb")):
-        raise SpecError(f"model='ultralytics:{name}': only detection models are supported, e.g. yolov8s.yaml")
+    task = yolo_task(cfg)
+    cls = {"detect": tasks.DetectionModel, "segment": tasks.SegmentationModel, "pose": tasks.PoseModel,
+           "obb": tasks.OBBModel, "classify": tasks.ClassificationModel}[task]
     try:
-        model = DetectionModel(cfg, nc=classes or 80, verbose=False)
+        model = cls(cfg, nc=classes or None, verbose=False)  # None: the yaml's own class count
     except FileNotFoundError as e:
         raise SpecError(
-            f"model='ultralytics:{name}' is not a yaml that ultralytics ships; e.g. yolov8s.yaml, yolo11n.yaml, yolov9c.yaml"
+            f"model='ultralytics:{name}' is not a yaml that ultralytics ships; e.g. yolov8s.yaml, yolo11n-seg.yaml, "
+            "yolo11n-pose.yaml, yolov8n-obb.yaml, yolo11n-cls.yaml"
         ) from e
-    return Built(model, int(model.stride.max()), _yolo_loss(model), "YOLO's own loss and target assigner",
+    if task == "classify":  # the classify trainer feeds float tensors from torchvision transforms
+        return Built(model, None, _YoloLoss(model, task), "YOLO's classification loss")
+    return Built(model, int(model.stride.max()), _YoloLoss(model, task), f"YOLO's own {task} loss and assigner",
                  uint8_input=True, for_fake=_strides_as_numbers, data_dependent_loss=True)
 
 
@@ -145,54 +158,75 @@ def _strides_as_numbers(module: nn.Module) -> None:
     head.stride = [float(s) for s in head.stride]
 
 
-def _yolo_loss(model) -> "_YoloLoss":
-    return _YoloLoss(model)
-
-
 class _YoloLoss:
-    """YOLO's own detection loss (``v8DetectionLoss``, target assigner included) on ``yolo_targets``.
+    """YOLO's own loss for ``task`` (``v8DetectionLoss`` and its kin, target assigner included) on ``yolo_targets``.
 
     ``surrogate=True`` gives a dense stand-in that allocates like the loss without
     indexing by data (for callers that cannot run the real one); the simulator does
     not use it: it runs this real loss on real tensors and splices it into its trace.
     """
 
-    def __init__(self, model):
-        self.model = model
-        self.criterion = None
+    def __init__(self, model, task: str = "detect"):
+        self.model, self.task = model, task
+        self.criterion, self._device = None, None
 
     def setup(self, device: torch.device) -> None:
         """Create the criterion for ``device`` (once; its own small tensors are not part of a step)."""
-        if self.criterion is None or self.criterion.device != device:
+        if self.criterion is None or self._device != device:
             from ultralytics.cfg import get_cfg
 
             self.model.args = get_cfg()
-            self.criterion = self.model.init_criterion()
+            self.criterion, self._device = self.model.init_criterion(), device
 
     def __call__(self, outputs, workload: Workload, batch_size: int, surrogate: bool) -> torch.Tensor:
-        if surrogate:
+        if surrogate and self.task != "classify":  # classification indexes by nothing: real on fake tensors too
             return _detection_surrogate(outputs, self.model)
         device = next(self.model.parameters()).device
         self.setup(device)
-        targets = yolo_targets(batch_size, workload.objects, self.model.model[-1].nc, device)
+        targets = yolo_targets(self.model, self.task, batch_size, workload.objects, workload.imgsz, device)
         loss, _ = self.criterion(outputs, targets)
         return loss.sum()
 
 
-def yolo_targets(batch_size: int, objects: int, classes: int, device) -> dict:
-    """``objects`` labels on every image, deterministic: the image tiled by a grid of boxes, so that every
-    image pads to ``objects`` targets (as the loss pads to the busiest image) and every anchor lies in a
-    box (the most foreground anchors without overlap). Classes cycle through ``classes``."""
+def yolo_targets(model, task: str, batch_size: int, objects: int, imgsz: int, device) -> dict:
+    """The batch's labels as the trainer's loader gives them, for ``model``'s task, deterministic.
+
+    Detection tasks: ``objects`` labels on every image (every image pads to ``objects``
+    targets, as the loss pads to the busiest image), the image tiled by a grid of boxes
+    so that every anchor lies in a box (the most foreground anchors without overlap);
+    classes cycle. Segment adds the overlap mask (each box's region at 1/4 resolution),
+    pose keypoints inside each box, obb an angle; classify one class per image.
+    """
+    head = model.model[-1]
+    nc = getattr(head, "nc", None) or model.yaml.get("nc", 1000)
+    if task == "classify":
+        return {"cls": torch.arange(batch_size, device=device) % nc}
     side = math.ceil(math.sqrt(objects))
     k = torch.arange(objects, device=device)
     cx, cy = (k % side + 0.5) / side, (k // side + 0.5) / side
     wh = torch.full((objects,), 1.0 / side, device=device)
-    boxes = torch.stack([cx, cy, wh, wh], 1)  # normalised xywh, as the data loader gives them
-    return {
+    boxes = torch.stack([cx, cy, wh, wh], 1)  # normalised xywh
+    if task == "obb":
+        boxes = torch.cat([boxes, torch.full((objects, 1), 0.3, device=device)], 1)  # xywhr
+    out = {
         "batch_idx": torch.arange(batch_size, device=device).repeat_interleave(objects).float(),
-        "cls": (k % classes).float().repeat(batch_size).view(-1, 1),
+        "cls": (k % nc).float().repeat(batch_size).view(-1, 1),
         "bboxes": boxes.repeat(batch_size, 1),
     }
+    if task == "segment":  # overlap masks at 1/4 of the image: pixel -> its grid cell's instance (1-based)
+        m = imgsz // 4
+        cell = torch.arange(m, device=device) * side // m
+        index = (cell.view(-1, 1) * side + cell.view(1, -1)) + 1
+        index = torch.where(index <= objects, index, 0)
+        out["masks"] = index.to(torch.uint8 if objects < 255 else torch.int32).expand(batch_size, m, m).contiguous()
+    if task == "pose":
+        kpts, dims = head.kpt_shape
+        spread = (torch.arange(kpts, device=device) / max(kpts - 1, 1) - 0.5) * 0.8 / side
+        xy = torch.stack([cx.view(-1, 1) + spread, cy.view(-1, 1) + spread.flip(0)], -1)  # (objects, kpts, 2)
+        if dims == 3:
+            xy = torch.cat([xy, torch.full((objects, kpts, 1), 2.0, device=device)], -1)  # visible
+        out["keypoints"] = xy.repeat(batch_size, 1, 1)
+    return out
 
 
 SURROGATE_TARGETS = 8  # the dense stand-in's boxes per image

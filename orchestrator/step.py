@@ -109,19 +109,23 @@ def accumulation(workload: Workload, batch: int) -> int:
 def train(built: Built, workload: Workload, batch: int, device: torch.device, *, surrogate: bool = False,
           steps: int = STEPS, after_step: Callable[[int], bool | None] | None = None,
           accumulate: int | None = None, mark: Callable[[], None] | None = None) -> int:
-    """Run ``steps`` optimizer steps at ``batch`` on ``device``, then the validation pass; the caller reads the peak.
+    """Run ``steps`` optimizer steps at ``batch`` on ``device``, then the validation pass; the caller reads
+    the peak. Returns the steps run.
 
-    Mirrors ultralytics' trainer: train mode; each iteration's images arrive as uint8
-    (``Built.uint8_input``) and become ``float() / 255`` on the device, and stay alive
-    until the next batch replaces them (the last one through validation); forward and
-    loss under autocast, backward (scaled for fp16). Gradients accumulate over
-    ``accumulate`` iterations (default ``accumulation(workload, batch)``): the first
-    step runs one iteration (optimizer state is created lazily), later ones two when
-    accumulating, so the peak with state, live gradients and a forward is seen. Then
-    the optimizer step, ``zero_grad(set_to_none=True)`` and the EMA update.
+    Mirrors ultralytics' trainer, in the order it allocates (the caching allocator's
+    layout, hence peak reserved, depends on it). Each iteration's images arrive as
+    uint8 (``Built.uint8_input``) and become ``float() / 255`` on the device, and stay
+    alive until the next batch replaces them (the last one through validation);
+    forward and loss under autocast, backward (scaled for fp16). The first step runs
+    one iteration and creates the optimizer's state lazily, as a trainer's first step
+    (warm-up: no accumulation yet) does; when gradients accumulate (``accumulate``,
+    default ``accumulation(workload, batch)``), later steps run two iterations, so that
+    a forward runs with the state and the last iteration's gradients alive. Then the
+    optimizer step, ``zero_grad(set_to_none=True)`` and the EMA update.
     ``after_step(i)`` runs after step ``i`` and may return True to stop early. With
-    ``workload.val_scale``, ``mark()`` (the phase boundary a caller may record) and
-    ``validate`` follow, with the training state alive. Returns the steps run.
+    ``workload.val_scale``, the cache is emptied as the trainer does, ``mark()`` (the
+    phase boundary a caller may record) and ``validate`` follow, with the training
+    state alive.
     """
     model = built.module.train()
     model.zero_grad(set_to_none=True)  # a previous probe that ran out of memory can leave grads behind
@@ -142,23 +146,32 @@ def train(built: Built, workload: Workload, batch: int, device: torch.device, *,
             del outputs
             (loss if scaler is None else scaler.scale(loss)).backward()
             del loss
-        if scaler is None:
-            optimizer.step()
-        else:
-            scaler.step(optimizer)
-            scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.update(model)
+        _optimizer_step(model, optimizer, scaler, ema)
         done += 1
         if after_step is not None and after_step(done - 1):
             break
     if workload.val_scale:
+        # ultralytics empties the cache before validating when more than half the card is reserved
+        # ("prevent VRAM spike"), which near the answer it always is; mark() tells the tracer so
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         if mark is not None:
             mark()
         validate(built, workload, batch * workload.val_scale, device, ema, surrogate)
     del optimizer, ema, scaler, images
     return done
+
+
+def _optimizer_step(model: nn.Module, optimizer, scaler, ema: "EMA | None") -> None:
+    """The trainer's optimizer_step: (unscale and) step, zero_grad(set_to_none=True), EMA update."""
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
+        scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    if ema is not None:
+        ema.update(model)
 
 
 def _images(built: Built, batch: int, imgsz: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

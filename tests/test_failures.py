@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from orchestrator import fleet, job, table
+from orchestrator.spec import SpecError
 
 ROOT = Path(__file__).resolve().parent.parent
 EXISTING = ("gpu_name,gpu_total_bytes,model,imgsz,precision,optimizer,ema,cudnn_benchmark,fraction,batch_size,status\n"
@@ -243,7 +244,11 @@ def test_table_without_a_newer_key_column_reads_as_its_default(tmp_path):
     out.write_text(EXISTING.replace(",cudnn_benchmark,", ",").replace(",True,False,0.8,", ",True,0.8,"))
     df = table.read(out)
     assert df["cudnn_benchmark"].tolist() == [False]
-    assert lookup(out, "tiny_models:tiny", 64, "T4").batch_size == 512
+    # fields added after that: the values those rows were measured with, not today's defaults
+    assert (df.loc[0, "objects"], df.loc[0, "nbs"], df.loc[0, "val_scale"], df.loc[0, "classes"]) == (8, 1, 0, 0)
+    assert lookup(out, "tiny_models:tiny", 64, "T4", objects=8, nbs=1, val_scale=0).batch_size == 512
+    with pytest.raises(SpecError, match="objects=400 is not in .* it has objects 8"):
+        lookup(out, "tiny_models:tiny", 64, "T4")  # today's step is not the one those rows measured
     table.write_rows(out, [dict(df.iloc[0], imgsz=96, batch_size=300)])
     again = pd.read_csv(out)
     assert "cudnn_benchmark" in again.columns and sorted(again["imgsz"]) == [64, 96]
