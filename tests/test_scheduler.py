@@ -1,11 +1,9 @@
 """The fleet's scheduling policy without Ray: plain data, a fake clock (plain numbers)."""
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from orchestrator import scheduler
 from orchestrator.scheduler import DECIDE, PROFILE, Need, Scheduler, State, plan_sweep
 
 T4, A100 = ("T4", 15), ("A100", 79)
