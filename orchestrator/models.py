@@ -20,8 +20,8 @@ from .spec import SpecError, Workload
 SOURCES = ("torchvision", "timm", "ultralytics", "package.module:callable")
 
 Loss = Callable[[object, Workload, int, bool], torch.Tensor]
-"""loss(outputs, workload, batch_size, surrogate) -> scalar. ``surrogate`` asks for a data-independent
-loss that allocates what the real one does: fake tensors cannot run data-dependent ops."""
+"""loss(outputs, workload, batch_size, surrogate) -> scalar. ``surrogate`` is set when the step runs on fake
+tensors (a loss that must index by data says so in ``Built.data_dependent_loss`` instead)."""
 
 
 @dataclass
@@ -161,9 +161,9 @@ def _strides_as_numbers(module: nn.Module) -> None:
 class _YoloLoss:
     """YOLO's own loss for ``task`` (``v8DetectionLoss`` and its kin, target assigner included) on ``yolo_targets``.
 
-    ``surrogate=True`` gives a dense stand-in that allocates like the loss without
-    indexing by data (for callers that cannot run the real one); the simulator does
-    not use it: it runs this real loss on real tensors and splices it into its trace.
+    It indexes by data, which fake tensors cannot do: the simulator runs it on real
+    tensors and splices its allocations into the trace (``Built.data_dependent_loss``),
+    so ``surrogate`` changes nothing here.
     """
 
     def __init__(self, model, task: str = "detect"):
@@ -179,8 +179,6 @@ class _YoloLoss:
             self.criterion, self._device = self.model.init_criterion(), device
 
     def __call__(self, outputs, workload: Workload, batch_size: int, surrogate: bool) -> torch.Tensor:
-        if surrogate and self.task != "classify":  # classification indexes by nothing: real on fake tensors too
-            return _detection_surrogate(outputs, self.model)
         device = next(self.model.parameters()).device
         self.setup(device)
         targets = yolo_targets(self.model, self.task, batch_size, workload.objects, workload.imgsz, device)
@@ -227,33 +225,6 @@ def yolo_targets(model, task: str, batch_size: int, objects: int, imgsz: int, de
             xy = torch.cat([xy, torch.full((objects, kpts, 1), 2.0, device=device)], -1)  # visible
         out["keypoints"] = xy.repeat(batch_size, 1, 1)
     return out
-
-
-SURROGATE_TARGETS = 8  # the dense stand-in's boxes per image
-
-
-def _detection_surrogate(outputs, model) -> torch.Tensor:
-    head = model.model[-1]
-    reg = head.reg_max
-    if isinstance(outputs, dict):
-        boxes, scores = outputs["boxes"], outputs["scores"]
-    else:  # older ultralytics: a list of (b, no, h, w) maps
-        b = outputs[0].shape[0]
-        cat = torch.cat([x.view(b, head.no, -1) for x in outputs], 2)
-        boxes, scores = cat.split((reg * 4, head.nc), 1)
-    b, _, a = boxes.shape
-    pred_dist = boxes.permute(0, 2, 1).contiguous()
-    pred_scores = scores.permute(0, 2, 1).contiguous()
-    proj = torch.arange(reg, dtype=torch.float, device=boxes.device)
-    decoded = pred_dist.view(b, a, 4, reg).softmax(3).matmul(proj.type(pred_dist.dtype))
-    gt = torch.zeros(b, SURROGATE_TARGETS, 4, device=boxes.device)
-    align = (decoded.detach().unsqueeze(1) - gt.unsqueeze(2)).abs().sum(-1)  # (b, targets, anchors)
-    align = align * pred_scores.detach().sigmoid().amax(-1).unsqueeze(1)
-    target_scores = torch.zeros_like(pred_scores) + align.amax(1).unsqueeze(-1) * 0
-    bce = F.binary_cross_entropy_with_logits(pred_scores, target_scores.to(pred_scores.dtype), reduction="none").sum()
-    labels = torch.zeros(b * a * 4, dtype=torch.long, device=boxes.device)
-    dfl = F.cross_entropy(pred_dist.view(-1, reg), labels, reduction="none").sum()
-    return bce + dfl + decoded.float().sum()
 
 
 def _callable(module_name: str, attr: str, source: str) -> Built:

@@ -134,15 +134,15 @@ def _fake_copy(module: torch.nn.Module, mode: FakeTensorMode) -> torch.nn.Module
 
 
 def trace(built: models.Built, workload: Workload, batch: int, *, fake: bool = True, surrogate: bool | None = None,
-          surrogate_loss: bool = False, run_step: Callable = step.train, **step_options) -> list[int]:
+          run_step: Callable = step.train, **step_options) -> list[int]:
     """Allocation events of: moving the model to the device, then ``run_step`` (``step.STEPS`` training steps).
 
     ``fake=False`` runs the step for real on the CPU (slow, memory-hungry): the
     reference that fake runs are checked against. ``surrogate`` (default: ``fake``)
-    selects the grad scaler (and loss) that fake tensors need: a real run with
+    selects the grad scaler that fake tensors need (no ``.item()``): a real run with
     ``surrogate=True`` is the same step as the fake one, a real run without it is
-    the trainer's own. A data-dependent loss (YOLO's) runs for real even in a fake
-    trace (``_SplicedLoss``) unless ``surrogate_loss`` asks for the dense stand-in.
+    the trainer's own. A data-dependent loss (YOLO's) runs for real in a fake trace
+    too (``_SplicedLoss``).
     ``run_step`` has ``step.train``'s signature; benchmarks swap in other steps (the
     seed's forward+backward-only probe). ``step_options`` go to ``run_step``.
     """
@@ -153,7 +153,7 @@ def trace(built: models.Built, workload: Workload, batch: int, *, fake: bool = T
         built.for_fake(model)
     tracker = _StorageTracker()
     loss = built.loss
-    if fake and built.data_dependent_loss and not surrogate_loss:
+    if fake and built.data_dependent_loss:
         loss = _SplicedLoss(built.loss, tracker)
     run = dataclasses.replace(built, module=model, loss=loss)
     with mode:
@@ -213,7 +213,7 @@ class _SplicedLoss:
             self.tracker.replay(events)
         else:
             start, first = len(self.tracker.events), self.tracker.allocations
-            shapes = self._run(outputs, flat, spec, tensors, wants, workload, batch)
+            shapes = self._run(flat, spec, tensors, wants, workload, batch)
             events = self.tracker.local(start, first)
             if events is not None:
                 self._seen[key] = (events, shapes)
@@ -221,7 +221,7 @@ class _SplicedLoss:
             return tensors[0].new_zeros(())
         return _GradsInto.apply(shapes, *wants)
 
-    def _run(self, outputs, flat, spec, tensors, wants, workload, batch) -> list:
+    def _run(self, flat, spec, tensors, wants, workload, batch) -> list:
         """The loss for real on stand-ins, and the gradient of each output that wants one; its shapes."""
         from torch._subclasses.fake_tensor import unset_fake_temporarily
 

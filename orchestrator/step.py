@@ -1,9 +1,9 @@
 """One measured training step, as a trainer runs it, and the out-of-memory classifier.
 
 The same code runs on a real device (CUDA, or CPU in tests) and on fake tensors
-for the simulated backend; ``surrogate=True`` swaps the two things fake tensors
-cannot do (data-dependent losses, the grad scaler's ``.item()``) for equivalents
-that allocate the same memory.
+for the simulated backend; ``surrogate=True`` swaps what fake tensors cannot do
+(the grad scaler's ``.item()``) for an equivalent that allocates the same memory;
+a loss that indexes by data is run for real by the simulator (``simulated._SplicedLoss``).
 """
 from __future__ import annotations
 
