@@ -155,23 +155,87 @@ class CudaBackend:
         )
 
     def measurer(self, workload: Workload) -> Measurer:
-        """Build the model on the device and run one unmeasured step at batch 1 (see ``_CudaMeasurer``)."""
-        return _CudaMeasurer(self, workload)
+        """Build the model on the device and run one unmeasured step at batch 1 (see ``StepMeasurer``)."""
+        return StepMeasurer(self.device, workload, CudaCounters(self.device))
 
 
-class _CudaMeasurer:
-    """Measures ``step.train`` on a CUDA device with the allocator's peak statistics.
+class CudaCounters:
+    """The device's memory counters a ``StepMeasurer`` reads: torch.cuda's allocator statistics,
+    ``mem_get_info`` and the allocator's count of failed allocations."""
 
-    Construction builds the model on the device and runs one unmeasured step at
-    batch 1: that loads cuDNN/cuBLAS kernels, which grows the CUDA context, so that
-    ``info()`` read afterwards counts it in ``outside_bytes``.
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def reset(self) -> None:
+        """Free the cache (a probe starts from the allocator's lowest state) and reset the peaks."""
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def reset_peaks(self) -> None:
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peaks(self) -> tuple[int, int]:
+        """(peak reserved, peak allocated) since the last reset, the device's work finished."""
+        torch.cuda.synchronize(self.device)
+        return torch.cuda.max_memory_reserved(self.device), torch.cuda.max_memory_allocated(self.device)
+
+    def outside_bytes(self) -> int:
+        """Device memory in use that our allocator did not reserve: the context, kernels, other processes."""
+        torch.cuda.synchronize(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        return total - free - torch.cuda.memory_reserved(self.device)
+
+    def ooms(self) -> int:
+        """Allocations the caching allocator has failed (raised out of memory for) in this process."""
+        return torch.cuda.memory_stats(self.device).get("num_ooms", 0)
+
+    def release(self) -> None:
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of the module's parameters and buffers on the host, to put back after each probe."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+@torch.no_grad()
+def restore(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Put ``state`` back into the module's own tensors (in place: nothing new is allocated)."""
+    own = module.state_dict()
+    for k, v in state.items():
+        own[k].copy_(v)
+
+
+class StepMeasurer:
+    """Measures ``step.train`` on a real device with its memory counters (``CudaCounters`` on a GPU).
+
+    Construction builds a fresh model, keeps a copy of its initial weights and buffers on the host,
+    moves it to the device and runs one unmeasured step at batch 1 (kernels load, so the context
+    grows before ``info()`` is read). Each probe then:
+
+    - runs with ``cudnn.benchmark`` as the workload says;
+    - starts from the initial weights and puts them back afterwards, whatever happened: ~30 real
+      optimizer steps on random data would otherwise move them (fp16 overflows, skipped steps);
+    - raises ``OutOfMemory`` when the step ran out of memory, including out-of-memory that code
+      inside the step caught and worked around (ultralytics' assigner retries image by image,
+      cuDNN tries another plan): the allocator's failure count grew. With ``cudnn_benchmark`` the
+      autotuner fails allocations on purpose: those are logged, not counted;
+    - a cuDNN failure that may or may not be memory (``step.oom_kind`` "maybe") is out of memory
+      when an allocation failed or the batch is above 1; at batch 1 it is tried once more with the
+      cache emptied, and failing again it is an error, not ``no-fit``;
+    - records memory outside the allocator afterwards; ``outside_bytes`` keeps the most seen.
     """
 
-    def __init__(self, backend: CudaBackend, workload: Workload):
+    def __init__(self, device: torch.device, workload: Workload, counters: CudaCounters):
         t0 = time.perf_counter()
-        self.device, self.workload = backend.device, workload
+        self.device, self.workload, self.counters = device, workload, counters
         self.built = models.build(workload)
-        self.built.module.to(self.device)
+        self.initial = snapshot(self.built.module)
+        self.built.module.to(device)
+        self.outside_bytes = 0
+        self.caught_ooms = 0  # allocations that failed and were caught inside the step with cudnn.benchmark on
         try:
             self(1)
         except OutOfMemory:
@@ -179,36 +243,65 @@ class _CudaMeasurer:
         self.setup_seconds = time.perf_counter() - t0
 
     def __call__(self, batch: int) -> Measurement:
-        device = self.device
         previous = torch.backends.cudnn.benchmark
         torch.backends.cudnn.benchmark = self.workload.cudnn_benchmark
         try:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-            train_peaks = []
-
-            def mark():  # training ends, validation starts: keep training's peaks, measure validation's alone
-                torch.cuda.synchronize(device)
-                train_peaks[:] = [torch.cuda.max_memory_reserved(device), torch.cuda.max_memory_allocated(device)]
-                torch.cuda.reset_peak_memory_stats(device)
-
-            step.train(self.built, self.workload, batch, device, mark=mark)
-            torch.cuda.synchronize(device)
-            free, total = torch.cuda.mem_get_info(device)
-            reserved, allocated = torch.cuda.max_memory_reserved(device), torch.cuda.max_memory_allocated(device)
-            val = reserved if train_peaks else 0
-            reserved, allocated = max([reserved] + train_peaks[:1]), max([allocated] + train_peaks[1:])
-            return Measurement(reserved, allocated, total - free - torch.cuda.memory_reserved(device), val)
-        except Exception as e:
-            if not step.is_oom(e):
-                raise
-            msg = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            return self._probe(batch, again=batch == 1)
         finally:
             torch.backends.cudnn.benchmark = previous
-            gc.collect()
-            torch.cuda.empty_cache()
-        # raised outside the except block so the traceback (and the tensors its frames hold) is gone
+            self.counters.release()
+            self.outside_bytes = max(self.outside_bytes, self.counters.outside_bytes())
+
+    def _probe(self, batch: int, again: bool) -> Measurement:
+        failed_before = self.counters.ooms()
+        try:
+            measured = self._step(batch)
+        except Exception as e:
+            kind = step.oom_kind(e)
+            if kind is None:
+                raise
+            msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+        else:
+            kind, msg = None, ""
+        # from here on outside the except block: the traceback (and the tensors its frames hold) is gone
+        caught = self.counters.ooms() - failed_before
+        if kind is None:
+            if caught and not self.workload.cudnn_benchmark:
+                raise OutOfMemory(f"{caught} allocation(s) ran out of memory inside the step at batch {batch} "
+                                  "and were caught by the code that made them (a fallback ran instead)")
+            if caught:
+                self.caught_ooms += caught
+                log.info("%s at batch %d: %d allocations failed and were caught inside the step (cudnn.benchmark's "
+                         "autotuner tries workspaces that do not fit): not counted", self.workload.label(), batch,
+                         caught)
+            return measured
+        if kind == "maybe" and not caught and batch == 1:
+            if again:
+                self.counters.release()
+                return self._probe(batch, again=False)
+            raise RuntimeError(f"{msg} (again at batch 1 with the cache emptied, and no allocation failed: "
+                               "an error of this model or library, not out of memory)")
         raise OutOfMemory(msg)
+
+    def _step(self, batch: int) -> Measurement:
+        c = self.counters
+        c.reset()
+        train_peaks: list[int] = []
+
+        def mark():  # training ends, validation starts: keep training's peaks, measure validation's alone
+            train_peaks[:] = c.peaks()
+            c.reset_peaks()
+
+        try:
+            step.train(self.built, self.workload, batch, self.device, mark=mark)
+            reserved, allocated = c.peaks()
+            outside = c.outside_bytes()
+        finally:
+            restore(self.built.module, self.initial)
+        val = reserved if train_peaks else 0
+        if train_peaks:
+            reserved, allocated = max(reserved, train_peaks[0]), max(allocated, train_peaks[1])
+        return Measurement(reserved, allocated, outside, val)
 
 
 def _driver_version() -> str:

@@ -1,16 +1,86 @@
-"""The CUDA path without a GPU (issue 12): the out-of-memory classifier on the exact texts PyTorch,
-cuBLAS and cuDNN raise; the optimizer-state check after each optimizer step."""
+"""The CUDA path without a GPU (issue 12).
+
+The CUDA measurer (``devices.StepMeasurer``) runs the real training step on real CPU tensors here,
+reading a fake of the card's memory counters (``CpuCounters``: no peaks, a failed-allocation count
+that a model bumps the way the caching allocator does). Models in ``tiny_models`` raise the exact
+errors CUDA, cuBLAS and cuDNN raise. What needs a card is checked by benchmarks/calibrate_cuda.py.
+"""
+import argparse
+import dataclasses
+import gc
+import os
+from types import SimpleNamespace
+
+import pandas as pd
 import pytest
 import torch
 
 import tiny_models
-from orchestrator import models, step
+from orchestrator import answers, devices, engine, fleet, job, models, spec, step, table
+from orchestrator.decision import decide
+from orchestrator.devices import DeviceInfo, Measurement, StepMeasurer
+from orchestrator.scheduler import Outcome
 from orchestrator.spec import Workload
+from orchestrator.units import GiB, MiB
 
 CPU = torch.device("cpu")
 
 
-# -- item 1: a skipped optimizer step is loud
+class CpuCounters:
+    """A fake of a card's memory counters for a measurer on the CPU: peaks and memory outside the
+    allocator read 0; failed allocations are ``tiny_models.ALLOCATOR_OOMS`` (the allocator's num_ooms)."""
+
+    def reset(self):
+        gc.collect()
+
+    def reset_peaks(self):
+        pass
+
+    def peaks(self):
+        return 0, 0
+
+    def outside_bytes(self):
+        return 0
+
+    def ooms(self):
+        return tiny_models.ALLOCATOR_OOMS[0]
+
+    def release(self):
+        gc.collect()
+
+
+def measurer(model: str, **fields) -> StepMeasurer:
+    return StepMeasurer(CPU, Workload(model=f"tiny_models:{model}", imgsz=32, **fields), CpuCounters())
+
+
+def decide_with(m: StepMeasurer, max_batch: int = 64):
+    return decide(lambda b: m(b).reserved_bytes, GiB, max_batch=max_batch)
+
+
+# -- item 1: probes leave the weights as they found them; a skipped optimizer step is loud
+
+
+def test_weights_after_a_decision_equal_those_before():
+    """A decision (real fp16 AdamW steps, out-of-memory in validation after two optimizer steps) leaves
+    every weight and buffer (BatchNorm's running statistics included) exactly as built."""
+    w = Workload(model="tiny_models:tiny_oom_above_12", imgsz=32, precision="fp16", optimizer="AdamW")
+    torch.manual_seed(0)
+    before = {k: v.clone() for k, v in models.build(w).module.state_dict().items()}
+    torch.manual_seed(0)
+    m = StepMeasurer(CPU, w, CpuCounters())
+    d = decide_with(m)
+    assert (d.status, d.batch_size) == ("ok", 6)  # 7 trains, then validates 14 images: out of memory
+    assert [p.batch for p in d.probes if p.oom] == [8, 7]
+    after = m.built.module.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_skipped_optimizer_step_fails_the_probe_loudly():
+    """fp16 gradients that overflow make the grad scaler skip the step, which creates no optimizer state:
+    the probe raises instead of reporting a peak that lacks the state."""
+    with pytest.raises(step.SkippedStep, match=r"optimizer step 1 .*grad scaler found inf/NaN.*bf16 or fp32"):
+        measurer("tiny_overflows_fp16", precision="fp16", optimizer="AdamW")
 
 
 def test_every_optimizer_step_of_a_probe_leaves_optimizer_state():
@@ -25,6 +95,27 @@ def test_every_optimizer_step_of_a_probe_leaves_optimizer_state():
             p.grad = torch.ones_like(p)
         with pytest.raises(step.SkippedStep, match="it created no state"):
             step.check_stepped(opt, None, None, 0)
+
+
+# -- item 3: out-of-memory that code inside the step catches is out of memory
+
+
+def test_out_of_memory_caught_inside_the_step_is_out_of_memory():
+    """From batch 8 the step's own code catches a failed allocation and falls back: those batches are
+    out of memory (the answer is 7), not a success at a batch that only ran through the fallback."""
+    d = decide_with(measurer("tiny_swallows_oom_from_8", precision="fp32"))
+    assert d.batch_size == 7
+    assert [p.batch for p in d.probes if p.oom] == [8]
+    assert "caught by the code that made them" in d.probes[3].oom_message
+
+
+def test_with_cudnn_benchmark_caught_failures_are_logged_not_counted(caplog):
+    """cudnn.benchmark's autotuner fails allocations on purpose: with it on they are logged, not OOM."""
+    m = measurer("tiny_swallows_oom_from_8", precision="fp32", cudnn_benchmark=True)
+    with caplog.at_level("INFO", logger="orchestrator.devices"):
+        d = decide_with(m, max_batch=16)
+    assert d.batch_size == 16 and m.caught_ooms > 0
+    assert any("autotuner" in r.getMessage() for r in caplog.records)
 
 
 # -- item 4: the out-of-memory classifier, on the texts PyTorch, cuBLAS and cuDNN raise
@@ -68,3 +159,16 @@ def test_cudnn_failures_that_may_be_memory(exc):
 @pytest.mark.parametrize("exc", NOT_OOM, ids=lambda e: str(e)[:48])
 def test_other_errors_are_errors(exc):
     assert step.oom_kind(exc) is None
+
+
+def test_a_cudnn_failure_at_batch_1_that_repeats_is_an_error_not_no_fit():
+    """cuDNN NOT_SUPPORTED at batch 1, again after the cache is emptied, with no allocation failing:
+    the model or library is at fault, so it is an error (an error row), never ``no-fit``."""
+    with pytest.raises(RuntimeError, match=r"CUDNN_STATUS_NOT_SUPPORTED.*again at batch 1 with the cache emptied"):
+        measurer("tiny_cudnn_not_supported", precision="fp32")
+
+
+def test_a_cudnn_failure_that_depends_on_the_batch_is_out_of_memory():
+    """The same failure only from batch 8 on (batch 1 ran): out of memory, and the answer is 7."""
+    d = decide_with(measurer("tiny_cudnn_not_supported_from_8", precision="fp32", val_scale=0))
+    assert d.batch_size == 7 and d.probes[3].oom and "CUDNN_STATUS_NOT_SUPPORTED" in d.probes[3].oom_message
