@@ -6,10 +6,13 @@ outside our allocator, and measures a workload's training step at a batch size
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
+import os
 import socket
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Protocol
 
@@ -195,6 +198,59 @@ class CudaCounters:
         torch.cuda.empty_cache()
 
 
+DETERMINISTIC_CUBLAS = ":4096:8"
+"""CUBLAS_WORKSPACE_CONFIG in YOLO's deterministic mode (ultralytics ``init_seeds``)."""
+
+
+@contextlib.contextmanager
+def trainer_settings(workload: Workload, device: torch.device):
+    """The process-wide settings a trainer makes, as ``workload`` says, for one probe; the previous
+    settings afterwards (``autobatch`` may run inside the trainer's own process).
+
+    ``cudnn.benchmark``, and ultralytics' ``init_seeds(deterministic=...)``: with ``deterministic``,
+    ``use_deterministic_algorithms(True, warn_only=True)``, ``cudnn.deterministic``, no NaN fill of new
+    tensors and ``CUBLAS_WORKSPACE_CONFIG=:4096:8``; without it, none of these. cuBLAS's workspace size
+    is read when torch gives a cuBLAS handle its workspace, and torch keeps workspaces for the life of
+    the process: when the setting changes, the kept ones are dropped, so the probe's first matmul
+    allocates the workload's own (inside the measured step, where the trainer has it too).
+    """
+    det = workload.deterministic
+    fill = getattr(torch.utils, "deterministic", None)
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+             torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             getattr(fill, "fill_uninitialized_memory", None), os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    torch.backends.cudnn.benchmark = workload.cudnn_benchmark
+    torch.backends.cudnn.deterministic = det
+    torch.use_deterministic_algorithms(det, warn_only=True)
+    if fill is not None:
+        fill.fill_uninitialized_memory = not det
+    _cublas_workspace_config(DETERMINISTIC_CUBLAS if det else None, device)
+    try:
+        with warnings.catch_warnings():  # warn_only: each op without a deterministic kernel warns, every probe
+            warnings.filterwarnings("ignore", message=".*does not have a deterministic implementation")
+            yield
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[0], saved[1]
+        torch.use_deterministic_algorithms(saved[2], warn_only=saved[3])
+        if fill is not None:
+            fill.fill_uninitialized_memory = saved[4]
+        _cublas_workspace_config(saved[5], device)
+
+
+def _cublas_workspace_config(value: str | None, device: torch.device) -> None:
+    """Set CUBLAS_WORKSPACE_CONFIG (None: unset); when it changes, drop torch's cuBLAS workspaces so that
+    none is used with a size it was not allocated with."""
+    if os.environ.get("CUBLAS_WORKSPACE_CONFIG") == value:
+        return
+    if value is None:
+        del os.environ["CUBLAS_WORKSPACE_CONFIG"]
+    else:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = value
+    if device.type == "cuda" and hasattr(torch._C, "_cuda_clearCublasWorkspaces"):
+        torch.cuda.synchronize(device)
+        torch._C._cuda_clearCublasWorkspaces()
+
+
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A copy of the module's parameters and buffers on the host, to put back after each probe."""
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
@@ -215,7 +271,7 @@ class StepMeasurer:
     moves it to the device and runs one unmeasured step at batch 1 (kernels load, so the context
     grows before ``info()`` is read). Each probe then:
 
-    - runs with ``cudnn.benchmark`` as the workload says;
+    - runs with the trainer's process settings (``trainer_settings``: cudnn.benchmark, determinism);
     - starts from the initial weights and puts them back afterwards, whatever happened: ~30 real
       optimizer steps on random data would otherwise move them (fp16 overflows, skipped steps);
     - raises ``OutOfMemory`` when the step ran out of memory, including out-of-memory that code
@@ -243,14 +299,12 @@ class StepMeasurer:
         self.setup_seconds = time.perf_counter() - t0
 
     def __call__(self, batch: int) -> Measurement:
-        previous = torch.backends.cudnn.benchmark
-        torch.backends.cudnn.benchmark = self.workload.cudnn_benchmark
-        try:
-            return self._probe(batch, again=batch == 1)
-        finally:
-            torch.backends.cudnn.benchmark = previous
-            self.counters.release()
-            self.outside_bytes = max(self.outside_bytes, self.counters.outside_bytes())
+        with trainer_settings(self.workload, self.device):
+            try:
+                return self._probe(batch, again=batch == 1)
+            finally:
+                self.counters.release()
+                self.outside_bytes = max(self.outside_bytes, self.counters.outside_bytes())
 
     def _probe(self, batch: int, again: bool) -> Measurement:
         failed_before = self.counters.ooms()

@@ -172,3 +172,53 @@ def test_a_cudnn_failure_that_depends_on_the_batch_is_out_of_memory():
     """The same failure only from batch 8 on (batch 1 ran): out of memory, and the answer is 7."""
     d = decide_with(measurer("tiny_cudnn_not_supported_from_8", precision="fp32", val_scale=0))
     assert d.batch_size == 7 and d.probes[3].oom and "CUDNN_STATUS_NOT_SUPPORTED" in d.probes[3].oom_message
+
+
+# -- item 7: the deterministic field: in the key and the table, applied around each probe
+
+
+def test_deterministic_is_a_workload_field_in_the_key_flags_and_job_files(tmp_path):
+    """Default as YOLO's trainer (True); its own key column; --no-deterministic; a list in a job file; a
+    table written before it existed reads its rows as not deterministic (they were measured so)."""
+    assert Workload(model="m:f").deterministic is True and "deterministic" in table.KEY
+    p = argparse.ArgumentParser()
+    spec.add_flags(p, many=False)
+    assert spec.from_args(p.parse_args(["--model", "m:f", "--no-deterministic"])).deterministic is False
+    j = job.from_dict({"sweep": {"models": ["m:f"], "imgsz": [64], "deterministic": [True, False]}}, "t")
+    assert sorted(w.deterministic for w in j.sweep.workloads()) == [False, True]
+    info = devices.SimulatedBackend("T4").info()
+    keys = {table.row_key(info, Workload(model="m:f", deterministic=d), 0.8) for d in (True, False)}
+    assert len(keys) == 2
+    out = tmp_path / "t.csv"
+    pd.DataFrame([{"gpu_name": "Tesla T4", "gpu_total_bytes": 1, "model": "m:f", "imgsz": 64, "fraction": 0.8,
+                   "batch_size": 8, "status": "ok"}]).to_csv(out, index=False)
+    assert table.read(out)["deterministic"].tolist() == [False]
+
+
+TRACED = Workload(model="tiny_models:tiny", imgsz=64, deterministic=False)
+
+
+def test_deterministic_travels_into_the_row(profiles):
+    """A decision's row carries the field it was measured with."""
+    w = TRACED
+    backend = devices.SimulatedBackend("T4")
+    backend.add_profile(profiles(w))
+    row = table.decision_row(engine.decide_on(backend, w, 0.8))
+    assert row["deterministic"] is False and row["status"] == "ok"
+
+
+def test_the_measurer_applies_the_trainers_settings_and_puts_the_process_back(monkeypatch):
+    """Inside each probe: deterministic algorithms, cudnn.deterministic, CUBLAS_WORKSPACE_CONFIG=:4096:8
+    (YOLO's deterministic=True) or none of them; cudnn.benchmark as asked; afterwards, as before."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    outside = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+               torch.backends.cudnn.benchmark)
+    for det in (True, False):
+        tiny_models.SEEN_SETTINGS.clear()
+        measurer("tiny_records_settings", precision="fp32", deterministic=det, cudnn_benchmark=True)
+        assert tiny_models.SEEN_SETTINGS and all(s == {
+            "deterministic": det, "cudnn_deterministic": det, "cudnn_benchmark": True,
+            "cublas": ":4096:8" if det else None} for s in tiny_models.SEEN_SETTINGS)
+        assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+                torch.backends.cudnn.benchmark) == outside
+        assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
