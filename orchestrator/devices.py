@@ -76,6 +76,8 @@ class Measurer(Protocol):
 
     setup_seconds: float
     """Time spent preparing: simulated, tracing the workload (shared by every card); CUDA, build and warm-up."""
+    outside_bytes: int
+    """The most device memory seen outside the allocator after any probe so far: it grows as kernels load."""
 
     def __call__(self, batch: int) -> Measurement: ...
 
@@ -121,6 +123,7 @@ class _SimulatedMeasurer:
     def __init__(self, prof: simulated.Profile, card: catalog.Card):
         self.prof, self.card = prof, card
         self.capacity = card.total_bytes - card.context_bytes
+        self.outside_bytes = card.context_bytes
 
     @property
     def setup_seconds(self) -> float:

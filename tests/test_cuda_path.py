@@ -222,3 +222,45 @@ def test_the_measurer_applies_the_trainers_settings_and_puts_the_process_back(mo
         assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
                 torch.backends.cudnn.benchmark) == outside
         assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+
+
+# -- item 2: memory outside the allocator grows during a decision
+
+
+class GrowingContextCard:
+    """A fake device whose context grows by 1 GiB once a batch of 64 or more has run (lazy kernel
+    loading); its step needs 64 MiB per sample."""
+
+    def __init__(self):
+        self.outside = GiB // 2
+
+    def info(self):
+        return DeviceInfo(name="Growing", total_bytes=10 * GiB, outside_bytes=self.outside, backend="cuda")
+
+    def measurer(self, workload):
+        card = self
+
+        class Measure:
+            setup_seconds = 0.0
+
+            @property
+            def outside_bytes(self):
+                return card.outside
+
+            def __call__(self, batch):
+                if batch >= 64:
+                    card.outside = GiB // 2 + GiB
+                return Measurement(batch * 64 * MiB, batch * 64 * MiB, card.outside)
+
+        return Measure()
+
+
+def test_the_answer_is_checked_against_the_budget_recomputed_with_the_most_outside_seen():
+    """The budget read after the warm-up is 7.5 GiB (answer 120); the context then grows by 1 GiB, so
+    the answer is decided again within 6.5 GiB (104), reusing the probes; the row says 1.5 GiB outside."""
+    r = engine.decide_on(GrowingContextCard(), Workload(model="m:f"), 0.8)
+    d = r.decision
+    assert r.device.outside_bytes == GiB // 2 + GiB
+    assert d.budget_bytes == int(0.8 * 10 * GiB) - r.device.outside_bytes
+    assert d.batch_size == 104 and d.peak_bytes <= d.budget_bytes
+    assert len({p.batch for p in d.probes}) == d.measurements  # each measurement listed once
