@@ -139,6 +139,35 @@ class _SimulatedMeasurer:
         return Measurement(stats.peak_reserved, stats.peak_allocated, self.card.context_bytes, val)
 
 
+class DeviceFault(RuntimeError):
+    """The process's CUDA context is unusable: an illegal memory access, a device-side assert or another
+    sticky CUDA error. Every later CUDA call in the process fails the same way; only a new process
+    recovers (in a sweep: the actor is replaced and the combination retried once)."""
+
+
+# cudaGetErrorString's text of CUDA's sticky errors, for a torch older than torch.AcceleratorError
+_STICKY_MESSAGES = (
+    "an illegal memory access was encountered", "device-side assert triggered", "unspecified launch failure",
+    "an illegal instruction was encountered", "misaligned address", "invalid program counter",
+    "hardware stack error", "the launch timed out and was terminated", "uncorrectable ecc error encountered",
+    "operation not supported on global/shared address space",
+)
+
+
+def device_fault(exc: BaseException) -> DeviceFault | None:
+    """``exc`` as a ``DeviceFault`` when it is a CUDA error that poisons the process's context
+    (``torch.AcceleratorError`` other than out of memory, or one of CUDA's sticky messages), else None."""
+    if isinstance(exc, DeviceFault):
+        return exc
+    if not isinstance(exc, RuntimeError) or step.oom_kind(exc) is not None:
+        return None
+    accelerator_error = getattr(torch, "AcceleratorError", ())
+    text = str(exc).strip()
+    if isinstance(exc, accelerator_error) or any(m in text.lower() for m in _STICKY_MESSAGES):
+        return DeviceFault(f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}")
+    return None
+
+
 class CudaBackend:
     """A real CUDA device, measured with torch.cuda's allocator statistics."""
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import ray
 
 from . import catalog, engine, scheduler, table
-from .devices import DeviceInfo
+from .devices import DeviceFault, DeviceInfo, device_fault
 from .spec import SpecError, Workload
 
 log = logging.getLogger(__name__)
@@ -49,12 +49,24 @@ class DeviceActor:
                                    node=ray.get_runtime_context().get_node_id())
 
     def profile(self, workload: Workload):
-        return self.backend.profile(workload)
+        return _faults_named(self.backend.profile, workload)
 
     def decide(self, workload: Workload, fraction: float, max_batch: int, profile=None) -> engine.Result:
         if profile is not None:
             self.backend.add_profile(profile)
-        return engine.decide_on(self.backend, workload, fraction, max_batch=max_batch)
+        return _faults_named(engine.decide_on, self.backend, workload, fraction, max_batch=max_batch)
+
+
+def _faults_named(fn, *args, **kwargs):
+    """``fn(...)``, with a sticky CUDA error raised as ``DeviceFault``: the driver replaces this actor,
+    whose CUDA context fails every later call (other exceptions pass unchanged: the combination's error)."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:
+        fault = device_fault(e)
+        if fault is None:
+            raise
+    raise fault
 
 
 RemoteDeviceActor = ray.remote(DeviceActor)
@@ -236,6 +248,8 @@ class Sweep:
         reason = _reason(e)
         if job is None:  # the actor never reported its device
             self._drop(self.scheduler.start_failed(device, reason, now), node=_node_of(e) or "?")
+        elif isinstance(getattr(e, "cause", None), DeviceFault):  # the actor's CUDA context is poisoned
+            self._drop(self.scheduler.faulted(device, reason, now))
         elif isinstance(e, ray.exceptions.RayTaskError):  # a Python error: the combination is broken, not the actor
             self.scheduler.failed(job, reason, now)
         else:  # the process died (crash, OOM-kill, node loss) or Ray lost it: retried on another actor

@@ -264,3 +264,30 @@ def test_the_answer_is_checked_against_the_budget_recomputed_with_the_most_outsi
     assert d.budget_bytes == int(0.8 * 10 * GiB) - r.device.outside_bytes
     assert d.batch_size == 104 and d.peak_bytes <= d.budget_bytes
     assert len({p.batch for p in d.probes}) == d.measurements  # each measurement listed once
+
+
+# -- item 5: a sticky CUDA error replaces the actor and retries its combination once
+
+
+def test_sticky_cuda_error_replaces_the_actor_and_retries_once(ray_session, tmp_path):
+    """A model whose step hits an illegal memory access poisons its actor's CUDA context (every later
+    step in that process fails too): the actor is replaced and the combination retried once, then it is
+    an error row; the next combination runs on a fresh actor and is ok."""
+    data = {"sweep": {"models": ["tiny_models:tiny_illegal_address", "tiny_models:tiny"], "imgsz": [64],
+                      "out": str(tmp_path / "t.csv")},
+            "fleet": {"mode": "simulate", "simulate": "T4", "actor_timeout_s": 60, "max_attempts": 3}}
+    stats, df = fleet.run_sweep(job.from_dict(data, "test"))
+    rows = {r["model"]: r for _, r in df.iterrows()}
+    bad = rows["tiny_models:tiny_illegal_address"]
+    assert bad["status"] == "error" and bad["attempts"] == 2
+    assert "DeviceFault: AcceleratorError: CUDA error: an illegal memory access was encountered" in bad["error"]
+    assert "gave up after 2 attempts" in bad["error"]
+    assert rows["tiny_models:tiny"]["status"] == "ok"
+    assert stats.actor_restarts == 2
+
+
+def test_only_context_poisoning_errors_are_device_faults():
+    assert devices.device_fault(torch.AcceleratorError(tiny_models.ILLEGAL_ADDRESS)) is not None
+    assert devices.device_fault(RuntimeError("CUDA error: device-side assert triggered\n...")) is not None
+    assert devices.device_fault(torch.AcceleratorError("CUDA error: out of memory")) is None
+    assert devices.device_fault(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
