@@ -7,6 +7,7 @@ outside our allocator, and measures a workload's training step at a batch size
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import logging
 import os
@@ -37,12 +38,20 @@ class DeviceInfo:
     backend: str  # "cuda" | "simulated"
     capability: str = ""
     driver: str = ""
+    """The NVIDIA driver and the newest CUDA it supports (NVML), e.g. ``550.54.15 (CUDA 12.4)``."""
     cuda: str = ""
+    """The CUDA version torch was built with (``torch.version.cuda``), not the driver's (see ``driver``)."""
     torch: str = torch.__version__
     host: str = ""
     card: str = ""  # catalog key, when known
     pid: int = 0  # the process that owns the device (a Ray actor in a sweep)
     node: str = ""  # Ray node id, in a sweep
+    uuid: str = ""
+    """The device's UUID as NVML names it (``GPU-...``; ``MIG-...`` for a MIG slice), when known."""
+    neighbours: int = 0
+    """Other processes using the device when it was read (NVML)."""
+    neighbour_bytes: int = 0
+    """Device memory those processes held: part of ``outside_bytes``, so the budget is what they left."""
 
     def budget_bytes(self, fraction: float) -> int:
         """Bytes our allocator may reserve so that whole-device usage stays <= fraction x total."""
@@ -168,6 +177,80 @@ def device_fault(exc: BaseException) -> DeviceFault | None:
     return None
 
 
+# -- NVML: the driver's view of the device, by UUID (indices differ between NVML and CUDA_VISIBLE_DEVICES)
+
+@functools.cache
+def _nvml():
+    """pynvml (nvidia-ml-py), initialised; None where there is no NVIDIA driver."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # no driver, no library: NVML facts are reported as unknown
+        return None
+    return pynvml
+
+
+def nvml_handle(uuid: str):
+    """NVML's handle of the device with ``uuid`` (``GPU-...`` or ``MIG-...``), or None."""
+    nvml = _nvml()
+    if nvml is None or not uuid:
+        return None
+    try:
+        return nvml.nvmlDeviceGetHandleByUUID(uuid)
+    except Exception:
+        return None
+
+
+def nvml_uuid(props) -> str:
+    """The NVML UUID of the CUDA device whose ``torch.cuda.get_device_properties`` are ``props``: torch gives
+    the bare UUID; NVML prefixes ``GPU-`` for a card and ``MIG-`` for a MIG slice."""
+    bare = str(getattr(props, "uuid", "") or "")
+    if not bare:
+        return ""
+    candidates = ("GPU-", "MIG-")
+    known = [p + bare for p in candidates if nvml_handle(p + bare) is not None]
+    return (known or [candidates[0] + bare])[0]
+
+
+def neighbours(uuid: str, own_bytes: int) -> tuple[int, int] | None:
+    """(count, bytes) of the other processes using the device ``uuid``, or None when NVML cannot say.
+
+    This process is found by its PID; in a container with its own PID namespace NVML lists host PIDs,
+    and this process is taken to be the one whose usage is closest above ``own_bytes`` (what our
+    allocator reserves). A process whose usage NVML does not report counts with 0 bytes.
+    """
+    nvml, handle = _nvml(), nvml_handle(uuid)
+    if handle is None:
+        return None
+    procs = {}
+    for listing in (nvml.nvmlDeviceGetComputeRunningProcesses, nvml.nvmlDeviceGetGraphicsRunningProcesses):
+        try:
+            procs.update({p.pid: p.usedGpuMemory or 0 for p in listing(handle)})
+        except Exception:
+            continue
+    own = os.getpid()
+    if own not in procs and procs:
+        above = [pid for pid, used in procs.items() if used >= own_bytes] or list(procs)
+        own = min(above, key=lambda pid: procs[pid] - own_bytes)
+    others = [used for pid, used in procs.items() if pid != own]
+    return len(others), sum(others)
+
+
+def driver_version() -> str:
+    """``550.54.15 (CUDA 12.4)``: the driver and the newest CUDA it supports; "" without NVML."""
+    nvml = _nvml()
+    if nvml is None:
+        return ""
+    try:
+        version = nvml.nvmlSystemGetDriverVersion()
+        version = version.decode() if isinstance(version, bytes) else version
+        cuda = nvml.nvmlSystemGetCudaDriverVersion()
+        return f"{version} (CUDA {cuda // 1000}.{cuda % 1000 // 10})"
+    except Exception:  # informational only
+        return ""
+
+
 class CudaBackend:
     """A real CUDA device, measured with torch.cuda's allocator statistics."""
 
@@ -178,15 +261,19 @@ class CudaBackend:
             raise RuntimeError("CUDA is not available: use a simulated card (--gpu T4) or run on a GPU machine")
         torch.cuda.init()
         self.device = torch.device("cuda", torch.cuda.current_device() if index is None else index)
+        props = torch.cuda.get_device_properties(self.device)
+        self.uuid = nvml_uuid(props)
 
     def info(self) -> DeviceInfo:
         props = torch.cuda.get_device_properties(self.device)
         free, total = torch.cuda.mem_get_info(self.device)
-        outside = total - free - torch.cuda.memory_reserved(self.device)
+        reserved = torch.cuda.memory_reserved(self.device)
+        count, near_bytes = neighbours(self.uuid, reserved) or (0, 0)
         return DeviceInfo(
-            name=props.name, total_bytes=total, outside_bytes=outside, backend="cuda",
-            capability=f"{props.major}.{props.minor}", driver=_driver_version(), cuda=torch.version.cuda or "",
+            name=props.name, total_bytes=total, outside_bytes=total - free - reserved, backend="cuda",
+            capability=f"{props.major}.{props.minor}", driver=driver_version(), cuda=torch.version.cuda or "",
             host=socket.gethostname(), card=getattr(catalog.by_device_name(props.name, total), "key", ""),
+            uuid=self.uuid, neighbours=count, neighbour_bytes=near_bytes,
         )
 
     def measurer(self, workload: Workload) -> Measurer:
@@ -388,16 +475,6 @@ class StepMeasurer:
         if train_peaks:
             reserved, allocated = max(reserved, train_peaks[0]), max(allocated, train_peaks[1])
         return Measurement(reserved, allocated, outside, val)
-
-
-def _driver_version() -> str:
-    try:
-        import pynvml  # shipped by nvidia-ml-py, which ray[default] installs
-
-        pynvml.nvmlInit()
-        return pynvml.nvmlSystemGetDriverVersion()
-    except Exception:  # the driver version is informational only
-        return ""
 
 
 def cuda_count() -> int:

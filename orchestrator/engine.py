@@ -10,6 +10,7 @@ from . import decision as core
 from . import spec
 from .devices import Backend, DeviceInfo, Measurement, cuda_count, make_backend
 from .spec import SpecError, Workload, check_fraction, check_max_batch
+from .table import NEIGHBOUR_WARN_BYTES
 from .units import gib
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ def decide_on(backend: Backend, workload: Workload, fraction: float, *, max_batc
     Memory outside the allocator (context, kernels, other processes) is read after every probe and at
     the end; when it grew past what the budget assumed, the answer is checked against the budget
     recomputed with the most seen, and decided again within it if it no longer fits (probes already
-    measured are reused). The result's device reports that most-seen figure."""
+    measured are reused). The result's device reports that most-seen figure and any neighbours."""
     check_fraction(fraction)
     check_max_batch(max_batch)
     t0 = time.perf_counter()
@@ -62,7 +63,8 @@ def decide_on(backend: Backend, workload: Workload, fraction: float, *, max_batc
         end = backend.info()
         outside = max([info.outside_bytes, end.outside_bytes, measure.outside_bytes]
                       + [m.outside_bytes for m in seen.values() if isinstance(m, Measurement)])
-        info = dataclasses.replace(info, outside_bytes=outside)
+        info = dataclasses.replace(info, outside_bytes=outside, neighbours=max(info.neighbours, end.neighbours),
+                                   neighbour_bytes=max(info.neighbour_bytes, end.neighbour_bytes))
         budget = info.budget_bytes(fraction)
         if budget >= decision.budget_bytes:
             break
@@ -77,6 +79,10 @@ def decide_on(backend: Backend, workload: Workload, fraction: float, *, max_batc
     else:
         log.warning("%s: memory outside the allocator was still growing after %d re-checks; the answer fits "
                     "the budget of the last one", workload.label(), MAX_REDECISIONS)
+    if info.neighbour_bytes > NEIGHBOUR_WARN_BYTES:
+        log.warning("%s on %s: other processes (%d) held %s of the device while it was measured; the answer "
+                    "is for what they left (re-runs measure it again)", workload.label(), info.uuid or info.name,
+                    info.neighbours, gib(info.neighbour_bytes))
     seconds = time.perf_counter() - t0
     log.info("%s on %s: batch %d (%s) after %d measurements in %.1fs", workload.label(), info.name,
              decision.batch_size, decision.status, decision.measurements, seconds)

@@ -31,6 +31,7 @@ import ray
 from . import catalog, engine, scheduler, table
 from .devices import DeviceFault, DeviceInfo, device_fault
 from .spec import SpecError, Workload
+from .units import gib
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +283,7 @@ class Sweep:
         if o.answers:
             row["device_batches"] = ",".join("error" if a is None else str(a) for a in o.answers)
             if len(set(o.answers)) > 1:
-                log.warning("devices of %s disagree on %s@%s: %s", info.name, w.model, w.imgsz, row["device_batches"])
+                log.warning("devices of %s disagree on %s: %s", info.name, w.label(), _disagreement(o))
         return row
 
     def shutdown(self) -> None:
@@ -290,6 +291,29 @@ class Sweep:
             if self.scheduler.devices[device].state is not scheduler.State.DEAD:
                 with contextlib.suppress(Exception):
                     ray.kill(slot.actor, no_restart=True)
+
+
+def _disagreement(o: scheduler.Outcome) -> str:
+    """Each device's answer, where it ran and what it had left, and why the smallest is smallest."""
+    parts, results = [], [v for v in o.values if v is not None]
+    for answer, value in zip(o.answers, o.values):
+        if value is None:
+            parts.append("error")
+            continue
+        d = value.device
+        near = (f", {d.neighbours} other process{'es' * (d.neighbours > 1)} held {gib(d.neighbour_bytes)}"
+                if d.neighbours else "")
+        parts.append(f"{answer} on {d.host} {d.uuid or f'pid {d.pid}'} (outside the allocator "
+                     f"{gib(d.outside_bytes)}{near})")
+    low = min(results, key=lambda r: r.decision.batch_size).device
+    others = [r.device for r in results if r.device is not low]
+    if low.neighbour_bytes > table.NEIGHBOUR_WARN_BYTES:
+        why = f"other processes held {gib(low.neighbour_bytes)} on {low.uuid or low.host} while it was measured"
+    elif others and low.outside_bytes > max(d.outside_bytes for d in others) + table.NEIGHBOUR_WARN_BYTES:
+        why = f"{low.uuid or low.host} had more memory in use outside the allocator"
+    else:
+        why = "same budget, different measured peaks (driver, cuDNN or clock differences)"
+    return f"{'; '.join(parts)}. Smallest because: {why}"
 
 
 def _reason(e: Exception) -> str:

@@ -115,6 +115,8 @@ class Outcome:
     attempts: int
     answers: tuple[int | None, ...] = ()
     """When several devices answered (every-device mode): each one's answer in device order, None for an error."""
+    values: tuple[Any, ...] = ()
+    """With ``answers``: each device's value (None for an error), to tell why they differ."""
 
 
 @dataclass(frozen=True)
@@ -387,7 +389,9 @@ class Scheduler:
         answers = tuple(None if r.error else self.answer_of(r.value) for r in results)
         real = [i for i, a in enumerate(answers) if a is not None]
         best = results[min(real, key=answers.__getitem__) if real else 0]
-        return Outcome(key, best.value, best.error, best.attempts, answers if len(results) > 1 else ())
+        several = len(results) > 1
+        return Outcome(key, best.value, best.error, best.attempts, answers if several else (),
+                       tuple(None if r.error else r.value for r in results) if several else ())
 
 
 def plan_sweep(sched: Scheduler, work: Iterable[tuple[Hashable, Any]], *, decide_args: tuple = (),

@@ -291,3 +291,27 @@ def test_only_context_poisoning_errors_are_device_faults():
     assert devices.device_fault(RuntimeError("CUDA error: device-side assert triggered\n...")) is not None
     assert devices.device_fault(torch.AcceleratorError("CUDA error: out of memory")) is None
     assert devices.device_fault(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+
+
+# -- item 8: neighbours on the card
+
+
+def test_rows_measured_next_to_other_processes_are_measured_again():
+    """An ok row measured while other processes held more than the threshold is not skipped on re-run."""
+    base = {"gpu_name": "NVIDIA L4", "gpu_total_bytes": 1, **Workload(model="m:f", imgsz=64).as_dict(),
+            "fraction": 0.8, "batch_size": 8, "status": "ok"}
+    df = table.merge(table.empty(), [{**base, "neighbour_bytes": 0},
+                                     {**base, "imgsz": 96, "neighbour_bytes": 2 * GiB}])
+    assert [k[3] for k in table.done_keys(df)] == [64]
+
+
+def test_every_device_says_which_device_disagreed_and_why(profiles):
+    """The merge of several devices' answers names each device and what it had left, and why the smallest
+    is smallest (here: other processes held memory on it)."""
+    backend = devices.SimulatedBackend("T4")
+    backend.add_profile(profiles(TRACED))
+    a, b = engine.decide_on(backend, TRACED, 0.8), engine.decide_on(backend, TRACED, 0.03)
+    b.device = dataclasses.replace(b.device, uuid="GPU-2", neighbours=1, neighbour_bytes=3 * GiB)
+    text = fleet._disagreement(Outcome("k", b, "", 1, (a.decision.batch_size, b.decision.batch_size), (a, b)))
+    assert f"{b.decision.batch_size} on " in text and "GPU-2" in text and "1 other process held 3.00 GiB" in text
+    assert text.endswith("Smallest because: other processes held 3.00 GiB on GPU-2 while it was measured")
