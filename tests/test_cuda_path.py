@@ -293,6 +293,38 @@ def test_only_context_poisoning_errors_are_device_faults():
     assert devices.device_fault(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
 
 
+# -- item 6: without an index, the backend measures the current device
+
+
+def fake_cuda(monkeypatch, current: int, asked: list):
+    """A fake torch.cuda with 4 devices whose current one is ``current`` (what a launcher's
+    ``torch.cuda.set_device(LOCAL_RANK)`` leaves); records the device each query names."""
+    props = SimpleNamespace(name="NVIDIA L4", total_memory=22_491 * MiB, major=8, minor=9, uuid="5a1c0ffe")
+
+    def record(value):
+        return lambda device=None: asked.append(torch.device(device)) or value
+
+    for name, value in {"is_available": True, "device_count": 4}.items():
+        monkeypatch.setattr(torch.cuda, name, lambda v=value: v)
+    monkeypatch.setattr(torch.cuda, "init", lambda: None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", record(props))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", record((20_000 * MiB, 22_491 * MiB)))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", record(0))
+
+
+def test_without_an_index_the_current_device_is_measured(monkeypatch):
+    """On rank 2 (current device 2) the backend, autobatch's and lookup's, asks about cuda:2 only."""
+    asked = []
+    fake_cuda(monkeypatch, 2, asked)
+    assert devices.make_backend(None).device == torch.device("cuda", 2)
+    assert devices.CudaBackend(index=1).device == torch.device("cuda", 1)
+    asked.clear()
+    target = answers.current_device()
+    assert target.name == "NVIDIA L4" and target.card == "L4"
+    assert asked and set(asked) == {torch.device("cuda", 2)}
+
+
 # -- item 8: neighbours on the card
 
 
