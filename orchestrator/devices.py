@@ -11,6 +11,7 @@ import functools
 import gc
 import logging
 import os
+import re
 import socket
 import time
 import warnings
@@ -48,6 +49,8 @@ class DeviceInfo:
     node: str = ""  # Ray node id, in a sweep
     uuid: str = ""
     """The device's UUID as NVML names it (``GPU-...``; ``MIG-...`` for a MIG slice), when known."""
+    mig: str = ""
+    """The MIG profile (``3g.20gb``) when the device is a MIG slice, which is a device type of its own."""
     neighbours: int = 0
     """Other processes using the device when it was read (NVML)."""
     neighbour_bytes: int = 0
@@ -177,6 +180,34 @@ def device_fault(exc: BaseException) -> DeviceFault | None:
     return None
 
 
+# -- MIG: a slice of a card is a device of its own
+
+_MIG_NAME = re.compile(r"^(?P<card>.+?)\s+MIG\s+(?P<profile>(?:\d+c\.)?\d+g\.(?P<gb>\d+)gb(?:\+\w+)*)\s*$",
+                       re.IGNORECASE)
+
+
+def parse_mig(name: str) -> tuple[str, str, int] | None:
+    """(card, profile, slice GB) for a MIG slice's device name, e.g. ``NVIDIA A100-SXM4-40GB MIG 3g.20gb``
+    -> ``("NVIDIA A100-SXM4-40GB", "3g.20gb", 20)``; None for a whole card."""
+    m = _MIG_NAME.match(name.strip())
+    return (m["card"], m["profile"], int(m["gb"])) if m else None
+
+
+def mig_profile(name: str, total_bytes: int) -> str:
+    """The MIG profile of a device named ``name`` ("" for a whole card), checked against the memory the
+    device reports: a slice must never be measured as the whole card; RuntimeError if it would be."""
+    mig = parse_mig(name)
+    if mig is None:
+        return ""
+    card, profile, gb = mig
+    if total_bytes > 1.25 * gb * 1e9:  # "20gb" slices report about 19.6 GiB
+        raise RuntimeError(
+            f"{name!r} is a MIG {profile} slice of {card} but reports {total_bytes / GiB:.1f} GiB, the whole "
+            f"card's memory: measuring it would answer for memory the slice does not have. Give each Ray "
+            "worker one MIG device (CUDA_VISIBLE_DEVICES=MIG-<uuid>) or plan with a simulated fleet")
+    return profile
+
+
 # -- NVML: the driver's view of the device, by UUID (indices differ between NVML and CUDA_VISIBLE_DEVICES)
 
 @functools.cache
@@ -208,7 +239,7 @@ def nvml_uuid(props) -> str:
     bare = str(getattr(props, "uuid", "") or "")
     if not bare:
         return ""
-    candidates = ("GPU-", "MIG-")
+    candidates = ("MIG-", "GPU-") if parse_mig(props.name) else ("GPU-", "MIG-")
     known = [p + bare for p in candidates if nvml_handle(p + bare) is not None]
     return (known or [candidates[0] + bare])[0]
 
@@ -256,13 +287,17 @@ class CudaBackend:
 
     def __init__(self, index: int | None = None):
         """``index`` None: this process's current device (``torch.cuda.current_device()``, which a
-        launcher sets per rank), so that rank k measures its own card and leaves no context on GPU 0."""
+        launcher sets per rank), so that rank k measures its own card and leaves no context on GPU 0.
+        RuntimeError without CUDA, or for a MIG slice that reports the whole card's memory."""
         if not torch.cuda.is_available():
             raise RuntimeError("CUDA is not available: use a simulated card (--gpu T4) or run on a GPU machine")
         torch.cuda.init()
         self.device = torch.device("cuda", torch.cuda.current_device() if index is None else index)
         props = torch.cuda.get_device_properties(self.device)
         self.uuid = nvml_uuid(props)
+        self.mig = mig_profile(props.name, props.total_memory)
+        if self.mig:
+            log.info("%s (%s) is a MIG slice: measured as a device type of its own", props.name, self.uuid)
 
     def info(self) -> DeviceInfo:
         props = torch.cuda.get_device_properties(self.device)
@@ -273,7 +308,7 @@ class CudaBackend:
             name=props.name, total_bytes=total, outside_bytes=total - free - reserved, backend="cuda",
             capability=f"{props.major}.{props.minor}", driver=driver_version(), cuda=torch.version.cuda or "",
             host=socket.gethostname(), card=getattr(catalog.by_device_name(props.name, total), "key", ""),
-            uuid=self.uuid, neighbours=count, neighbour_bytes=near_bytes,
+            uuid=self.uuid, mig=self.mig, neighbours=count, neighbour_bytes=near_bytes,
         )
 
     def measurer(self, workload: Workload) -> Measurer:

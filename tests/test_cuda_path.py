@@ -347,3 +347,30 @@ def test_every_device_says_which_device_disagreed_and_why(profiles):
     text = fleet._disagreement(Outcome("k", b, "", 1, (a.decision.batch_size, b.decision.batch_size), (a, b)))
     assert f"{b.decision.batch_size} on " in text and "GPU-2" in text and "1 other process held 3.00 GiB" in text
     assert text.endswith("Smallest because: other processes held 3.00 GiB on GPU-2 while it was measured")
+
+
+# -- item 9: MIG slices are devices of their own
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("NVIDIA A100-SXM4-40GB MIG 3g.20gb", ("NVIDIA A100-SXM4-40GB", "3g.20gb", 20)),
+    ("NVIDIA A100-SXM4-80GB MIG 1g.10gb+me", ("NVIDIA A100-SXM4-80GB", "1g.10gb+me", 10)),
+    ("NVIDIA H100 80GB HBM3 MIG 1c.3g.40gb", ("NVIDIA H100 80GB HBM3", "1c.3g.40gb", 40)),
+    ("NVIDIA A100-SXM4-40GB", None),
+    ("Tesla T4", None),
+])
+def test_mig_names(name, expected):
+    assert devices.parse_mig(name) == expected
+
+
+def test_a_mig_slice_is_its_own_type_and_never_the_whole_card():
+    """A slice reporting its own memory is a device type of its own (no catalog card); one reporting the
+    whole card's memory is refused."""
+    slice_name = "NVIDIA A100-SXM4-40GB MIG 3g.20gb"
+    assert devices.mig_profile(slice_name, 19_968 * MiB) == "3g.20gb"
+    assert devices.mig_profile("NVIDIA A100-SXM4-40GB", 40_326 * MiB) == ""
+    with pytest.raises(RuntimeError, match=r"MIG 3g.20gb slice of NVIDIA A100-SXM4-40GB but reports 39.4 GiB"):
+        devices.mig_profile(slice_name, 40_326 * MiB)
+    from orchestrator import catalog
+
+    assert catalog.by_device_name(slice_name, 19_968 * MiB) is None
