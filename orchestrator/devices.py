@@ -379,16 +379,18 @@ def trainer_settings(workload: Workload, device: torch.device):
     if fill is not None:
         fill.fill_uninitialized_memory = not det
     _cublas_workspace_config(DETERMINISTIC_CUBLAS if det else None, device)
-    try:
-        with warnings.catch_warnings():  # warn_only: each op without a deterministic kernel warns, every probe
-            warnings.filterwarnings("ignore", message=".*does not have a deterministic implementation")
-            yield
-    finally:
+
+    def put_back():
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[0], saved[1]
         torch.use_deterministic_algorithms(saved[2], warn_only=saved[3])
         if fill is not None:
             fill.fill_uninitialized_memory = saved[4]
         _cublas_workspace_config(saved[5], device)
+
+    with _cleanup_after(put_back), warnings.catch_warnings():
+        # warn_only: each op without a deterministic kernel would warn, in every probe
+        warnings.filterwarnings("ignore", message=".*does not have a deterministic implementation")
+        yield
 
 
 def _cublas_workspace_config(value: str | None, device: torch.device) -> None:
@@ -403,6 +405,19 @@ def _cublas_workspace_config(value: str | None, device: torch.device) -> None:
     if device.type == "cuda" and hasattr(torch._C, "_cuda_clearCublasWorkspaces"):
         torch.cuda.synchronize(device)
         torch._C._cuda_clearCublasWorkspaces()
+
+
+@contextlib.contextmanager
+def _cleanup_after(cleanup):
+    """Run ``cleanup()`` after the block. When the block raised, the block's error is the one that
+    propagates: a sticky CUDA error fails any clean-up on the device too, and would hide the cause."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):
+            cleanup()
+        raise
+    cleanup()
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -454,11 +469,12 @@ class StepMeasurer:
 
     def __call__(self, batch: int) -> Measurement:
         with trainer_settings(self.workload, self.device):
-            try:
+            with _cleanup_after(self._settle):
                 return self._probe(batch, again=batch == 1)
-            finally:
-                self.counters.release()
-                self.outside_bytes = max(self.outside_bytes, self.counters.outside_bytes())
+
+    def _settle(self) -> None:
+        self.counters.release()
+        self.outside_bytes = max(self.outside_bytes, self.counters.outside_bytes())
 
     def _probe(self, batch: int, again: bool) -> Measurement:
         failed_before = self.counters.ooms()
@@ -500,12 +516,10 @@ class StepMeasurer:
             train_peaks[:] = c.peaks()
             c.reset_peaks()
 
-        try:
+        with _cleanup_after(lambda: restore(self.built.module, self.initial)):
             step.train(self.built, self.workload, batch, self.device, mark=mark)
             reserved, allocated = c.peaks()
             outside = c.outside_bytes()
-        finally:
-            restore(self.built.module, self.initial)
         val = reserved if train_peaks else 0
         if train_peaks:
             reserved, allocated = max(reserved, train_peaks[0]), max(allocated, train_peaks[1])

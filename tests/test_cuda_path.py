@@ -286,6 +286,28 @@ def test_sticky_cuda_error_replaces_the_actor_and_retries_once(ray_session, tmp_
     assert stats.actor_restarts == 2
 
 
+class PoisonedCounters(CpuCounters):
+    """After a sticky CUDA error every CUDA call in the process fails: the counters' own calls too."""
+
+    def release(self):
+        raise torch.AcceleratorError("CUDA error: unspecified launch failure (raised by the clean-up)")
+
+    outside_bytes = release
+
+
+def test_the_step_s_own_sticky_error_survives_a_failing_clean_up():
+    """When the step hits a sticky error, putting the weights back, emptying the cache and reading memory
+    fail as well; the error raised is the step's own, which the actor turns into a DeviceFault."""
+    w = Workload(model="tiny_models:tiny_illegal_address", imgsz=32, precision="fp32")
+    try:
+        with pytest.raises(torch.AcceleratorError) as raised:
+            StepMeasurer(CPU, w, PoisonedCounters())
+    finally:
+        tiny_models.POISONED.clear()  # this test process is not really poisoned
+    assert "illegal memory access" in str(raised.value) and "clean-up" not in str(raised.value)
+    assert devices.device_fault(raised.value) is not None
+
+
 def test_only_context_poisoning_errors_are_device_faults():
     assert devices.device_fault(torch.AcceleratorError(tiny_models.ILLEGAL_ADDRESS)) is not None
     assert devices.device_fault(RuntimeError("CUDA error: device-side assert triggered\n...")) is not None
