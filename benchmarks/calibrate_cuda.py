@@ -915,7 +915,7 @@ def run_simulate_only(args, clock, card, models, configs, decisions, jobs, out_d
     print_decisions(drows)
     say(f"\nwrote {out_dir}/calibration_{key}_simulated.csv and calibration_decisions_{key}_simulated.csv "
         f"in {clock.elapsed():.0f}s")
-    bad = [r for r in rows if r.get("sim_status") != "ok"]
+    bad = [r for r in rows if r.get("sim_status") not in ("ok", "oom")]  # out of memory is a measurement
     return 1 if bad else 0
 
 
