@@ -1,9 +1,16 @@
 #!/usr/bin/env python3
 """Calibrate the simulated device against a real CUDA GPU (issue 7).
 
-On a CUDA machine this script
+On a CUDA machine this script, on this process's current CUDA device,
 
-1. records the card: name, total memory, device usage before CUDA init (NVML),
+0. runs issue 12's checks, one ``CHECK item N (...): PASS|FAIL`` line each (``--checks-only``
+   stops there): (1) a decision leaves the weights as built, and a float16 step the grad scaler
+   skips fails the probe; (2) memory outside the allocator is read after every probe and the
+   answer fits the budget recomputed with the most seen, then trains within the fraction; (3) an
+   out-of-memory caught inside the step counts as out of memory (with cudnn.benchmark: logged);
+   (7) ``deterministic`` is applied in the step (flags, CUBLAS_WORKSPACE_CONFIG, the cuBLAS
+   workspace torch allocates) and the process's settings come back afterwards;
+1. records the card: name, total memory, device usage before CUDA init (NVML, matched by UUID),
    after init, after a first matmul (cuBLAS + its workspace) and a first conv
    forward/backward (cuDNN), driver, torch, CUDA and cuDNN versions;
 2. runs the REAL training step (``orchestrator.step.train``: 2 steps, optimizer
@@ -47,6 +54,7 @@ via PYTHONPATH; ultralytics travels as a wheel in .whl/, carried; torch, torchvi
 numpy, opencv-python-headless, pyyaml, nvidia-ml-py are already installed there):
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
     PYTHONPATH=/tmp/site:. python3 benchmarks/calibrate_cuda.py --out-dir "$OUT"
+    PYTHONPATH=/tmp/site:. python3 benchmarks/calibrate_cuda.py --checks-only --out-dir "$OUT"   # ~1 min
 Here (no GPU):
     python benchmarks/calibrate_cuda.py --simulate-only H200 --quick --out-dir /tmp/calib
 """
@@ -55,6 +63,7 @@ from __future__ import annotations
 import argparse
 import csv
 import gc
+import importlib
 import json
 import os
 import platform
@@ -71,8 +80,6 @@ if str(REPO) not in sys.path:  # runs from a plain checkout (PYTHONPATH=.) witho
     sys.path.insert(0, str(REPO))
 
 from orchestrator.units import GiB, MiB  # noqa: E402
-
-DEVICE_TYPE = "cuda"  # the real half's device (a test may point it elsewhere)
 
 # (model, imgsz, batches): batch sizes ascending; larger ones are skipped after an OOM
 FULL_MODELS = [
@@ -310,6 +317,33 @@ def probes_text(probes) -> str:
 
 # --------------------------------------------------------------------------- real half (CUDA)
 
+def nvml_used_by_uuid() -> dict[str, tuple[int, int]] | str:
+    """{NVML UUID: (used, total) bytes} for every device and MIG slice NVML lists, or why NVML failed."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        out = {}
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            handles = [pynvml.nvmlDeviceGetHandleByIndex(i)]
+            try:
+                count = pynvml.nvmlDeviceGetMaxMigDeviceCount(handles[0])
+            except pynvml.NVMLError:
+                count = 0
+            for k in range(count):
+                try:
+                    handles.append(pynvml.nvmlDeviceGetMigDeviceHandleByIndex(handles[0], k))
+                except pynvml.NVMLError:
+                    continue
+            for h in handles:
+                uuid = pynvml.nvmlDeviceGetUUID(h)
+                m = pynvml.nvmlDeviceGetMemoryInfo(h)
+                out[uuid.decode() if isinstance(uuid, bytes) else uuid] = (m.used, m.total)
+        return out
+    except Exception as e:  # noqa: BLE001 -- informational
+        return short(e)
+
+
 def card_info(torch, args) -> dict:
     """Device usage before CUDA init (NVML), after init, after cuBLAS and cuDNN load; versions."""
     info: dict = {"host": socket.gethostname(), "python": platform.python_version(), "torch": torch.__version__,
@@ -321,17 +355,22 @@ def card_info(torch, args) -> dict:
             info[mod] = __import__(mod).__version__
         except Exception:  # noqa: BLE001 -- informational
             info[mod] = None
-    try:  # before CUDA init: NVML does not create a CUDA context
-        import pynvml
+    nvml_before = nvml_used_by_uuid()  # before CUDA init: NVML creates no CUDA context
+    torch.cuda.init()
+    dev = torch.device("cuda", torch.cuda.current_device())  # the device a trainer's rank would use
+    props = torch.cuda.get_device_properties(dev)
+    # NVML numbers devices its own way (CUDA_VISIBLE_DEVICES and MIG renumber them): match by UUID
+    from orchestrator import devices
 
-        pynvml.nvmlInit()
-        h = pynvml.nvmlDeviceGetHandleByIndex(0)
-        m = pynvml.nvmlDeviceGetMemoryInfo(h)
-        info.update(driver=pynvml.nvmlSystemGetDriverVersion(), nvml_total_bytes=m.total,
-                    nvml_used_before_init_bytes=m.used, nvml_device_count=pynvml.nvmlDeviceGetCount())
-    except Exception as e:  # noqa: BLE001
-        info["nvml_error"] = short(e)
-    dev = torch.device("cuda", 0)
+    uuid = devices.nvml_uuid(props)
+    info.update(uuid=uuid, mig=devices.parse_mig(props.name) is not None, driver=devices.driver_version())
+    if isinstance(nvml_before, str):
+        info["nvml_error"] = nvml_before
+    elif uuid in nvml_before:
+        info.update(nvml_total_bytes=nvml_before[uuid][1], nvml_used_before_init_bytes=nvml_before[uuid][0],
+                    nvml_device_count=len(nvml_before))
+    else:
+        info["nvml_error"] = f"{uuid or 'the device'} is not among NVML's devices {sorted(nvml_before)}"
 
     def used():
         torch.cuda.synchronize(dev)
@@ -339,8 +378,6 @@ def card_info(torch, args) -> dict:
         return {"used": total - free, "reserved": torch.cuda.memory_reserved(dev),
                 "allocated": torch.cuda.memory_allocated(dev)}
 
-    torch.cuda.init()
-    props = torch.cuda.get_device_properties(dev)
     free, total = torch.cuda.mem_get_info(dev)  # creates the primary context
     info.update(name=props.name, capability=f"{props.major}.{props.minor}", sm_count=props.multi_processor_count,
                 props_total_bytes=props.total_memory, total_bytes=total, after_init=used())
@@ -409,6 +446,7 @@ def train_steps(torch, workload, batch: int, steps: int, fraction: float, deadli
     max(sampled used, max_memory_reserved + outside bytes before/after).
     """
     from orchestrator import step
+    from orchestrator.devices import trainer_settings
     from orchestrator.models import build
 
     out = {"steps": steps, "steps_done": 0}
@@ -420,7 +458,6 @@ def train_steps(torch, workload, batch: int, steps: int, fraction: float, deadli
     free, total = torch.cuda.mem_get_info(dev)
     outside0 = total - free - torch.cuda.memory_reserved(dev)
     torch.cuda.reset_peak_memory_stats(dev)
-    torch.backends.cudnn.benchmark = workload.cudnn_benchmark
     state = {"used_max": total - free, "times": []}
     t_start = time.perf_counter()
 
@@ -436,7 +473,8 @@ def train_steps(torch, workload, batch: int, steps: int, fraction: float, deadli
         return i + 1 < steps and time.monotonic() + mean * (steps - i - 1) > deadline
 
     def loop():  # its own frame: after an OOM, its tensors die with it
-        done = step.train(built, workload, batch, dev, steps=steps, after_step=after_step)
+        with trainer_settings(workload, dev):  # cudnn.benchmark and determinism, as the measurer had them
+            done = step.train(built, workload, batch, dev, steps=steps, after_step=after_step)
         return "ok" if done == steps else "partial"
 
     try:
@@ -465,6 +503,240 @@ def train_steps(torch, workload, batch: int, steps: int, fraction: float, deadli
     gc.collect()
     torch.cuda.empty_cache()
     return out
+
+
+# --------------------------------------------------------------------------- issue 12: pass/fail on the card
+# Each check prints one line "CHECK item N (what): PASS|FAIL detail". Models used only here are
+# factories of this module (``benchmarks.calibrate_cuda:NAME``), built fresh per configuration.
+
+CHECK_MAX_BATCH = 256  # keeps each check's decision to a few seconds on any card
+
+
+def overflows_fp16():
+    """resnet18 whose logits overflow float16: the grad scaler skips every step."""
+    import torchvision
+
+    class Overflows(torchvision.models.ResNet):
+        def forward(self, x):
+            return super().forward(x) * 1e6
+
+    return Overflows(torchvision.models.resnet.BasicBlock, [2, 2, 2, 2])
+
+
+def swallows_oom_from_8():
+    """resnet18 whose training forward, from batch 8, asks for twice the card and catches the
+    out-of-memory, as ultralytics' assigner does before retrying image by image."""
+    import torch
+    import torchvision
+
+    class Swallows(torchvision.models.ResNet):
+        def forward(self, x):
+            if self.training and x.shape[0] >= 8:
+                try:
+                    torch.empty(2 * torch.cuda.get_device_properties(x.device).total_memory, dtype=torch.uint8,
+                                device=x.device)
+                except torch.OutOfMemoryError:
+                    pass  # the fallback runs instead
+            return super().forward(x)
+
+    return Swallows(torchvision.models.resnet.BasicBlock, [2, 2, 2, 2])
+
+
+SEEN = []
+
+
+def records_settings():
+    """A small MLP that records, in each forward, the determinism settings and the bytes the first
+    matmul of a probe allocates beyond its output (the cuBLAS workspace torch gives the handle)."""
+    import torch
+
+    class Records(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3 * 32 * 32, 10)
+
+        def forward(self, x):
+            a, b = torch.ones(8, 8, device=x.device), torch.ones(8, 8, device=x.device)
+            before = torch.cuda.memory_allocated(x.device)
+            c = a @ b
+            workspace = torch.cuda.memory_allocated(x.device) - before - 512  # the 8x8 output: one 512 B block
+            del a, b, c
+            SEEN.append({"deterministic": torch.are_deterministic_algorithms_enabled(),
+                         "cudnn_deterministic": torch.backends.cudnn.deterministic,
+                         "cublas": os.environ.get("CUBLAS_WORKSPACE_CONFIG"), "workspace": workspace})
+            return self.fc(x.flatten(1))
+
+    return Records()
+
+
+def check(results: list, item: str, what: str, passed: bool, detail: str) -> None:
+    results.append({"item": item, "what": what, "pass": bool(passed), "detail": detail})
+    say(f"CHECK item {item} ({what}): {'PASS' if passed else 'FAIL'} {detail}")
+
+
+def _workload(model: str, imgsz: int = 64, **fields):
+    from orchestrator.spec import Workload
+
+    return Workload(model=model, imgsz=imgsz, **fields)
+
+
+def check_weights(torch, backend, results) -> None:
+    """Item 1: a decision leaves the weights as built; a skipped fp16 step fails the probe loudly."""
+    from orchestrator import decision, models, step
+
+    wl = _workload("torchvision:resnet18", precision="fp16", optimizer="AdamW")
+    torch.manual_seed(0)
+    ref = {k: v.clone() for k, v in models.build(wl).module.state_dict().items()}
+    torch.manual_seed(0)
+    m = backend.measurer(wl)
+    d = decision.decide(lambda b: m(b).reserved_bytes, int(0.5 * torch.cuda.mem_get_info(backend.device)[1]),
+                        max_batch=CHECK_MAX_BATCH)
+    after = {k: v.detach().cpu() for k, v in m.built.module.state_dict().items()}
+    moved = [k for k in ref if not torch.equal(ref[k], after[k])]
+    check(results, "1", "weights unchanged by a decision", d.status == "ok" and not moved,
+          f"{d.measurements} probes ({probes_text(d.probes)}), answer {d.batch_size}; "
+          f"{len(moved)} of {len(ref)} tensors changed{': ' + ', '.join(moved[:3]) if moved else ''}")
+    m = None  # the model goes before the next one is built
+    gc.collect()
+    torch.cuda.empty_cache()
+    try:
+        backend.measurer(_workload("benchmarks.calibrate_cuda:overflows_fp16", precision="fp16"))
+        check(results, "1", "skipped fp16 step fails loudly", False, "the overflowing model's probe passed")
+    except step.SkippedStep as e:
+        check(results, "1", "skipped fp16 step fails loudly", True, short(e)[:120])
+
+
+class _Recording:
+    """A backend that records what its measurers report (the engine builds its measurer itself)."""
+
+    def __init__(self, backend):
+        self.backend, self.measurements, self.measurer_ = backend, [], None
+
+    def info(self):
+        return self.backend.info()
+
+    def measurer(self, workload):
+        inner = self.backend.measurer(workload)
+        self.measurer_ = inner
+        self.warm_outside = self.backend.info().outside_bytes
+        rec = self
+
+        class Measure:
+            setup_seconds = inner.setup_seconds
+
+            @property
+            def outside_bytes(self):
+                return inner.outside_bytes
+
+            def __call__(self, batch):
+                m = inner(batch)
+                rec.measurements.append((batch, m))
+                return m
+
+        return Measure()
+
+
+def check_outside(torch, backend, fraction, steps, deadline, results) -> None:
+    """Item 2: memory outside the allocator read after every probe; the answer fits the budget recomputed
+    with the most seen, and trains within fraction x total."""
+    from orchestrator import engine
+
+    wl = _workload("torchvision:resnet50", 224, precision="fp16", cudnn_benchmark=True)
+    rec = _Recording(backend)
+    r = engine.decide_on(rec, wl, fraction, max_batch=CHECK_MAX_BATCH)
+    d, total = r.decision, r.device.total_bytes
+    most = max([rec.warm_outside, rec.measurer_.outside_bytes] + [m.outside_bytes for _, m in rec.measurements])
+    fits = d.status == "ok" and d.peak_bytes + r.device.outside_bytes <= fraction * total
+    rec.measurer_ = None
+    gc.collect()
+    torch.cuda.empty_cache()
+    trained = train_steps(torch, wl, d.batch_size, steps, fraction, deadline, backend.device) if fits else {}
+    passed = fits and r.device.outside_bytes >= most and trained.get("pass", False)
+    check(results, "2", "outside memory read after every probe", passed,
+          f"outside after warm-up {mib(rec.warm_outside)} MiB, most seen {mib(most)} MiB, row says "
+          f"{mib(r.device.outside_bytes)} MiB; answer {d.batch_size} peak {mib(d.peak_bytes)} + outside <= "
+          f"{fraction} x total: {fits}; {trained.get('steps_done', 0)} steps at it, whole-device peak "
+          f"{mib(trained.get('whole_peak_est_bytes'))} MiB <= {mib(fraction * total)}: {trained.get('pass')}")
+
+
+def check_swallowed(torch, backend, results) -> None:
+    """Item 3: out-of-memory caught inside the step is out of memory; with cudnn.benchmark it is logged."""
+    from orchestrator import decision
+
+    for bench in (False, True):
+        m = backend.measurer(_workload("benchmarks.calibrate_cuda:swallows_oom_from_8", precision="fp32",
+                                       cudnn_benchmark=bench, val_scale=0))
+        d = decision.decide(lambda b: m(b).reserved_bytes, int(0.8 * torch.cuda.mem_get_info(backend.device)[1]),
+                            max_batch=16)
+        if not bench:
+            oom8 = [p for p in d.probes if p.batch == 8 and p.oom]
+            check(results, "3", "OOM caught inside the step counts", d.batch_size == 7 and bool(oom8),
+                  f"answer {d.batch_size} (expected 7); probes {probes_text(d.probes)}; "
+                  f"{oom8[0].oom_message[:90] if oom8 else 'batch 8 was not out of memory'}")
+        else:
+            check(results, "3", "with cudnn.benchmark caught OOMs are logged", d.batch_size == 16 and m.caught_ooms > 0,
+                  f"answer {d.batch_size} (expected 16), {m.caught_ooms} caught allocation failures logged")
+        m = None  # the model goes before the next one is built
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def check_deterministic(torch, backend, results) -> None:
+    """Item 7: each probe runs with the workload's determinism and cuBLAS workspace; the process's own
+    settings come back afterwards."""
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+              os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    props = torch.cuda.get_device_properties(backend.device)
+    # torch's default without CUBLAS_WORKSPACE_CONFIG: ":4096:2:16:8", 32 MiB on sm_90
+    default = 4096 * 8 * 1024 if (props.major, props.minor) == (9, 0) else 4096 * 1024 * 2 + 16 * 1024 * 8
+    seen = importlib.import_module("benchmarks.calibrate_cuda").SEEN  # the factory's module, not __main__
+    for det in (True, False):
+        m = backend.measurer(_workload("benchmarks.calibrate_cuda:records_settings", 32, precision="fp32",
+                                       deterministic=det))
+        torch.cuda.synchronize(backend.device)
+        torch._C._cuda_clearCublasWorkspaces()  # so that the probe's first matmul allocates one we can see
+        seen.clear()
+        m(4)
+        first = seen[0] if seen else {}
+        want = {"deterministic": det, "cudnn_deterministic": det, "cublas": ":4096:8" if det else None,
+                "workspace": 4096 * 8 * 1024 if det else default}
+        got = {k: first.get(k) for k in want}
+        check(results, "7", f"deterministic={det} applied in the step", got == want, f"saw {got}, want {want}")
+        m = None  # the model goes before the next one is built
+        gc.collect()
+        torch.cuda.empty_cache()
+    after = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+             os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    check(results, "7", "process settings restored", after == before, f"before {before}, after {after}")
+    from orchestrator import engine
+
+    answers = {}
+    for det in (True, False):
+        r = engine.decide_on(backend, _workload("torchvision:resnet18", 224, deterministic=det), 0.8,
+                             max_batch=CHECK_MAX_BATCH)
+        answers[det] = f"{r.decision.batch_size} (peak {mib(r.decision.peak_bytes)} MiB)"
+        gc.collect()
+        torch.cuda.empty_cache()
+    say(f"  item 7 info: resnet18@224 fp16 answers deterministic {answers[True]}, not {answers[False]}")
+
+
+def run_checks(torch, backend, args, clock) -> list[dict]:
+    """Items 1, 2, 3 and 7 of issue 12 on this card: one PASS/FAIL line each (an exception is a FAIL)."""
+    results: list[dict] = []
+    for item, fn, fn_args in (("1", check_weights, ()), ("3", check_swallowed, ()), ("7", check_deterministic, ()),
+                              ("2", check_outside, (args.fraction, 5, clock.end))):
+        t0 = time.perf_counter()
+        try:
+            fn(torch, backend, *fn_args, results)
+        except Exception as e:  # noqa: BLE001 -- a check that cannot run failed
+            check(results, item, "ran", False, short(e))
+        gc.collect()
+        torch.cuda.empty_cache()
+        log(f"[check] item {item} in {time.perf_counter() - t0:.1f}s")
+    failed = [r for r in results if not r["pass"]]
+    say(f"checks: {len(results) - len(failed)} PASS, {len(failed)} FAIL"
+        + (f" ({', '.join(sorted({r['item'] for r in failed}))})" if failed else ""))
+    return results
 
 
 # --------------------------------------------------------------------------- tables
@@ -514,6 +786,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer configurations (batches 1/8/32, 2 configs, 1 decision)")
+    p.add_argument("--checks-only", action="store_true",
+                   help="only issue 12's pass/fail checks (items 1, 2, 3, 7; about a minute on a card)")
     p.add_argument("--budget-s", type=float, default=420.0, help="time budget for the whole run (default 420)")
     p.add_argument("--decision-reserve-s", type=float, default=None,
                    help="seconds of the budget kept for the decisions (default 200, --quick 80)")
@@ -563,7 +837,7 @@ def main(argv=None) -> int:
         return run_simulate_only(args, clock, card, models, configs, decisions, jobs, out_dir)
 
     # start the CPU half first, before this process initialises CUDA
-    sim = SimRunner(models, configs, jobs)
+    sim = SimRunner(models, configs, 0 if args.checks_only else jobs)
     try:
         return run_cuda(args, clock, torch, sim, models, configs, decisions, reserve, out_dir)
     finally:
@@ -641,7 +915,7 @@ def run_simulate_only(args, clock, card, models, configs, decisions, jobs, out_d
     print_decisions(drows)
     say(f"\nwrote {out_dir}/calibration_{key}_simulated.csv and calibration_decisions_{key}_simulated.csv "
         f"in {clock.elapsed():.0f}s")
-    bad = [r for r in rows if r.get("sim_status") != "ok"]
+    bad = [r for r in rows if r.get("sim_status") not in ("ok", "oom")]  # out of memory is a measurement
     return 1 if bad else 0
 
 
@@ -670,7 +944,8 @@ def run_cuda(args, clock, torch, sim, models, configs, decisions, reserve, out_d
         if card is None:  # an uncatalogued card: simulate it with its measured constants
             card = catalog.Card("adhoc-" + slug(info["name"]), info["name"], total,
                                 tuple(int(x) for x in info["capability"].split(".")),
-                                max(0, info["outside_bytes_at_rest"]), info["workspace_allocated_bytes"] or 8 * MiB)
+                                max(0, info["outside_bytes_at_rest"]), info["workspace_allocated_bytes"] or 8 * MiB,
+                                sold_gb=round(total / 1e9))
             source = "not in catalog: ad-hoc card from measured context/workspace"
     info["sim_card"] = {"key": card.key, "source": source, "total_bytes": card.total_bytes,
                         "context_bytes": card.context_bytes, "workspace_bytes": card.workspace_bytes}
@@ -682,7 +957,16 @@ def run_cuda(args, clock, torch, sim, models, configs, decisions, reserve, out_d
              "card": out_dir / f"calibration_card_{key}.json"}
     write_json(paths["card"], info)
 
-    dev = torch.device(DEVICE_TYPE, 0)
+    # ---- issue 12's checks first: one run on a card settles them even if the budget runs out later
+    backend = CudaBackend()  # the current device
+    info["checks"] = run_checks(torch, backend, args, clock)
+    write_json(paths["card"], info)
+    checks_failed = any(not c["pass"] for c in info["checks"])
+    if args.checks_only:
+        say(f"wrote {paths['card']} in {clock.elapsed():.0f}s")
+        return 1 if checks_failed else 0
+
+    dev = backend.device
     gpu_name = info["name"]
     cal_end = clock.end - reserve
     rows: list[dict] = []
@@ -692,7 +976,6 @@ def run_cuda(args, clock, torch, sim, models, configs, decisions, reserve, out_d
 
     # ---- real matrix, model-major, each model a fair slice of the time; a fresh model per configuration
     # (the backend's measurer builds it and runs one unmeasured warm-up step, as the engine does)
-    backend = CudaBackend()
     for mi, (model, imgsz, batches) in enumerate(models):
         slice_end = time.monotonic() + clock.left(cal_end) / (len(models) - mi)
         for prec, opt in configs:
@@ -817,7 +1100,7 @@ def run_cuda(args, clock, torch, sim, models, configs, decisions, reserve, out_d
             f"(catalog {mib(card.workspace_bytes)} MiB)")
     say(f"wrote {paths['matrix']}, {paths['dec']}, {paths['card']} in {clock.elapsed():.0f}s")
     failed = [r for r in drows if r.get("source") == "real" and r.get("decision_status") == "ok" and not r.get("pass")]
-    return 1 if failed else 0
+    return 1 if failed or checks_failed else 0
 
 
 if __name__ == "__main__":

@@ -1,16 +1,22 @@
 """One device, one workload: the backend measures, the pure core decides."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
 
 from . import decision as core
 from . import spec
-from .devices import Backend, DeviceInfo, cuda_count, make_backend
+from .devices import Backend, DeviceInfo, Measurement, cuda_count, make_backend
 from .spec import SpecError, Workload, check_fraction, check_max_batch
+from .table import NEIGHBOUR_WARN_BYTES
+from .units import gib
 
 log = logging.getLogger(__name__)
+
+MAX_REDECISIONS = 4
+"""Times the answer is re-checked as memory outside the allocator keeps growing (each check can re-decide)."""
 
 
 @dataclass
@@ -29,24 +35,59 @@ class Result:
 
 
 def decide_on(backend: Backend, workload: Workload, fraction: float, *, max_batch: int = 1024) -> Result:
-    """Run the decision for ``workload`` on ``backend``'s device; SpecError for a bad fraction or max_batch."""
+    """Run the decision for ``workload`` on ``backend``'s device; SpecError for a bad fraction or max_batch.
+
+    Memory outside the allocator (context, kernels, other processes) is read after every probe and at
+    the end; when it grew past what the budget assumed, the answer is checked against the budget
+    recomputed with the most seen, and decided again within it if it no longer fits (probes already
+    measured are reused). The result's device reports that most-seen figure and any neighbours."""
     check_fraction(fraction)
     check_max_batch(max_batch)
     t0 = time.perf_counter()
     measure = backend.measurer(workload)  # builds the model; CUDA: loads kernels, so context is counted
     info = backend.info()
-    seen = {}  # batch -> Measurement: the row reports the chosen batch's validation peak
+    seen: dict[int, Measurement | str] = {}  # batch -> Measurement, or the out-of-memory message
 
     def reserved(batch: int) -> int:
-        seen[batch] = measure(batch)
+        if batch not in seen:
+            try:
+                seen[batch] = measure(batch)
+            except core.OutOfMemory as e:
+                seen[batch] = str(e)
+        if isinstance(seen[batch], str):
+            raise core.OutOfMemory(seen[batch])
         return seen[batch].reserved_bytes
 
     decision = core.decide(reserved, info.budget_bytes(fraction), max_batch=max_batch)
+    for _ in range(MAX_REDECISIONS):
+        end = backend.info()
+        outside = max([info.outside_bytes, end.outside_bytes, measure.outside_bytes]
+                      + [m.outside_bytes for m in seen.values() if isinstance(m, Measurement)])
+        info = dataclasses.replace(info, outside_bytes=outside, neighbours=max(info.neighbours, end.neighbours),
+                                   neighbour_bytes=max(info.neighbour_bytes, end.neighbour_bytes))
+        budget = info.budget_bytes(fraction)
+        if budget >= decision.budget_bytes:
+            break
+        log.info("%s: memory outside the allocator grew to %s during the decision; budget %s -> %s",
+                 workload.label(), gib(outside), gib(decision.budget_bytes), gib(budget))
+        if decision.status != "ok" or decision.peak_bytes <= budget:
+            decision = dataclasses.replace(decision, budget_bytes=budget)  # the answer fits the smaller budget
+            break
+        decision = core.decide(reserved, budget, max_batch=max_batch)
+        decision.probes = [core.Probe(b, None, m) if isinstance(m, str) else core.Probe(b, m.reserved_bytes)
+                           for b, m in seen.items()]  # every measurement made, in order
+    else:
+        log.warning("%s: memory outside the allocator was still growing after %d re-checks; the answer fits "
+                    "the budget of the last one", workload.label(), MAX_REDECISIONS)
+    if info.neighbour_bytes > NEIGHBOUR_WARN_BYTES:
+        log.warning("%s on %s: other processes (%d) held %s of the device while it was measured; the answer "
+                    "is for what they left (re-runs measure it again)", workload.label(), info.uuid or info.name,
+                    info.neighbours, gib(info.neighbour_bytes))
     seconds = time.perf_counter() - t0
     log.info("%s on %s: batch %d (%s) after %d measurements in %.1fs", workload.label(), info.name,
              decision.batch_size, decision.status, decision.measurements, seconds)
     chosen = seen.get(decision.batch_size)
-    val = chosen.val_reserved_bytes if chosen is not None and chosen.val_reserved_bytes else None
+    val = chosen.val_reserved_bytes if isinstance(chosen, Measurement) and chosen.val_reserved_bytes else None
     return Result(workload, info, fraction, decision, seconds, measure.setup_seconds, val)
 
 

@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 import ray
 
 from . import catalog, engine, scheduler, table
-from .devices import DeviceInfo
+from .devices import DeviceFault, DeviceInfo, device_fault
 from .spec import SpecError, Workload
+from .units import gib
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +50,24 @@ class DeviceActor:
                                    node=ray.get_runtime_context().get_node_id())
 
     def profile(self, workload: Workload):
-        return self.backend.profile(workload)
+        return _faults_named(self.backend.profile, workload)
 
     def decide(self, workload: Workload, fraction: float, max_batch: int, profile=None) -> engine.Result:
         if profile is not None:
             self.backend.add_profile(profile)
-        return engine.decide_on(self.backend, workload, fraction, max_batch=max_batch)
+        return _faults_named(engine.decide_on, self.backend, workload, fraction, max_batch=max_batch)
+
+
+def _faults_named(fn, *args, **kwargs):
+    """``fn(...)``, with a sticky CUDA error raised as ``DeviceFault``: the driver replaces this actor,
+    whose CUDA context fails every later call (other exceptions pass unchanged: the combination's error)."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:
+        fault = device_fault(e)
+        if fault is None:
+            raise
+    raise fault
 
 
 RemoteDeviceActor = ray.remote(DeviceActor)
@@ -236,6 +249,8 @@ class Sweep:
         reason = _reason(e)
         if job is None:  # the actor never reported its device
             self._drop(self.scheduler.start_failed(device, reason, now), node=_node_of(e) or "?")
+        elif isinstance(getattr(e, "cause", None), DeviceFault):  # the actor's CUDA context is poisoned
+            self._drop(self.scheduler.faulted(device, reason, now))
         elif isinstance(e, ray.exceptions.RayTaskError):  # a Python error: the combination is broken, not the actor
             self.scheduler.failed(job, reason, now)
         else:  # the process died (crash, OOM-kill, node loss) or Ray lost it: retried on another actor
@@ -268,7 +283,7 @@ class Sweep:
         if o.answers:
             row["device_batches"] = ",".join("error" if a is None else str(a) for a in o.answers)
             if len(set(o.answers)) > 1:
-                log.warning("devices of %s disagree on %s@%s: %s", info.name, w.model, w.imgsz, row["device_batches"])
+                log.warning("devices of %s disagree on %s: %s", info.name, w.label(), _disagreement(o))
         return row
 
     def shutdown(self) -> None:
@@ -276,6 +291,29 @@ class Sweep:
             if self.scheduler.devices[device].state is not scheduler.State.DEAD:
                 with contextlib.suppress(Exception):
                     ray.kill(slot.actor, no_restart=True)
+
+
+def _disagreement(o: scheduler.Outcome) -> str:
+    """Each device's answer, where it ran and what it had left, and why the smallest is smallest."""
+    parts, results = [], [v for v in o.values if v is not None]
+    for answer, value in zip(o.answers, o.values):
+        if value is None:
+            parts.append("error")
+            continue
+        d = value.device
+        near = (f", {d.neighbours} other process{'es' * (d.neighbours > 1)} held {gib(d.neighbour_bytes)}"
+                if d.neighbours else "")
+        parts.append(f"{answer} on {d.host} {d.uuid or f'pid {d.pid}'} (outside the allocator "
+                     f"{gib(d.outside_bytes)}{near})")
+    low = min(results, key=lambda r: r.decision.batch_size).device
+    others = [r.device for r in results if r.device is not low]
+    if low.neighbour_bytes > table.NEIGHBOUR_WARN_BYTES:
+        why = f"other processes held {gib(low.neighbour_bytes)} on {low.uuid or low.host} while it was measured"
+    elif others and low.outside_bytes > max(d.outside_bytes for d in others) + table.NEIGHBOUR_WARN_BYTES:
+        why = f"{low.uuid or low.host} had more memory in use outside the allocator"
+    else:
+        why = "same budget, different measured peaks (driver, cuDNN or clock differences)"
+    return f"{'; '.join(parts)}. Smallest because: {why}"
 
 
 def _reason(e: Exception) -> str:

@@ -9,6 +9,7 @@ reports and carries out what comes back:
     assign(now) -> [Assignment]        submit ``call(*args)`` on the assigned device(s)
     finished / failed(job)             the call returned / raised a Python error (not retried)
     died(device) -> Dropped            the actor died under a job: retried elsewhere, device replaced
+    faulted(device) -> Dropped         its CUDA context is poisoned: replaced, the job retried once
     expire(now) -> [Dropped]           start and task timeouts
     outcomes() -> [Outcome]            finished (device type x workload) answers: one table row each
 
@@ -114,6 +115,8 @@ class Outcome:
     attempts: int
     answers: tuple[int | None, ...] = ()
     """When several devices answered (every-device mode): each one's answer in device order, None for an error."""
+    values: tuple[Any, ...] = ()
+    """With ``answers``: each device's value (None for an error), to tell why they differ."""
 
 
 @dataclass(frozen=True)
@@ -168,18 +171,12 @@ class Scheduler:
     def died(self, device: int, reason: str, now: float) -> Dropped:
         """The device's process died (crash, node loss): it is replaced, and the job it ran is
         retried (up to ``max_attempts`` in all) or becomes an error "...; gave up after N attempts"."""
-        dev = self.devices[device]
-        job = self._running.pop(dev.job, None) if dev.job is not None else None
-        self._kill(dev, reason, now)
-        if job is not None:
-            self._release(job, now)
-            job.errors.append(reason)
-            if job.attempts < self.max_attempts:
-                self._queue.append(job.id)
-            else:
-                self._fail(job, f"{reason}; gave up after {job.attempts} attempts", job.attempts)
-            reason = f"{reason} under {job.label} (attempt {job.attempts})"
-        return Dropped(device, reason, self._replace(dev, now))
+        return self._lost(device, reason, now, self.max_attempts)
+
+    def faulted(self, device: int, reason: str, now: float) -> Dropped:
+        """The device's process can no longer use its device (a sticky CUDA error under a job): it is
+        replaced like a death, and the job retried once (a second fault is the job's, not the card's)."""
+        return self._lost(device, reason, now, min(2, self.max_attempts))
 
     def expire(self, now: float) -> list[Dropped]:
         """Devices not started within ``start_timeout_s`` (dropped, not replaced) and jobs running past
@@ -316,6 +313,21 @@ class Scheduler:
                 job.need = dataclasses.replace(job.need, device=new)
         return new
 
+    def _lost(self, device: int, reason: str, now: float, attempts: int) -> Dropped:
+        """The device is gone under its job (if any): replaced; the job retried up to ``attempts`` in all."""
+        dev = self.devices[device]
+        job = self._running.pop(dev.job, None) if dev.job is not None else None
+        self._kill(dev, reason, now)
+        if job is not None:
+            self._release(job, now)
+            job.errors.append(reason)
+            if job.attempts < attempts:
+                self._queue.append(job.id)
+            else:
+                self._fail(job, f"{reason}; gave up after {job.attempts} attempts", job.attempts)
+            reason = f"{reason} under {job.label} (attempt {job.attempts})"
+        return Dropped(device, reason, self._replace(dev, now))
+
     def _cancel(self, job: Job, now: float) -> list[Dropped]:
         del self._running[job.id]
         reason = f"cancelled after {self.task_timeout_s:g}s (task_timeout_s)"
@@ -377,7 +389,9 @@ class Scheduler:
         answers = tuple(None if r.error else self.answer_of(r.value) for r in results)
         real = [i for i, a in enumerate(answers) if a is not None]
         best = results[min(real, key=answers.__getitem__) if real else 0]
-        return Outcome(key, best.value, best.error, best.attempts, answers if len(results) > 1 else ())
+        several = len(results) > 1
+        return Outcome(key, best.value, best.error, best.attempts, answers if several else (),
+                       tuple(None if r.error else r.value for r in results) if several else ())
 
 
 def plan_sweep(sched: Scheduler, work: Iterable[tuple[Hashable, Any]], *, decide_args: tuple = (),

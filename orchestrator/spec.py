@@ -78,6 +78,10 @@ class Workload:
     ema: bool = knob(True, help="keep an EMA copy of the weights, as YOLO trainers do (+1 copy of the weights)")
     cudnn_benchmark: bool = knob(False, help="profile with torch.backends.cudnn.benchmark as your trainer sets it "
                                              "(real GPUs only)")
+    deterministic: bool = knob(True, help="train as YOLO's deterministic=True does (its default): deterministic "
+                                          "algorithms, cudnn.deterministic, CUBLAS_WORKSPACE_CONFIG=:4096:8; "
+                                          "measured on real GPUs only (the simulated step's memory is the same "
+                                          "either way)", legacy=False)
     classes: int = knob(0, help="class count: YOLO's nc, a classifier's outputs; 0 = the model's own (80 for "
                                 "YOLO yamls, 1000 for torchvision/timm)", minimum=0)
     objects: int = knob(DEFAULT_OBJECTS, help="most boxes on one training image after augmentation (YOLO only; "

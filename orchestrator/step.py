@@ -18,26 +18,67 @@ from .spec import Workload
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 STEPS = 2  # optimizer state is created lazily in the first step; the peak can be in either
 
-# Substrings of messages that mean "the device ran out of memory". cuDNN reports an
-# allocation failure inside a kernel as NOT_SUPPORTED / INTERNAL_ERROR or as no engine.
+# Substrings (lower case) of messages that mean "the device ran out of memory", with where each
+# comes from. cuBLAS and cuDNN wrap their status in PyTorch's text: TORCH_CUDABLAS_CHECK gives
+# "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`", AT_CUDNN_CHECK
+# "cuDNN error: CUDNN_STATUS_...".
 _OOM_MESSAGES = (
-    "out of memory",  # CUDA, HIP, XPU, MPS
-    "cudnn_status_not_supported",
-    "cudnn_status_internal_error",
-    "unable to find an engine",
+    "out of memory",  # torch.OutOfMemoryError; "CUDA error: out of memory" (cudaErrorMemoryAllocation); HIP, XPU, MPS
+    "cublas_status_alloc_failed",  # cuBLAS could not allocate (its handle, its workspace)
+    "cublas_status_not_initialized",  # cublasCreate on a full device: the handle's own memory did not fit
+    "cudnn_status_alloc_failed",  # cuDNN 8; cuDNN 9 keeps the name as an alias of the next one
+    "_allocation_failed",  # cuDNN 9: CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED (and _HOST_)
     "defaultcpuallocator: can't allocate memory",
     "not enough memory",  # CPU allocator
 )
+# cuDNN failures that a failed workspace allocation causes, but that an unsupported shape, layout
+# or a library bug causes as well: out of memory only when it depends on the batch (see oom_kind).
+_MAYBE_OOM_MESSAGES = (
+    "cudnn_status_not_supported",  # also cuDNN 9's CUDNN_STATUS_NOT_SUPPORTED_SHAPE, ...
+    "cudnn_status_internal_error",
+    "unable to find an engine",  # "GET/FIND was unable to find an engine to execute this computation"
+)
+
+
+def oom_kind(exc: BaseException) -> str | None:
+    """``"oom"`` when ``exc`` means the device ran out of memory; ``"maybe"`` for a cuDNN failure that
+    out-of-memory causes among other things (the caller tells them apart: the same failure at
+    batch 1 with the cache emptied and no allocation failing is an error); None for any other error."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return "oom"
+    if not isinstance(exc, RuntimeError):
+        return None
+    msg = str(exc).lower()
+    if any(m in msg for m in _OOM_MESSAGES):
+        return "oom"
+    if any(m in msg for m in _MAYBE_OOM_MESSAGES):
+        return "maybe"
+    return None
 
 
 def is_oom(exc: BaseException) -> bool:
-    """True when ``exc`` means the device ran out of memory; anything else is a real error."""
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    if isinstance(exc, (RuntimeError, MemoryError)):
-        msg = str(exc).lower()
-        return isinstance(exc, MemoryError) or any(m in msg for m in _OOM_MESSAGES)
-    return False
+    """True when ``exc`` means (or may mean, see ``oom_kind``) that the device ran out of memory."""
+    return oom_kind(exc) is not None
+
+
+class SkippedStep(RuntimeError):
+    """An optimizer step of a measured step was skipped: the peak would lack the optimizer's state."""
+
+
+def check_stepped(optimizer: torch.optim.Optimizer, scaler, scale_before: float | None, step: int) -> None:
+    """Raise ``SkippedStep`` unless the optimizer step just taken ran: every parameter with a gradient
+    has optimizer state, and the grad scaler (fp16) did not lower its scale, which it does exactly when
+    it skips a step for inf/NaN gradients. A skipped first step allocates no state: the peak would be
+    low by one (SGD) or two (AdamW) copies of the weights."""
+    missing = sum(1 for g in optimizer.param_groups for p in g["params"]
+                  if p.grad is not None and not optimizer.state.get(p))
+    skipped = scale_before is not None and scaler.get_scale() < scale_before
+    if missing or skipped:
+        why = "the grad scaler found inf/NaN gradients and skipped it" if skipped else "it created no state"
+        raise SkippedStep(
+            f"optimizer step {step + 1} of the measured step did not run ({why}; {missing} parameters without "
+            "optimizer state): the peak would be too low by the optimizer's state. The model overflows in "
+            "float16 on random input at its initial weights: measure it with precision=bf16 or fp32")
 
 
 def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
@@ -121,7 +162,8 @@ def train(built: Built, workload: Workload, batch: int, device: torch.device, *,
     (warm-up: no accumulation yet) does; when gradients accumulate (``accumulate``,
     default ``accumulation(workload, batch)``), later steps run two iterations, so that
     a forward runs with the state and the last iteration's gradients alive. Then the
-    optimizer step, ``zero_grad(set_to_none=True)`` and the EMA update.
+    optimizer step (``check_stepped``: a skipped step raises ``SkippedStep``),
+    ``zero_grad(set_to_none=True)`` and the EMA update.
     ``after_step(i)`` runs after step ``i`` and may return True to stop early. With
     ``workload.val_scale``, the cache is emptied as the trainer does, ``mark()`` (the
     phase boundary a caller may record) and ``validate`` follow, with the training
@@ -146,7 +188,7 @@ def train(built: Built, workload: Workload, batch: int, device: torch.device, *,
             del outputs
             (loss if scaler is None else scaler.scale(loss)).backward()
             del loss
-        _optimizer_step(model, optimizer, scaler, ema)
+        _optimizer_step(model, optimizer, scaler, ema, done)
         done += 1
         if after_step is not None and after_step(done - 1):
             break
@@ -162,13 +204,16 @@ def train(built: Built, workload: Workload, batch: int, device: torch.device, *,
     return done
 
 
-def _optimizer_step(model: nn.Module, optimizer, scaler, ema: "EMA | None") -> None:
-    """The trainer's optimizer_step: (unscale and) step, zero_grad(set_to_none=True), EMA update."""
+def _optimizer_step(model: nn.Module, optimizer, scaler, ema: "EMA | None", step: int) -> None:
+    """The trainer's optimizer_step: (unscale and) step, checked (``check_stepped``), zero_grad(set_to_none=True),
+    EMA update."""
+    scale = scaler.get_scale() if isinstance(scaler, torch.amp.GradScaler) else None
     if scaler is None:
         optimizer.step()
     else:
         scaler.step(optimizer)
         scaler.update()
+    check_stepped(optimizer, scaler, scale, step)
     optimizer.zero_grad(set_to_none=True)
     if ema is not None:
         ema.update(model)

@@ -31,10 +31,14 @@ REQUIRED = ["gpu_name", "gpu_total_bytes", "model", "imgsz", "fraction", "batch_
 _TYPES = {"gpu_name": str, "gpu_total_bytes": int, **spec.TYPES, "fraction": float}
 COLUMNS = KEY + [
     "batch_size", "status", "gpu_count", "card", "peak_bytes", "val_peak_bytes", "budget_bytes", "outside_bytes",
+    "neighbour_bytes",
     "bytes_per_sample", "fixed_bytes", "r2", "clamped", "probes", "probe_peak_bytes", "measurements",
     "device_batches", "backend", "seconds", "profile_seconds", "attempts", "error", "host", "torch", "cuda", "driver", "orchestrator", "time",
 ]
 STATUSES = ("ok", "no-fit", "error")
+NEIGHBOUR_WARN_BYTES = 256 * 2**20
+"""Other processes holding more than this on a device while it was measured: the decision warns, and a
+re-run measures the row again (their memory was subtracted from the budget; they may be gone now)."""
 
 
 class TableError(SpecError):
@@ -84,10 +88,14 @@ def read(path: str | os.PathLike) -> pd.DataFrame:
 
 
 def _normalize(df: pd.DataFrame) -> pd.DataFrame:
-    """Every column present, keys in their types (ValueError on a value that is not)."""
+    """Every column present, keys in their types (ValueError on a value that is not); a workload field a row
+    lacks (one read from a table older than the field) has the value it was measured with (``spec.LEGACY``)."""
     for c in COLUMNS:
         if c not in df.columns:
             df[c] = None
+    for c in spec.KEYS:
+        if df[c].isna().any():
+            df[c] = df[c].astype(object).where(df[c].notna(), spec.LEGACY.get(c))
     for c, kind in _TYPES.items():
         if kind is bool:
             df[c] = df[c].map(_as_bool)
@@ -203,8 +211,10 @@ def _write_atomic(path: Path, df: pd.DataFrame) -> None:
 
 
 def done_keys(df: pd.DataFrame) -> set[tuple]:
-    """Keys already decided (status ok): a re-run skips them unless forced."""
-    return {key_of(r) for _, r in df[df["status"] == "ok"].iterrows()}
+    """Keys already decided (status ok, not measured next to other processes holding more than
+    ``NEIGHBOUR_WARN_BYTES``): a re-run skips them unless forced."""
+    crowded = pd.to_numeric(df["neighbour_bytes"], errors="coerce").fillna(0) > NEIGHBOUR_WARN_BYTES
+    return {key_of(r) for _, r in df[(df["status"] == "ok") & ~crowded].iterrows()}
 
 
 def decision_row(result, *, gpu_count: int = 1, attempts: int = 1) -> dict:
@@ -237,7 +247,8 @@ def _base_row(workload, device, fraction: float, gpu_count: int, attempts: int, 
 
     return {
         **_identity(workload, device, fraction), "gpu_count": gpu_count, "card": device.card,
-        "outside_bytes": device.outside_bytes, "backend": device.backend, "seconds": round(seconds, 3),
+        "outside_bytes": device.outside_bytes, "neighbour_bytes": device.neighbour_bytes,
+        "backend": device.backend, "seconds": round(seconds, 3),
         "attempts": attempts, "host": device.host, "torch": device.torch, "cuda": device.cuda,
         "driver": device.driver, "orchestrator": __version__,
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -86,6 +86,23 @@ def test_actor_death_retries_on_another_device_then_gives_up():
     assert s.jobs[j].errors == ["actor died: ActorDiedError"] * 2 and s.done()
 
 
+def test_poisoned_device_is_replaced_and_its_job_retried_once():
+    """A sticky CUDA error (the device's process can no longer use it) replaces the device like a death,
+    but retries the job only once, whatever max_attempts allows: a second fault is the job's."""
+    s, (d0, d1) = fleet(T4, T4, max_attempts=3)
+    s.add_job("decide", ("w",), Need(type_key=T4), outcome=(T4, "w"), label="w@64")
+    [a] = s.assign(0.0)
+    drop = s.faulted(a.devices[0], "DeviceFault: illegal memory access", 1.0)
+    assert drop.replacement is not None and s.devices[d0].state is State.DEAD
+    [a] = s.assign(1.0)
+    assert a.devices == (d1,)
+    drop2 = s.faulted(d1, "DeviceFault: illegal memory access", 2.0)
+    assert drop2.replacement is not None
+    [o] = s.outcomes()
+    assert o.error == "DeviceFault: illegal memory access; gave up after 2 attempts" and o.attempts == 2
+    assert s.done()
+
+
 def test_python_error_is_not_retried_and_the_device_goes_on():
     """A Python error is the job's answer at once (attempts 1); its device is idle and takes more work."""
     s, (d0,) = fleet(T4)

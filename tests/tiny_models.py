@@ -57,3 +57,79 @@ def not_a_module():
 
 def factory_raises():
     raise RuntimeError("weights file missing")
+
+
+# -- models that raise what a CUDA device would, for the CUDA path's tests on the CPU
+
+ALLOCATOR_OOMS = [0]
+"""Failed allocations that code inside a step caught (a fake of the caching allocator's ``num_ooms``)."""
+POISONED = []
+"""Set once a model has raised a sticky CUDA error in this process: every later forward fails too."""
+SEEN_SETTINGS = []
+"""What ``tiny_records_settings`` saw in each forward."""
+
+ILLEGAL_ADDRESS = ("CUDA error: an illegal memory access was encountered\n"
+                   "CUDA kernel errors might be asynchronously reported at some other API call, so the stacktrace "
+                   "below might be incorrect.\nFor debugging consider passing CUDA_LAUNCH_BLOCKING=1\n"
+                   "Compile with `TORCH_USE_CUDA_DSA` to enable device-side assertions.\n")
+CUDNN_NOT_SUPPORTED = "cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a non-contiguous input."
+
+
+class CudaLike(Tiny):
+    """Tiny, with one behaviour of a CUDA device or of code running on one (see the factories below)."""
+
+    def __init__(self, behaviour: str, at: int = 0):
+        super().__init__()
+        self.behaviour, self.at = behaviour, at
+
+    def forward(self, x):
+        b, training = x.shape[0], self.training
+        if POISONED:
+            raise torch.AcceleratorError(ILLEGAL_ADDRESS)
+        if self.behaviour == "illegal_address":
+            POISONED.append(True)
+            raise torch.AcceleratorError(ILLEGAL_ADDRESS)
+        if self.behaviour == "oom_above" and b > self.at:  # training or validation (at 2 x batch)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+                                         "capacity of 14.74 GiB of which 1.02 GiB is free.")
+        if self.behaviour == "swallows_oom" and training and b >= self.at:
+            ALLOCATOR_OOMS[0] += 1  # the allocator failed, the caller caught it and fell back (YOLO's assigner)
+        if self.behaviour == "cudnn_not_supported" and b >= self.at:
+            raise RuntimeError(CUDNN_NOT_SUPPORTED)
+        if self.behaviour == "records":
+            SEEN_SETTINGS.append({"deterministic": torch.are_deterministic_algorithms_enabled(),
+                                  "cudnn_deterministic": torch.backends.cudnn.deterministic,
+                                  "cudnn_benchmark": torch.backends.cudnn.benchmark,
+                                  "cublas": os.environ.get("CUBLAS_WORKSPACE_CONFIG")})
+        out = super().forward(x)
+        if self.behaviour == "overflows_fp16":
+            out = out * 1e6  # float16 overflows to inf: the grad scaler skips the step
+        return out
+
+
+def tiny_illegal_address():
+    return CudaLike("illegal_address")
+
+
+def tiny_oom_above_12():
+    return CudaLike("oom_above", 12)
+
+
+def tiny_swallows_oom_from_8():
+    return CudaLike("swallows_oom", 8)
+
+
+def tiny_cudnn_not_supported():
+    return CudaLike("cudnn_not_supported", 1)
+
+
+def tiny_cudnn_not_supported_from_8():
+    return CudaLike("cudnn_not_supported", 8)
+
+
+def tiny_overflows_fp16():
+    return CudaLike("overflows_fp16")
+
+
+def tiny_records_settings():
+    return CudaLike("records")
