@@ -57,3 +57,15 @@ def not_a_module():
 
 def factory_raises():
     raise RuntimeError("weights file missing")
+
+
+class TinyQuadratic(Tiny):
+    """Tiny plus a (batch x batch) buffer per sample pair: a trace that is not affine in batch size."""
+
+    def forward(self, x):
+        pairs = x.new_zeros(x.shape[0] ** 2, 4096)  # 16 KiB per pair of samples
+        return super().forward(x) + pairs.sum() * 0
+
+
+def tiny_quadratic():
+    return TinyQuadratic()
