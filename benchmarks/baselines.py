@@ -14,7 +14,8 @@ Written by us from the algorithms' descriptions (the annotated YOLOv5/YOLOv9 see
   the answer is outside 1..1024. An error in the fit is not caught: training stops.
 - ``ultralytics-style``: the same, probing 7 sizes (1..64) on cards of 16 GiB or
   more, dropping points that are not increasing or not within (0, total) before the
-  fit, with fraction 0.6; any error gives the default 16.
+  fit; any error gives the default 16. Its own default fraction is 0.6; the
+  benchmarks run every algorithm at the same fraction and this one at 0.6 besides.
 - ``power``: Lightning's ``scale_batch_size(mode="power")``: double from 1 until a
   step fails, keep the last success. It measures the full training step; "fails"
   is out of memory or over the budget (Lightning itself only knows OOM, so it would
@@ -23,13 +24,22 @@ Written by us from the algorithms' descriptions (the annotated YOLOv5/YOLOv9 see
 - ``seed-fullstep`` (diagnostic): the seed's arithmetic fed with the full-step
   measurement, separating the fault of its probe from the faults of its arithmetic.
 
-Every algorithm is capped at batch 1024 (the seed's "safe range").
+Every algorithm is capped at batch 1024 (the seed's "safe range"). Each algorithm
+takes the fraction of its testbed (``Testbed.fraction``).
+
+Cost is counted in one unit for every algorithm: forward+backward passes
+(``Outcome.passes``), with the optimizer steps among them apart, and what the same
+decision would add on a real GPU (``Outcome.warmup``: our CUDA backend runs one
+unmeasured measurement at batch 1 before the first, so that the CUDA context it
+loads is counted).
 """
 from __future__ import annotations
 
 import itertools
+import random
 import time
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -37,7 +47,7 @@ import numpy as np
 import torch
 from torch.utils._pytree import tree_flatten
 
-from orchestrator import allocator, models, simulated, step
+from orchestrator import allocator, catalog, models, simulated, step
 from orchestrator.decision import OutOfMemory, decide
 from orchestrator.devices import DeviceInfo, SimulatedBackend
 from orchestrator.spec import Workload
@@ -152,13 +162,75 @@ class Testbed:
         return stats.reserved, stats.allocated
 
 
+class PerturbedCard:
+    """The card as it might really be: per-sample bytes, CUDA context and cuBLAS workspace each off
+    from the simulation by up to ``spread`` (uniform, drawn once from ``seed_text``).
+
+    The algorithms measure the unperturbed simulation (``Testbed``); their choices are judged here,
+    where, as between a real card and its simulation, the judge is not the measurement they verified.
+    Per-sample bytes: the affine event model's slopes are scaled (every allocation, where the
+    workload's traces are not affine).
+    """
+
+    def __init__(self, traces: Traces, card: str, seed_text: str, spread: float = 0.03):
+        rng = random.Random(zlib.crc32(seed_text.encode()))
+        self.per_sample, self.context, self.workspace = (1 + rng.uniform(-spread, spread) for _ in range(3))
+        c = catalog.card(card)
+        self.total_bytes = c.total_bytes
+        self.context_bytes = round(c.context_bytes * self.context)
+        self.workspace_bytes = round(c.workspace_bytes * self.workspace)
+        self.profile = traces.full
+        self._peaks: dict[int, int | None] = {}
+
+    def label(self) -> str:
+        return (f"per-sample {self.per_sample - 1:+.1%}, context {self.context - 1:+.1%}, "
+                f"workspace {self.workspace - 1:+.1%}")
+
+    def events(self, batch: int) -> list[int]:
+        prof = self.profile
+        if prof.slope is None:
+            return self._scaled(prof.events(batch))
+        slope = [None if k is None else round(k * self.per_sample) for k in prof.slope]
+        if batch >= 2:
+            return [c if k is None else c + k * batch for c, k in zip(prof.intercept, slope)]
+        base = prof.events(1)  # batch 1 is traced, not synthesized: shift its allocations where they line up
+        if len(base) == len(slope) and all((e > 0) == (k is not None) for e, k in zip(base, slope)):
+            return [e if k is None else e + k - k0 for e, k, k0 in zip(base, slope, prof.slope)]
+        return self._scaled(base)
+
+    def _scaled(self, events: list[int]) -> list[int]:
+        return [round(e * self.per_sample) if e > 0 else e for e in events]
+
+    def peak(self, batch: int) -> int | None:
+        """Peak reserved bytes of the full step at ``batch`` on this card; None when it runs out of memory."""
+        if batch not in self._peaks:
+            try:
+                self._peaks[batch] = allocator.replay(self.events(batch), self.total_bytes - self.context_bytes,
+                                                      held=[self.workspace_bytes]).peak_reserved
+            except allocator.AllocatorOutOfMemory:
+                self._peaks[batch] = None
+        return self._peaks[batch]
+
+    def budget_bytes(self, fraction: float) -> int:
+        return int(fraction * self.total_bytes) - self.context_bytes
+
+    def fits(self, batch: int, fraction: float) -> bool:
+        peak = self.peak(batch)
+        return peak is not None and peak <= self.budget_bytes(fraction)
+
+
 @dataclass
 class Outcome:
     """What one algorithm chose for one testbed. ``batch`` is None when the algorithm raised."""
 
     batch: int | None
     probes: list[int] = field(default_factory=list)  # batches measured, in order
-    steps: int = 0  # training iterations those measurements ran
+    passes: int = 0
+    """Forward+backward passes those measurements ran (an OOM probe of the seed family: 1)."""
+    optimizer_steps: int = 0
+    """Optimizer steps among them: the seed family's probe runs none, a full training step one each."""
+    warmup: int = 0
+    """Measurements a CUDA backend adds that the simulated one does not (ours: 1, at batch 1)."""
     note: str = ""
     target_bytes: float | None = None
     """Seed family: the reading its fit solved for (fraction x free GiB, read as GB), in bytes."""
@@ -166,6 +238,11 @@ class Outcome:
     @property
     def measurements(self) -> int:
         return len(self.probes)
+
+    @property
+    def passes_cuda(self) -> int:
+        """``passes`` on a real GPU: each warm-up measurement is another full measurement (``step.STEPS`` steps)."""
+        return self.passes + self.warmup * step.STEPS
 
 
 class _Meter:
@@ -205,42 +282,52 @@ def _step_back(batch: int, sizes, results) -> int:
     return batch
 
 
-def seed(bed: Testbed, fraction: float = 0.8, *, probe: Callable[[int], int | None] | None = None,
-         iterations: int = SEED_ITERATIONS) -> Outcome:
-    """YOLOv5/YOLOv9 autobatch; ``probe`` replaces its forward+backward reading (``seed-fullstep``)."""
+def seed(bed: Testbed, fraction: float | None = None, *, probe: Callable[[int], int | None] | None = None,
+         iterations: int = SEED_ITERATIONS, optimizer_steps: bool = False) -> Outcome:
+    """YOLOv5/YOLOv9 autobatch at ``fraction`` (default: the testbed's); ``probe`` replaces its
+    forward+backward reading (``seed-fullstep``, whose ``iterations`` are full steps: ``optimizer_steps``)."""
+    fraction = bed.fraction if fraction is None else fraction
     meter = _Meter(probe or bed.probe_reserved)
     total_gib, free_gib = _seed_memory(bed)
     results = [None if (m := meter(b)) is None else m / GB for b in SEED_SIZES]
     used = [y for y in results if y is not None]
-    steps = sum(iterations if y is not None else 1 for y in results)
+    cost = _cost(results, iterations, optimizer_steps)
     try:
         # x is the first len(used) sizes, whichever probes failed
         batch = _solve(SEED_SIZES[:len(used)], used, free_gib, fraction)
     except (ArithmeticError, TypeError, ValueError, np.linalg.LinAlgError) as e:
-        return Outcome(None, meter.batches, steps, f"raises {type(e).__name__}: training does not start")
-    return _safe_range(_step_back(batch, SEED_SIZES, results), meter, steps, free_gib * fraction * GB)
+        return Outcome(None, meter.batches, *cost, note=f"raises {type(e).__name__}: training does not start")
+    return _safe_range(_step_back(batch, SEED_SIZES, results), meter, cost, free_gib * fraction * GB)
 
 
-def _safe_range(batch: int, meter: "_Meter", steps: int, target_bytes: float) -> Outcome:
+def _cost(results, iterations: int, optimizer_steps: bool) -> tuple[int, int]:
+    """(passes, optimizer steps) of the seed family's probes: ``iterations`` each, 1 for one that ran out."""
+    passes = sum(iterations if y is not None else 1 for y in results)
+    return passes, passes if optimizer_steps else 0
+
+
+def _safe_range(batch: int, meter: "_Meter", cost: tuple[int, int], target_bytes: float) -> Outcome:
     """The seed family's last word: outside 1..1024 the fit is not trusted and 16 is used."""
     note = ""
     if batch < 1 or batch > MAX_BATCH:
         batch, note = DEFAULT_BATCH, f"fit gave {batch}: default {DEFAULT_BATCH}"
-    return Outcome(batch, meter.batches, steps, note, target_bytes)
+    return Outcome(batch, meter.batches, *cost, note=note, target_bytes=target_bytes)
 
 
-def seed_fullstep(bed: Testbed, fraction: float = 0.8) -> Outcome:
+def seed_fullstep(bed: Testbed, fraction: float | None = None) -> Outcome:
     """The seed's arithmetic on the full-step measurement: what its probe alone costs it."""
-    return seed(bed, fraction, probe=bed.full_step_or_none, iterations=step.STEPS)
+    return seed(bed, fraction, probe=bed.full_step_or_none, iterations=step.STEPS, optimizer_steps=True)
 
 
-def ultralytics_style(bed: Testbed, fraction: float = 0.6) -> Outcome:
-    """The seed with 7 probes on cards >= 16 GiB, non-increasing points dropped, fraction 0.6, errors -> 16."""
+def ultralytics_style(bed: Testbed, fraction: float | None = None) -> Outcome:
+    """The seed with 7 probes on cards >= 16 GiB, non-increasing points dropped, errors -> 16, at
+    ``fraction`` (default: the testbed's; ultralytics' own default is ``ULTRALYTICS_FRACTION``)."""
+    fraction = bed.fraction if fraction is None else fraction
     meter = _Meter(bed.probe_reserved)
     total_gib, free_gib = _seed_memory(bed)
     sizes = SEED_SIZES if total_gib < 16 else ULTRALYTICS_SIZES
     results = [None if (m := meter(b)) is None else m / GB for b in sizes]
-    steps = sum(SEED_ITERATIONS if y is not None else 1 for y in results)
+    cost = _cost(results, SEED_ITERATIONS, False)
     points = [
         (b, y) for i, (b, y) in enumerate(zip(sizes, results))
         if y is not None and 0 < y < total_gib and (i == 0 or results[i - 1] is None or y > results[i - 1])
@@ -248,8 +335,8 @@ def ultralytics_style(bed: Testbed, fraction: float = 0.6) -> Outcome:
     try:
         batch = _solve([b for b, _ in points], [y for _, y in points], free_gib, fraction)
     except (ArithmeticError, TypeError, ValueError, np.linalg.LinAlgError) as e:
-        return Outcome(DEFAULT_BATCH, meter.batches, steps, f"{type(e).__name__}: default {DEFAULT_BATCH}")
-    return _safe_range(_step_back(batch, sizes, results), meter, steps, free_gib * fraction * GB)
+        return Outcome(DEFAULT_BATCH, meter.batches, *cost, note=f"{type(e).__name__}: default {DEFAULT_BATCH}")
+    return _safe_range(_step_back(batch, sizes, results), meter, cost, free_gib * fraction * GB)
 
 
 def power(bed: Testbed, max_batch: int = MAX_BATCH) -> Outcome:
@@ -258,14 +345,16 @@ def power(bed: Testbed, max_batch: int = MAX_BATCH) -> Outcome:
     batch, last_fit = 1, 0
     while batch <= max_batch and fits(batch):
         last_fit, batch = batch, batch * 2
-    return Outcome(last_fit, fits.batches, len(fits.batches) * step.STEPS)
+    steps = len(fits.batches) * step.STEPS
+    return Outcome(last_fit, fits.batches, steps, steps)
 
 
 def ours(bed: Testbed, max_batch: int = MAX_BATCH) -> Outcome:
     """``orchestrator.decision.decide`` on the full-step measurement (0: no-fit)."""
     meter = _Meter(bed.full_step)
     d = decide(meter, bed.budget_bytes, max_batch=max_batch)
-    return Outcome(d.batch_size, meter.batches, len(meter.batches) * step.STEPS, d.reason)
+    steps = len(meter.batches) * step.STEPS
+    return Outcome(d.batch_size, meter.batches, steps, steps, warmup=1, note=d.reason)
 
 
 ALGORITHMS: dict[str, Callable[[Testbed], Outcome]] = {
@@ -275,3 +364,10 @@ ALGORITHMS: dict[str, Callable[[Testbed], Outcome]] = {
     "ours": ours,
     "seed-fullstep": seed_fullstep,
 }
+"""Every algorithm at the testbed's fraction: the same budget for all."""
+
+ULTRALYTICS_FRACTION = 0.6
+OWN_DEFAULTS: dict[str, tuple[float, Callable[[Testbed], Outcome]]] = {
+    "ultralytics-style@0.6": (ULTRALYTICS_FRACTION, ultralytics_style),
+}
+"""Algorithms whose own default fraction differs: run (and judged) at that fraction besides."""

@@ -176,7 +176,7 @@ def train(built: Built, workload: Workload, batch: int, device: torch.device, *,
     scaler = _scaler(workload, device, surrogate)
     dtype = AMP_DTYPES.get(workload.precision)
     iterations = min(accumulation(workload, batch) if accumulate is None else accumulate, 2)
-    images = None
+    images = loss = None
     done = 0
     while done < steps:
         for _ in range(iterations if done else 1):
@@ -186,9 +186,8 @@ def train(built: Built, workload: Workload, batch: int, device: torch.device, *,
                 outputs = model(images)
                 loss = built.loss(outputs, workload, batch, surrogate)
             del outputs
-            (loss if scaler is None else scaler.scale(loss)).backward()
-            del loss
-        _optimizer_step(model, optimizer, scaler, ema, done)
+            (loss if scaler is None else scaler.scale(loss)).backward()  # the loss stays alive (the trainer's
+        _optimizer_step(model, optimizer, scaler, ema, done)             # self.loss) until the next one
         done += 1
         if after_step is not None and after_step(done - 1):
             break
@@ -200,7 +199,7 @@ def train(built: Built, workload: Workload, batch: int, device: torch.device, *,
         if mark is not None:
             mark()
         validate(built, workload, batch * workload.val_scale, device, ema, surrogate)
-    del optimizer, ema, scaler, images
+    del optimizer, ema, scaler, images, loss
     return done
 
 

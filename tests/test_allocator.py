@@ -61,3 +61,25 @@ def test_fragmentation_counts():
     st = replay(events)
     assert st.peak_reserved == 40 * MiB
     assert st.peak_allocated < st.peak_reserved
+
+
+def test_best_fit_takes_the_smallest_free_block_that_is_large_enough():
+    """Holes of 4 and 8 MiB in one segment: a 4 MiB request takes the 4 MiB hole (not a piece of the 8),
+    so an 8 MiB request after it still fits without a new segment."""
+    a = CachingAllocator()
+    hole4, keep, hole8, rest = a.malloc(4 * MiB), a.malloc(2 * MiB), a.malloc(8 * MiB), a.malloc(6 * MiB)
+    a.free(hole4)
+    a.free(hole8)
+    assert (a.malloc(4 * MiB).offset, a.malloc(8 * MiB).offset) == (0, 6 * MiB)
+    assert (a.stats.reserved, a.stats.segments, a.stats.allocated) == (20 * MiB, 1, 20 * MiB)
+    st = replay([4 * MiB, 2 * MiB, 8 * MiB, 6 * MiB, -1, -3, 4 * MiB, 8 * MiB])
+    assert (st.peak_reserved, st.segments) == (20 * MiB, 1)
+
+
+def test_free_returns_the_block_for_reuse():
+    """What is freed is no longer allocated and serves the next request: a loop of equal-size
+    alloc/free pairs stays in one segment."""
+    a = CachingAllocator()
+    for _ in range(50):
+        a.free(a.malloc(15 * MiB))
+    assert (a.stats.allocated, a.stats.reserved, a.stats.segments) == (0, 16 * MiB, 1)

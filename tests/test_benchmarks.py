@@ -15,10 +15,11 @@ from orchestrator.units import GiB
 class LineBed:
     """A card of ``total_gib`` whose seed probe reads 1 GB + 0.5 GB per sample; OOM from ``oom_at``."""
 
-    def __init__(self, total_gib=16, oom_at=None, budget_gib=12.8):
+    def __init__(self, total_gib=16, oom_at=None, budget_gib=12.8, fraction=0.8):
         self.info = SimpleNamespace(total_bytes=total_gib * GiB)
         self.oom_at = oom_at
         self.budget_bytes = budget_gib * GiB
+        self.fraction = fraction
 
     def resident(self):
         return 0, 0
@@ -33,9 +34,11 @@ class LineBed:
 
 
 def test_seed_solves_its_line_in_mixed_units():
-    """free 16 GiB x 0.8 against a 1 + 0.5 b (GB) line: batch int(23.6) = 23; ultralytics' 0.6: 17."""
+    """free 16 GiB x 0.8 against a 1 + 0.5 b (GB) line: batch int(23.6) = 23, for ultralytics-style too at
+    the same fraction; at its own 0.6: 17."""
     assert baselines.seed(LineBed()).batch == 23
-    assert baselines.ultralytics_style(LineBed()).batch == 17
+    assert baselines.ultralytics_style(LineBed()).batch == 23
+    assert baselines.ultralytics_style(LineBed(fraction=baselines.ULTRALYTICS_FRACTION)).batch == 17
     assert baselines.ultralytics_style(LineBed()).probes == [1, 2, 4, 8, 16, 32, 64]
     assert baselines.ultralytics_style(LineBed(total_gib=15)).probes == [1, 2, 4, 8, 16]
 
@@ -44,7 +47,8 @@ def test_seed_steps_back_below_a_failed_probe():
     """A fit at or above the first failed size takes the size before it."""
     out = baselines.seed(LineBed(oom_at=8))
     assert out.batch == 4
-    assert out.steps == 3 * 3 + 2  # 3 iterations per probe that ran, 1 per probe that failed
+    assert (out.passes, out.optimizer_steps) == (3 * 3 + 2, 0)  # 3 passes per probe that ran, 1 per failure
+    assert out.passes_cuda == out.passes  # no warm-up
 
 
 def test_seed_defaults_outside_its_safe_range_and_crashes_without_points():
@@ -57,6 +61,37 @@ def test_seed_defaults_outside_its_safe_range_and_crashes_without_points():
 def test_power_keeps_the_last_doubling_that_fits():
     out = baselines.power(LineBed())
     assert (out.batch, out.probes) == (32, [1, 2, 4, 8, 16, 32, 64])
+    assert out.passes == out.optimizer_steps == 2 * 7
+
+
+def test_ours_on_cuda_adds_the_warm_up_measurement():
+    """Ours runs 2 full steps per measurement; on CUDA one more measurement (2 steps) warms up first."""
+    bed = LineBed()
+    bed.full_step = lambda b: int((1 + 0.5 * b) * baselines.GB)
+    out = baselines.ours(bed)
+    assert out.passes == out.optimizer_steps == 2 * out.measurements
+    assert out.passes_cuda == out.passes + 2
+
+
+def test_perturbed_card_without_perturbation_is_the_simulated_card(profiles):
+    """A perturbed card with 0 spread peaks exactly where the simulated card does (batch 1 is traced, the rest
+    synthesized); with per-sample bytes raised, a large batch needs more."""
+    from orchestrator.devices import SimulatedBackend
+    from orchestrator.spec import Workload
+
+    w = Workload(model="torchvision:mobilenet_v3_small", imgsz=224)
+    traces = SimpleNamespace(full=profiles(w), workload=w)
+    backend = SimulatedBackend("T4")
+    backend.add_profile(profiles(w))
+    exact = baselines.PerturbedCard(traces, "T4", "case", spread=0.0)
+    for b in (1, 2, 3, 100, 700):
+        assert exact.peak(b) == backend.measurer(w)(b).reserved_bytes
+    assert exact.budget_bytes(0.8) == backend.info().budget_bytes(0.8)
+    for text in ("a", "b", "c", "d"):
+        card = baselines.PerturbedCard(traces, "T4", text)
+        assert all(abs(x - 1) <= 0.03 for x in (card.per_sample, card.context, card.workspace))
+        bigger = card.per_sample > 1
+        assert (card.peak(700) > exact.peak(700)) == bigger
 
 
 TINY = decision_quality.Grid(models=(("torchvision:resnet18", (224,), "SGD"),), cards=("T4", "A10G"),
@@ -75,14 +110,34 @@ def test_decision_quality_on_a_tiny_grid(tmp_path):
     md, summary_csv, cases_csv = decision_quality.write(result, tmp_path, "dq", "test")
     summary = _read_csv(summary_csv)
     cases = _read_csv(cases_csv)
-    assert [r["algorithm"] for r in summary] == list(baselines.ALGORITHMS)
+    names = list(baselines.ALGORITHMS) + list(baselines.OWN_DEFAULTS)
+    assert [r["algorithm"] for r in summary] == names
     assert list(summary[0]) == decision_quality.SUMMARY_COLUMNS
-    assert len(cases) == 2 * len(baselines.ALGORITHMS)
+    assert len(cases) == 2 * len(names)
     assert list(cases[0]) == decision_quality.CASE_COLUMNS
+    assert {r["fraction"] for r in cases if r["algorithm"] != "ultralytics-style@0.6"} == {"0.8"}
     ours = [r for r in cases if r["algorithm"] == "ours"]
     assert all(r["over_budget"] == "False" and float(r["ratio"]) >= 0.98 for r in ours)
+    assert all(r["perturbation"] and int(r["perturbed_true_batch"]) > 0 for r in cases)
     text = md.read_text()
-    assert "## Summary" in text and "## Acceptance for ours" in text and "| seed |" in text
+    assert "## Quality" in text and "## Cost" in text and "## Judged on a perturbed card" in text
+    assert "## Acceptance for ours" in text and "| seed |" in text
+
+
+def test_extrapolation_on_a_tiny_grid(tmp_path, profiles):
+    """One workload, two target cards: a row per (card, fraction), every answer judged, both lines summarized."""
+    from benchmarks import extrapolation
+    from orchestrator.spec import Workload
+
+    setup = extrapolation.Setup(workloads=(Workload(model="torchvision:mobilenet_v3_small", imgsz=224),),
+                                targets=("V100-16GB", "L4"), fractions=(0.6, 0.8))
+    rows, _ = extrapolation.run(setup, profile=profiles)
+    assert [(r["card"], r["fraction"]) for r in rows] == [("V100-16GB", 0.6), ("V100-16GB", 0.8), ("L4", 0.6),
+                                                         ("L4", 0.8)]
+    assert all(r["fits"] and r["engine_batch"] > 0 for r in rows)
+    summary = extrapolation.summarize(rows)
+    assert [s["answers"] for s in summary] == ["lookup (upper line)", "least-squares slope"]
+    assert list(summary[0]) == extrapolation.SUMMARY_COLUMNS
 
 
 @pytest.mark.slow

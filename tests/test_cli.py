@@ -1,6 +1,7 @@
 """The command line as a user runs it: real subprocesses, exit codes, stdout vs stderr."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,6 +12,8 @@ import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+EXISTING = ("gpu_name,gpu_total_bytes,model,imgsz,precision,optimizer,ema,cudnn_benchmark,fraction,batch_size,status\n"
+            "Tesla T4,15835594752,tiny_models:tiny,64,fp16,SGD,True,False,0.8,512,ok\n")
 
 
 def run(*args, timeout=300, cwd=None):
@@ -93,3 +96,52 @@ def test_sweep_with_error_rows_exits_3_and_user_model_from_cwd(tmp_path):
     assert "ValueError: Tiny does not support 96 px" in df.set_index("imgsz").loc[96, "error"]
     errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "1 rows are `error`" in errors[0], p.stderr
+
+
+@pytest.fixture
+def in_process_cli():
+    """``cli.main`` in this process, on the session's Ray; main() installs a SIGTERM handler: put it back."""
+    from orchestrator import cli
+
+    previous = signal.getsignal(signal.SIGTERM)
+    yield cli.main
+    signal.signal(signal.SIGTERM, previous)
+
+
+def test_devices_lists_the_simulated_fleet_by_type(ray_session, in_process_cli, capsys):
+    """`devices --simulate`: the fleet grouped into types, each with its count, total, memory outside the
+    allocator and what is left, then every catalog card."""
+    from orchestrator import catalog
+    from orchestrator.units import gib
+
+    assert in_process_cli(["devices", "--simulate", "T4 x2, H100-80GB"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "simulated fleet: 3 devices in 2 types"
+    for key, count in (("T4", 2), ("H100-80GB", 1)):
+        c = catalog.card(key)
+        cells = [c.name, str(count), gib(c.total_bytes), gib(c.context_bytes), gib(c.total_bytes - c.context_bytes),
+                 "simulated"]
+        assert re.search(r"\s+".join(map(re.escape, cells)), out), (key, out)
+    catalog_lines = out.split("catalog")[1]
+    assert all(key in catalog_lines for key in catalog.CATALOG)
+
+
+def test_failed_table_write_stops_the_sweep_with_exit_1(ray_session, in_process_cli, tmp_path, monkeypatch, capsys):
+    """The disk refuses the table (no space left at fsync): the sweep stops with exit code 1 and one
+    error line, and the table on disk is byte-for-byte the previous one, with no temp file left."""
+    import errno
+
+    table = tmp_path / "t.csv"
+    table.write_text(EXISTING)
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    code = in_process_cli(["sweep", "--simulate", "T4", "--models", "tiny_models:tiny", "--imgsz", "32",
+                           "--out", str(table)])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert code == 1
+    assert len(errors) == 1 and "could not write" in errors[0] and "No space left on device" in errors[0], errors
+    assert table.read_text() == EXISTING
+    assert sorted(os.listdir(tmp_path)) == ["t.csv", "t.csv.lock"]

@@ -184,3 +184,23 @@ def test_random_lines_within_tolerance(seed):
         return
     assert 0.98 * truth <= d.batch_size <= truth
     assert d.measurements <= 9
+
+
+@pytest.mark.parametrize("shape", ["convex", "concave", "steps"])
+def test_small_limits_are_exact(shape):
+    """Below batch 50, 2% of the limit is less than one batch: the answer is the true limit itself.
+
+    Curved peaks (convex: activations that grow faster than the batch; concave; allocator-like
+    steps) make the line miss, so the bracket, not the first prediction, has to settle it.
+    """
+    curves = {
+        "convex": lambda b: 900 * MiB + 40 * MiB * b + 3 * MiB * b * b,
+        "concave": lambda b: 900 * MiB + 400 * MiB * b - 3 * MiB * b * b,
+        "steps": lambda b: 900 * MiB + 60 * MiB * b + 500 * MiB * (b // 7),
+    }
+    curve = curves[shape]
+    for limit in range(1, 50):
+        budget = (curve(limit) + curve(limit + 1)) // 2
+        d = decide(curve, budget)
+        assert true_max(curve, budget, limit=100) == limit
+        assert d.batch_size == limit, (shape, limit, [p.batch for p in d.probes])

@@ -14,34 +14,30 @@ GRID_MODELS = [("torchvision:resnet18", (224, 320)), ("torchvision:mobilenet_v3_
 CARDS = ("T4", "A10G", "A100-80GB")
 
 
-def true_limit(measure, budget, start, hi=4097):
-    """Ground truth: the largest batch within budget, by bisection with the same measurement.
-
-    Allocator fragmentation makes peak *reserved* non-monotonic in batch size (a new
-    segment appears at some batch and not at the next), so a bisection can land beyond
-    a batch that fails. The limit that matters to a trainer is the first failure above
-    the chosen batch: scan up from ``start`` to the bisection's answer and stop there.
-    """
+def true_limit(measure, budget, cap=4096):
+    """Ground truth, found without looking at the decision: bisection over [1, cap] with the same
+    measurement; the batch returned fits and the one above it does not (or it is the cap)."""
     def fits(b):
         try:
             return measure(b).reserved_bytes <= budget
         except OutOfMemory:
             return False
 
-    lo = 0
+    if fits(cap):
+        return cap
+    lo, hi = 0, cap  # fits(lo) or lo == 0; not fits(hi)
     while lo + 1 < hi:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    b = start
-    while b < lo and fits(b + 1):
-        b += 1
-    return b
+    return lo
 
 
 def test_decision_quality_on_simulated_cards(profiles):
-    """3 models x 2 sizes x 3 cards: never over budget, >= 95% of the true limit; median cost <= 8 steps.
+    """3 models x 2 sizes x 3 cards: the chosen batch fits, is never above the true limit and is
+    within the README's 2% of it; median cost <= 8 measurements.
 
-    Ground truth: the largest batch within budget by bisection with the same measurement.
+    The true limit is found independently of the decision (``true_limit``), so the decision can be
+    wrong in either direction here.
     """
     steps, ratios = [], []
     for model, sizes in GRID_MODELS:
@@ -53,12 +49,11 @@ def test_decision_quality_on_simulated_cards(profiles):
                 backend.add_profile(prof)
                 r = decide_on(backend, w, 0.8, max_batch=4096)
                 d = r.decision
-                truth = true_limit(backend.measurer(w), d.budget_bytes, start=d.batch_size)
+                truth = true_limit(backend.measurer(w), d.budget_bytes)
                 assert d.status == "ok"
                 assert d.peak_bytes <= d.budget_bytes
                 assert backend.measurer(w)(d.batch_size).reserved_bytes <= d.budget_bytes
-                assert d.batch_size <= truth
-                assert d.batch_size >= 0.95 * truth, (w.label(), card, d.batch_size, truth)
+                assert 0.98 * truth <= d.batch_size <= truth, (w.label(), card, d.batch_size, truth)
                 steps.append(d.measurements)
                 ratios.append(d.batch_size / truth)
     print(f"\nmeasurements per decision: median {statistics.median(steps)}, max {max(steps)}; "

@@ -17,19 +17,21 @@ WORKLOADS = {  # the same workloads test_simulated traces: the session's profile
     "mobilenet": Workload(model="torchvision:mobilenet_v3_small", imgsz=224, precision="fp16", optimizer="SGD", ema=True),
     "yolo": Workload(model="ultralytics:yolov8n.yaml", imgsz=320, precision="fp16", optimizer="SGD", ema=True),
 }
-UNCAPPED = 10**6  # compare extrapolations with the engine's real limit, not with max_batch
+UNCAPPED = 10**6  # lookups that should not stop at max_batch
+MAX_BATCH = 1024  # what sweeps and lookups cap at by default
 
 
-def decided(profiles, workload, card, fraction=0.8):
+def decided(profiles, workload, card, fraction=0.8, max_batch=MAX_BATCH):
     """(backend, engine result) for ``workload`` on a simulated ``card``, replaying the session's traces."""
     backend = SimulatedBackend(card)
     backend.add_profile(profiles(workload))
-    return backend, decide_on(backend, workload, fraction, max_batch=UNCAPPED)
+    return backend, decide_on(backend, workload, fraction, max_batch=max_batch)
 
 
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory, profiles):
-    """A table as a sweep writes it: every workload on every card of SWEPT, at fraction 0.8."""
+    """A table as a sweep writes it: every workload on every card of SWEPT, at fraction 0.8, capped at 1024
+    (so a small workload's probes on a large card stop at 1024, far below its limit)."""
     rows = [table.decision_row(decided(profiles, w, c)[1]) for w in WORKLOADS.values() for c in SWEPT]
     path = tmp_path_factory.mktemp("lookup") / "batch_table.csv"
     table.write_rows(path, rows)
@@ -55,21 +57,39 @@ def test_every_ok_row_is_answered_as_measured(swept):
 @pytest.mark.parametrize("left_out", ["A10G", "V100-16GB", "A100-40GB", "H200"])
 @pytest.mark.parametrize("name", list(WORKLOADS))
 def test_extrapolation_fits_and_is_near_the_measured_limit(swept, profiles, name, left_out):
-    """A card no row measured gets a batch that fits its budget, within 10% of the engine's answer there."""
+    """A card no row measured gets a batch that fits its budget and is within 5% below the engine's answer
+    there (benchmarks/extrapolation: worst 3.4% below over 96 cases). It can be a little above: the engine
+    stops within 2% of the limit, and what fits is at most the limit."""
     w = WORKLOADS[name]
     df = table.read(swept)
     df = df[df["card"] != left_out]
-    a = lookup(df, w.model, w.imgsz, left_out, max_batch=UNCAPPED)
+    a = lookup(df, w.model, w.imgsz, left_out)
     backend, truth = decided(profiles, w, left_out)
     assert a.extrapolated
     assert backend.measurer(w)(a.batch_size).reserved_bytes <= backend.info().budget_bytes(0.8)
-    assert 0.9 <= a.batch_size / truth.decision.batch_size <= 1.1, (a.batch_size, truth.decision.batch_size)
+    assert 0.95 <= a.batch_size / truth.decision.batch_size <= 1 / 0.98, (a.batch_size, truth.decision.batch_size)
+
+
+@pytest.mark.parametrize("name", list(WORKLOADS))
+def test_extrapolation_line_lies_on_or_above_every_probe(swept, name):
+    """The line an extrapolation solves is drawn above every probe near the top of each card's curve,
+    not through them: a least-squares line leaves about half of them above it, where the real curve
+    needs more memory than the line says."""
+    from orchestrator import answers
+
+    w = WORKLOADS[name]
+    points = answers.probe_points(answers.workload_rows(table.read(swept), w, "the table"))
+    line = answers.upper_line(points)
+    assert line.points == len(points) >= len(SWEPT)
+    above = [(b, p - (line.fixed_bytes + line.bytes_per_sample * b)) for b, p in points]
+    assert max(excess for _, excess in above) <= 1e-9 * max(p for _, p in points), above
+    assert min(excess for _, excess in above) <= 0  # it touches (or passes just above) the probes
 
 
 def test_another_fraction_is_recomputed(swept, profiles):
     """A fraction the table does not hold is answered from the probes, flagged, and fits that budget."""
     w = WORKLOADS["yolo"]
-    a = lookup(swept, w.model, w.imgsz, "T4", fraction=0.6, max_batch=UNCAPPED)
+    a = lookup(swept, w.model, w.imgsz, "T4", fraction=0.6)
     backend, truth = decided(profiles, w, "T4", fraction=0.6)
     assert a.extrapolated and a.fraction == 0.6
     assert backend.measurer(w)(a.batch_size).reserved_bytes <= backend.info().budget_bytes(0.6)
@@ -98,7 +118,8 @@ def test_gpu_memory_as_sold_never_above_a_card_of_that_size(swept, card):
     sold_gb = catalog.card(card).sold_gb
     for w in WORKLOADS.values():
         measured = lookup(swept, w, gpu=card)
-        by_size = lookup(swept, w, gpu=float(sold_gb), max_batch=UNCAPPED)
+        by_size = lookup(swept, w, gpu=float(sold_gb), max_batch=MAX_BATCH if measured.batch_size == MAX_BATCH
+                         else UNCAPPED)
         assert not measured.extrapolated and by_size.extrapolated
         assert by_size.batch_size <= measured.batch_size, (w.label(), card, by_size.batch_size, measured.batch_size)
     done = run_cli(swept, "--model", WORKLOADS["yolo"].model, "--imgsz", WORKLOADS["yolo"].imgsz,

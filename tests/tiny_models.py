@@ -133,3 +133,15 @@ def tiny_overflows_fp16():
 
 def tiny_records_settings():
     return CudaLike("records")
+
+
+class TinyQuadratic(Tiny):
+    """Tiny plus a (batch x batch) buffer per sample pair: a trace that is not affine in batch size."""
+
+    def forward(self, x):
+        pairs = x.new_zeros(x.shape[0] ** 2, 4096)  # 16 KiB per pair of samples
+        return super().forward(x) + pairs.sum() * 0
+
+
+def tiny_quadratic():
+    return TinyQuadratic()
