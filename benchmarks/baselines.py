@@ -188,14 +188,16 @@ class PerturbedCard:
 
     def events(self, batch: int) -> list[int]:
         prof = self.profile
-        if prof.slope is None:
-            return self._scaled(prof.events(batch))
-        slope = [None if k is None else round(k * self.per_sample) for k in prof.slope]
+        base = prof.events(batch)  # also profiles the shape of step this batch takes, if not yet done
+        regime = prof.regimes[simulated.iterations(prof.workload, batch)]
+        if regime.slope is None:
+            return self._scaled(base)
+        slope = [None if k is None else round(k * self.per_sample) for k in regime.slope]
         if batch >= 2:
-            return [c if k is None else c + k * batch for c, k in zip(prof.intercept, slope)]
-        base = prof.events(1)  # batch 1 is traced, not synthesized: shift its allocations where they line up
+            return [c if k is None else c + k * batch for c, k in zip(regime.intercept, slope)]
+        # batch 1 is traced, not synthesized: shift its allocations where they line up
         if len(base) == len(slope) and all((e > 0) == (k is not None) for e, k in zip(base, slope)):
-            return [e if k is None else e + k - k0 for e, k, k0 in zip(base, slope, prof.slope)]
+            return [e if k is None else e + k - k0 for e, k, k0 in zip(base, slope, regime.slope)]
         return self._scaled(base)
 
     def _scaled(self, events: list[int]) -> list[int]:
