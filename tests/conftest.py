@@ -3,6 +3,12 @@ import os
 import sys
 
 import pytest
+import torch
+
+# The suite's real-tensor steps are small: on a shared 2-core machine a second intra-op thread mostly
+# spin-waits (yolov8n's real step at 256 px: 12 s with 2 threads, 1.3 s with 1). Memory does not
+# depend on it (same tensors, same bytes). CLI subprocesses and Ray workers keep torch's default.
+torch.set_num_threads(1)
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 os.environ.setdefault("YOLO_OFFLINE", "1")

@@ -37,7 +37,8 @@ def test_decision_quality_on_simulated_cards(profiles):
     within the README's 2% of it; median cost <= 8 measurements.
 
     The true limit is found independently of the decision (``true_limit``), so the decision can be
-    wrong in either direction here.
+    wrong in either direction here. (Where allocator segments make the peak non-monotonic near the
+    limit, a bisection can land on either side of a failing batch; none of these cases does.)
     """
     steps, ratios = [], []
     for model, sizes in GRID_MODELS:

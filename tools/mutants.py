@@ -134,7 +134,7 @@ def pytest(root: Path, tests, timeout_s: int) -> tuple[int, str, float]:
                PYTHONDONTWRITEBYTECODE="1")
     t0 = time.perf_counter()
     try:
-        p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider", *tests],
+        p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", *tests],
                            cwd=root, env=env, capture_output=True, text=True, timeout=timeout_s)
         code, out = p.returncode, p.stdout + p.stderr
     except subprocess.TimeoutExpired:
