@@ -44,13 +44,13 @@ def run(models: list[tuple[str, int]], cards: list[str], fraction: float = 0.8) 
         for label, change in CHANGES:
             w = Workload(model=model, imgsz=imgsz, **{**LEGACY, **change})
             row = {"model": model, "imgsz": imgsz, "step": label}
+            traced = None  # the workload's profile, traced on the first card and replayed on the others
             for card in cards:
                 backend = SimulatedBackend(card)
-                if card != cards[0]:
-                    backend.add_profile(first.profile(w))
-                else:
-                    first = backend
+                if traced is not None:
+                    backend.add_profile(traced)
                 row[card] = decide_on(backend, w, fraction).decision.batch_size
+                traced = backend.profile(w)
             base = base or row
             row["change_pct"] = round(100 * (row[cards[0]] / base[cards[0]] - 1), 1)
             rows.append(row)
