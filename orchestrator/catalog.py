@@ -14,6 +14,11 @@ from dataclasses import dataclass
 from .units import MiB
 
 
+NEIGHBOUR_WARN_BYTES = 256 * MiB
+"""Other processes holding more than this on a device while it was measured: the decision warns, and a
+re-run measures the row again (their memory was subtracted from the budget; they may be gone now)."""
+
+
 @dataclass(frozen=True)
 class Card:
     key: str  # the name users type: "A100-80GB"

@@ -15,6 +15,16 @@ MOSAIC = 4
 """Images a mosaic joins: ultralytics' AutoBatch counts 4 x the busiest image's labels."""
 
 
+def with_data(values: dict, data: str, where: str) -> dict:
+    """``values`` (workload fields by name, None for not given) with objects and classes read from the data
+    yaml ``data`` (relative paths: from the current directory); naming either field as well is an error,
+    since they would disagree. ``where`` starts the error (``"FILE: [sweep] "``, ``"--"``)."""
+    both = [k for k in ("objects", "classes") if values.get(k) is not None]
+    if both:
+        raise SpecError(f"{where}data={data!r} sets objects and classes; leave out {', '.join(both)}")
+    return {**values, **fields_from(data)}
+
+
 def fields_from(data: str | os.PathLike) -> dict:
     """``{"objects": 4 x most labels on one training image, "classes": len(names)}`` for a data yaml."""
     import yaml

@@ -10,7 +10,7 @@ from . import decision as core
 from . import spec
 from .devices import Backend, DeviceInfo, Measurement, cuda_count, make_backend
 from .spec import SpecError, Workload, check_fraction, check_max_batch
-from .table import NEIGHBOUR_WARN_BYTES
+from .catalog import NEIGHBOUR_WARN_BYTES
 from .units import gib
 
 log = logging.getLogger(__name__)

@@ -307,9 +307,9 @@ def _disagreement(o: scheduler.Outcome) -> str:
                      f"{gib(d.outside_bytes)}{near})")
     low = min(results, key=lambda r: r.decision.batch_size).device
     others = [r.device for r in results if r.device is not low]
-    if low.neighbour_bytes > table.NEIGHBOUR_WARN_BYTES:
+    if low.neighbour_bytes > catalog.NEIGHBOUR_WARN_BYTES:
         why = f"other processes held {gib(low.neighbour_bytes)} on {low.uuid or low.host} while it was measured"
-    elif others and low.outside_bytes > max(d.outside_bytes for d in others) + table.NEIGHBOUR_WARN_BYTES:
+    elif others and low.outside_bytes > max(d.outside_bytes for d in others) + catalog.NEIGHBOUR_WARN_BYTES:
         why = f"{low.uuid or low.host} had more memory in use outside the allocator"
     else:
         why = "same budget, different measured peaks (driver, cuDNN or clock differences)"

@@ -27,6 +27,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from . import catalog, spec
+from .datasets import with_data
 from .spec import SpecError, Workload, check_fraction, check_max_batch
 
 DEFAULT_JOB = Path(__file__).resolve().parent.parent / "jobs" / "quickstart.toml"
@@ -238,17 +239,6 @@ def _fleet(d, src) -> FleetConfig:
         if getattr(cfg, k) <= 0:
             raise SpecError(f"{src}: {sec}{k}={getattr(cfg, k)} must be > 0")
     return cfg
-
-
-def with_data(values: dict, data: str, where: str) -> dict:
-    """``values`` with objects and classes read from the data yaml ``data`` (relative paths: from the
-    current directory); naming either field as well is an error, since they would disagree."""
-    from .datasets import fields_from
-
-    both = [k for k in ("objects", "classes") if values.get(k) is not None]
-    if both:
-        raise SpecError(f"{where}data={data!r} sets objects and classes; leave out {', '.join(both)}")
-    return {**values, **fields_from(data)}
 
 
 def with_overrides(job: Job, *, models=None, imgsz=None, fraction=None, simulate=None, address=None, out=None,

@@ -212,12 +212,9 @@ def from_args(args: argparse.Namespace) -> Workload:
     """The workload a single-value command (``autobatch``, ``lookup``) names (``--data`` read here)."""
     values = {k: getattr(args, k) for k in KEYS if getattr(args, k) is not None}
     if args.data is not None:
-        from .datasets import fields_from
+        from .datasets import with_data
 
-        both = [k for k in ("objects", "classes") if k in values]
-        if both:
-            raise SpecError(f"--data={args.data!r} sets objects and classes; leave out --{', --'.join(both)}")
-        values.update(fields_from(args.data))
+        values = with_data(values, args.data, "--")
     return make(**values)
 
 

@@ -20,6 +20,7 @@ from typing import Iterable
 import pandas as pd
 
 from . import spec
+from .catalog import NEIGHBOUR_WARN_BYTES
 from .spec import SpecError
 
 log = logging.getLogger(__name__)
@@ -36,9 +37,6 @@ COLUMNS = KEY + [
     "device_batches", "backend", "seconds", "profile_seconds", "attempts", "error", "host", "torch", "cuda", "driver", "orchestrator", "time",
 ]
 STATUSES = ("ok", "no-fit", "error")
-NEIGHBOUR_WARN_BYTES = 256 * 2**20
-"""Other processes holding more than this on a device while it was measured: the decision warns, and a
-re-run measures the row again (their memory was subtracted from the budget; they may be gone now)."""
 
 
 class TableError(SpecError):
