@@ -6,6 +6,13 @@ then *measures the batch it is about to return* and narrows a bracket
 (interpolation, with bisection as the safeguard) until the answer is known to be
 within ``tolerance`` of the largest batch that fits. Every batch it returns has
 been measured within budget; it never returns a size at or above one that failed.
+
+Given a ``Prior`` (a prediction: the simulator's answer for this device and its
+bytes per sample), the search starts at the predicted batch instead of batch 1:
+when the prediction is right it measures that batch and one just above the
+tolerance (which fails), two measurements in all; when it is off, the same
+bracket logic continues from what was measured, anchored on the predicted slope
+until the measurements span enough to fit their own line.
 """
 from __future__ import annotations
 
@@ -48,6 +55,21 @@ class Fit:
         if self.bytes_per_sample <= 0:
             return None
         return math.floor((budget_bytes - self.fixed_bytes) / self.bytes_per_sample)
+
+
+@dataclass(frozen=True)
+class Prior:
+    """A prediction to start from: ``batch`` (0: predicted not to fit at all) and the predicted
+    ``bytes_per_sample`` near it (what one more sample costs), e.g. a simulated decision's."""
+
+    batch: int
+    bytes_per_sample: float
+
+
+SPAN = 1.5
+"""The measured points fit their own line once the largest is at least SPAN x the smallest; closer
+points (a prediction and one just above it) give a slope that allocator rounding dominates, and the
+prior's slope is used instead."""
 
 
 @dataclass
@@ -151,6 +173,11 @@ class _Search:
     def peak_at(self, batch: int) -> int | None:
         return next((p.peak_bytes for p in reversed(self.probes) if p.batch == batch), None)
 
+    def span(self) -> float:
+        """Largest over smallest batch measured with a reading (0 when none)."""
+        read = [p.batch for p in self.probes if p.peak_bytes is not None]
+        return max(read) / min(read) if read else 0.0
+
     def fit(self) -> Fit | None:
         """Line through the monotonic measured points ``near_limit``, keeping at least the two largest."""
         pts = monotonic([(p.batch, p.peak_bytes) for p in self.probes if p.peak_bytes is not None])
@@ -168,6 +195,7 @@ def decide(
     tolerance: float = 0.02,
     first_probes: tuple[int, ...] = (1, 2, 4, 8),
     max_measurements: int = 24,
+    prior: Prior | None = None,
 ) -> Decision:
     """Largest batch whose measured peak is <= ``budget_bytes``.
 
@@ -175,6 +203,7 @@ def decide(
     or raises ``OutOfMemory``; any other exception propagates (only OOM is data).
     The result is within ``tolerance`` (relative) of the largest fitting batch,
     assuming peak memory grows with batch size; it is capped at ``max_batch``.
+    With a ``prior`` the search starts from its prediction (see the module's text).
     """
     if max_batch < 1:
         raise ValueError(f"max_batch={max_batch} must be >= 1")
@@ -183,6 +212,8 @@ def decide(
         return _result(s, "no-fit", max_batch=max_batch,
                        reason=f"nothing left: the budget is {budget_bytes} B (memory outside the allocator "
                               "takes the whole fraction)")
+    if prior is not None:
+        return _from_prior(s, prior, max_batch, tolerance, max_measurements)
     if not s.run(1):
         return _result(s, "no-fit", max_batch=max_batch, reason=_no_fit_reason(s.probes[0], budget_bytes))
     for b in first_probes:
@@ -200,15 +231,61 @@ def decide(
     return _result(s, "ok", max_batch=max_batch)
 
 
-def _next_batch(s: _Search, max_batch: int, tolerance: float) -> int | None:
+def _from_prior(s: _Search, prior: Prior, max_batch: int, tolerance: float, max_measurements: int) -> Decision:
+    """The search started at the prior's batch; the bracket logic of ``_next_batch`` from there on."""
+    if not prior.bytes_per_sample > 0:
+        raise ValueError(f"prior.bytes_per_sample={prior.bytes_per_sample} must be > 0")
+    s.run(min(max(prior.batch, 1), max_batch))
+    while len(s.probes) < max_measurements:
+        nxt = _next_batch(s, max_batch, tolerance, prior)
+        if nxt is None:
+            break
+        s.run(nxt)
+    else:
+        log.warning("stopped after %d measurements; returning the largest verified batch", len(s.probes))
+    if s.lo == 0:
+        one = [p for p in s.probes if p.batch == 1]  # the search ends at batch 1 when nothing fits
+        reason = (_no_fit_reason(one[0], s.budget_bytes) if one else
+                  f"nothing fit in {len(s.probes)} measurements down to batch {s.hi}")
+        return _result(s, "no-fit", max_batch=max_batch, reason=reason)
+    return _result(s, "ok", max_batch=max_batch)
+
+
+def _below_failure(s: _Search, hi: int, prior: Prior) -> int:
+    """The next batch when every measurement so far failed, smallest failure ``hi`` (> 1): where a line
+    through ``hi``'s reading meets the budget (the prior's slope; after two failures with readings, the
+    slope between them), or 3/4 of ``hi`` when it ran out of memory (no reading to aim from)."""
+    peak = s.peak_at(hi)
+    if peak is None:
+        return max(1, hi * 3 // 4)
+    slope = prior.bytes_per_sample
+    read = sorted((p.batch, p.peak_bytes) for p in s.probes if p.peak_bytes is not None and p.batch > hi)
+    if read and read[0][1] > peak:  # a second failure above: the device's own slope
+        slope = (read[0][1] - peak) / (read[0][0] - hi)
+    return max(1, min(hi - 1, hi - math.ceil((peak - s.budget_bytes) / slope)))
+
+
+def _same_side(s: _Search) -> bool:
+    """The last two probes both fit, or both failed."""
+    return len(s.probes) >= 2 and s.fits(s.probes[-1]) == s.fits(s.probes[-2])
+
+
+def _next_batch(s: _Search, max_batch: int, tolerance: float, prior: Prior | None = None) -> int | None:
     """The next batch to measure, or None when the answer is settled."""
     lo, hi = s.lo, s.hi
     upper = max_batch if hi is None else min(max_batch, hi - 1)
     if lo >= upper:
         return None  # bracket closed, or max_batch verified
+    if lo == 0:  # only with a prior: everything measured so far failed
+        return _below_failure(s, hi, prior)
     if hi is None:
-        fit = s.fit()
-        predicted = fit.predict_batch(s.budget_bytes) if fit else None
+        if prior is not None and s.span() < SPAN and not _same_side(s):
+            # the prior's slope through the largest batch that fit; once two probes in a row fit
+            # (the prior's slope is too steep: creeping up), the measured points' own line
+            predicted = lo + math.floor((s.budget_bytes - s.peak_at(lo)) / prior.bytes_per_sample)
+        else:
+            fit = s.fit()
+            predicted = fit.predict_batch(s.budget_bytes) if fit else None
         if predicted is None:
             return min(upper, lo * 2)  # flat so far: keep doubling
         if predicted <= lo * (1 + tolerance):
@@ -216,7 +293,7 @@ def _next_batch(s: _Search, max_batch: int, tolerance: float) -> int | None:
             # exactly that line: one probe at the tolerance edge either fails, closing the
             # bracket within tolerance, or fits and moves lo up
             return min(upper, lo + max(1, math.floor(tolerance * lo)))
-        if predicted > lo * 4:
+        if predicted > lo * 4 and prior is None:
             # far beyond the probes: measure halfway first, so the line that picks the
             # answer is fitted near the limit rather than extrapolated from small batches
             return min(upper, predicted // 2)
@@ -226,6 +303,13 @@ def _next_batch(s: _Search, max_batch: int, tolerance: float) -> int | None:
     # inside the bracket: interpolate between its ends (regula falsi); bisect when the
     # failed end has no reading (OOM) or the last two guesses fell on the same side
     peak_lo, peak_hi = s.peak_at(lo), s.peak_at(hi)
+    if peak_hi is None and prior is not None and not _stalled(s):
+        # the failure has no reading, but the prior (or the measured line) has a slope: aim from lo
+        fit = s.fit() if s.span() >= SPAN else None
+        slope = fit.bytes_per_sample if fit and fit.bytes_per_sample > 0 else prior.bytes_per_sample
+        predicted = lo + math.floor((s.budget_bytes - peak_lo) / slope)
+        if predicted < hi:  # at or past hi, the slope is too shallow for this device: bisect
+            return max(predicted, lo + max(1, math.floor(tolerance * lo)))
     if peak_hi is None or peak_hi <= peak_lo or _stalled(s):
         return (lo + hi) // 2
     predicted = lo + math.floor((s.budget_bytes - peak_lo) * (hi - lo) / (peak_hi - peak_lo))

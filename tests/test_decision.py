@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from orchestrator.decision import OutOfMemory, decide, fit_line, monotonic
+from orchestrator.decision import OutOfMemory, Prior, decide, fit_line, monotonic
 
 from orchestrator.units import MiB
 
@@ -204,3 +204,63 @@ def test_small_limits_are_exact(shape):
         d = decide(curve, budget)
         assert true_max(curve, budget, limit=100) == limit
         assert d.batch_size == limit, (shape, limit, [p.batch for p in d.probes])
+
+
+# -- starting from a prediction (a Prior): the floor is 2 measurements, and it stays safe when wrong
+
+
+def test_exact_prior_costs_two_measurements():
+    """A right prediction: the predicted batch fits, one just above the tolerance fails, nothing else runs."""
+    fixed, per, budget = 700 * MiB, 45 * MiB, 20_000 * MiB
+    truth = (budget - fixed) // per
+    d = decide(line(fixed, per), budget, prior=Prior(truth, per))
+    assert (d.batch_size, d.status) == (truth, "ok")
+    assert [p.batch for p in d.probes] == [truth, truth + math.floor(0.02 * truth)]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_wrong_priors_stay_safe_and_close(seed):
+    """Priors off by up to 50% in batch and slope, on curves the line does not match: never over budget,
+    never at or above a failed batch, within 2% of the truth, and no worse than searching from batch 1."""
+    rng = random.Random(seed)
+    fixed, per, bend = rng.uniform(200, 3000) * MiB, rng.uniform(2, 400) * MiB, rng.choice([0, 0.02, -0.01])
+    budget = int(rng.uniform(6_000, 90_000) * MiB)
+    capacity = budget / rng.choice([0.8, 0.95])  # the device runs out of memory a little above the budget
+
+    def measure(b):
+        peak = fixed + per * b * (1 + bend * math.log(b))
+        if peak > capacity:
+            raise OutOfMemory(f"batch {b}")
+        return int(peak)
+
+    truth = true_max(measure, budget)
+    error = rng.uniform(-0.5, 0.5)
+    prior = Prior(max(0, round(truth * (1 + error))), per * (1 + rng.uniform(-0.5, 0.5)))
+    d = decide(measure, budget, prior=prior, max_batch=100_000)
+    assert d.peak_bytes <= budget
+    assert all(p.batch > d.batch_size for p in d.probes if p.peak_bytes is None or p.peak_bytes > budget)
+    assert 0.98 * truth <= d.batch_size <= truth, [p.batch for p in d.probes]
+    assert d.measurements <= decide(measure, budget, max_batch=100_000).measurements
+
+
+def test_prior_that_predicts_too_much_backs_off_to_no_fit():
+    """A prediction far too high on a device where nothing fits ends at batch 1: no-fit, with batch 1's reason."""
+    d = decide(line(5_000 * MiB, 10 * MiB), 4_000 * MiB, prior=Prior(300, 10 * MiB))
+    assert (d.status, d.batch_size) == ("no-fit", 0)
+    assert d.probes[0].batch == 300 and d.probes[-1].batch == 1
+    assert "budget" in d.reason
+
+
+def test_prior_at_max_batch_that_fits_is_one_measurement():
+    """A prediction at the cap that fits needs nothing above it: one measurement, clamped."""
+    d = decide(line(10 * MiB, 1024), 70_000 * MiB, max_batch=256, prior=Prior(256, 1024))
+    assert (d.batch_size, d.clamped, d.measurements) == (256, True, 1)
+
+
+def test_prior_oom_without_reading_halves():
+    """The predicted batch runs out of memory (no reading to aim from): the search steps to 3/4, then brackets."""
+    measure = line(100 * MiB, 20 * MiB, capacity=3_000 * MiB)
+    d = decide(measure, 8_000 * MiB, prior=Prior(390, 20 * MiB))
+    truth = true_max(measure, 8_000 * MiB)
+    assert d.probes[1].batch == 292
+    assert 0.98 * truth <= d.batch_size <= truth
