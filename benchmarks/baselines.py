@@ -172,14 +172,16 @@ class PerturbedCard:
     workload's traces are not affine).
     """
 
-    def __init__(self, traces: Traces, card: str, seed_text: str, spread: float = 0.03):
+    def __init__(self, traces: Traces | simulated.Profile, card: str, seed_text: str = "", spread: float = 0.03,
+                 factors: tuple[float, float, float] | None = None):
+        """``factors``: (per-sample, context, workspace) multipliers to use instead of random ones."""
         rng = random.Random(zlib.crc32(seed_text.encode()))
-        self.per_sample, self.context, self.workspace = (1 + rng.uniform(-spread, spread) for _ in range(3))
+        self.per_sample, self.context, self.workspace = factors or (1 + rng.uniform(-spread, spread) for _ in range(3))
         c = catalog.card(card)
         self.total_bytes = c.total_bytes
         self.context_bytes = round(c.context_bytes * self.context)
         self.workspace_bytes = round(c.workspace_bytes * self.workspace)
-        self.profile = traces.full
+        self.profile = traces if isinstance(traces, simulated.Profile) else traces.full
         self._peaks: dict[int, int | None] = {}
 
     def label(self) -> str:

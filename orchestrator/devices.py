@@ -21,9 +21,10 @@ from typing import Protocol
 import torch
 
 from . import allocator, catalog, models, simulated, step
+from . import decision as core
 from .decision import OutOfMemory
 from .spec import Workload
-from .units import GiB
+from .units import GiB, MiB
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,37 @@ class _SimulatedMeasurer:
             raise OutOfMemory(f"simulated {self.card.key}: {e}") from None
         val = stats.phase_peaks[1] if len(stats.phase_peaks) > 1 else 0
         return Measurement(stats.peak_reserved, stats.peak_allocated, self.card.context_bytes, val)
+
+
+GENERIC_WORKSPACE = {9: 32 * MiB}
+"""cuBLAS workspace by compute capability's major version, for a card not in the catalog (else 8 MiB)."""
+
+
+def stand_in(info: DeviceInfo) -> catalog.Card:
+    """The card the simulator replays a profile on for a device that reports ``info``: its own total and
+    memory outside the allocator, and its catalog entry's workspace (a generic one for an unknown card)."""
+    known = catalog.CATALOG.get(info.card) or catalog.by_device_name(info.name, info.total_bytes)
+    major = int(info.capability.split(".")[0]) if info.capability[:1].isdigit() else 0
+    workspace = known.workspace_bytes if known else GENERIC_WORKSPACE.get(major, 8 * MiB)
+    capability = known.capability if known else (major, 0)
+    return catalog.Card(key=info.card or info.name, name=info.name, total_bytes=info.total_bytes,
+                        capability=capability, context_bytes=info.outside_bytes, workspace_bytes=workspace,
+                        sold_gb=known.sold_gb if known else 0)
+
+
+def predict(prof: simulated.Profile, info: DeviceInfo, fraction: float, max_batch: int) -> core.Decision:
+    """The simulator's decision for the device that reports ``info`` (see ``stand_in``): milliseconds of
+    replays of a profile traced on the CPU, which a real device then verifies (``core.Prior``)."""
+    m = _SimulatedMeasurer(prof, stand_in(info))
+    return core.decide(lambda b: m(b).reserved_bytes, info.budget_bytes(fraction), max_batch=max_batch)
+
+
+def prior_of(prediction: core.Decision) -> core.Prior | None:
+    """Where a real device's search starts from a prediction; None when it has no slope (a no-fit
+    prediction: the search starts at batch 1, which settles that in one measurement)."""
+    if prediction.status != "ok" or not (prediction.bytes_per_sample or 0) > 0:
+        return None
+    return core.Prior(prediction.batch_size, prediction.bytes_per_sample)
 
 
 class DeviceFault(RuntimeError):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from . import decision as core
 from . import spec
-from .devices import Backend, DeviceInfo, Measurement, cuda_count, make_backend
+from .devices import Backend, DeviceInfo, Measurement, cuda_count, make_backend, predict, prior_of
 from .spec import SpecError, Workload, check_fraction, check_max_batch
 from .catalog import NEIGHBOUR_WARN_BYTES
 from .units import gib
@@ -32,10 +32,17 @@ class Result:
     """Preparing the measurement: simulated, tracing the workload (shared by every card); CUDA, build and warm-up."""
     val_peak_bytes: int | None = None
     """Peak reserved by the validation pass at the chosen batch (None: no answer, or no validation)."""
+    predicted_batch: int | None = None
+    """The simulator's answer for this device, where the search started (None: searched from batch 1)."""
 
 
-def decide_on(backend: Backend, workload: Workload, fraction: float, *, max_batch: int = 1024) -> Result:
+def decide_on(backend: Backend, workload: Workload, fraction: float, *, max_batch: int = 1024,
+              profile=None) -> Result:
     """Run the decision for ``workload`` on ``backend``'s device; SpecError for a bad fraction or max_batch.
+
+    ``profile`` (a ``simulated.Profile`` of ``workload``, traced on the CPU): the search starts from what
+    the simulator predicts for this device (``devices.predict``) and verifies it, two measurements when
+    the prediction is right; the result records the prediction (``predicted_batch``).
 
     Memory outside the allocator (context, kernels, other processes) is read after every probe and at
     the end; when it grew past what the budget assumed, the answer is checked against the budget
@@ -58,7 +65,11 @@ def decide_on(backend: Backend, workload: Workload, fraction: float, *, max_batc
             raise core.OutOfMemory(seen[batch])
         return seen[batch].reserved_bytes
 
-    decision = core.decide(reserved, info.budget_bytes(fraction), max_batch=max_batch)
+    def prior(info: DeviceInfo) -> core.Prior | None:  # the prediction for the budget ``info`` gives
+        return prior_of(predict(profile, info, fraction, max_batch)) if profile is not None else None
+
+    first = prior(info)
+    decision = core.decide(reserved, info.budget_bytes(fraction), max_batch=max_batch, prior=first)
     for _ in range(MAX_REDECISIONS):
         end = backend.info()
         outside = max([info.outside_bytes, end.outside_bytes, measure.outside_bytes]
@@ -73,7 +84,7 @@ def decide_on(backend: Backend, workload: Workload, fraction: float, *, max_batc
         if decision.status != "ok" or decision.peak_bytes <= budget:
             decision = dataclasses.replace(decision, budget_bytes=budget)  # the answer fits the smaller budget
             break
-        decision = core.decide(reserved, budget, max_batch=max_batch)
+        decision = core.decide(reserved, budget, max_batch=max_batch, prior=prior(info))
         decision.probes = [core.Probe(b, None, m) if isinstance(m, str) else core.Probe(b, m.reserved_bytes)
                            for b, m in seen.items()]  # every measurement made, in order
     else:
@@ -88,17 +99,22 @@ def decide_on(backend: Backend, workload: Workload, fraction: float, *, max_batc
              decision.batch_size, decision.status, decision.measurements, seconds)
     chosen = seen.get(decision.batch_size)
     val = chosen.val_reserved_bytes if isinstance(chosen, Measurement) and chosen.val_reserved_bytes else None
-    return Result(workload, info, fraction, decision, seconds, measure.setup_seconds, val)
+    return Result(workload, info, fraction, decision, seconds, measure.setup_seconds, val,
+                  None if profile is None else first.batch if first else 0)
 
 
 def autobatch(model: str | Workload, imgsz: int = 640, fraction: float = 0.8, *, gpu: str | None = None,
-              max_batch: int = 1024, **fields) -> Result:
+              max_batch: int = 1024, predict: bool = True, **fields) -> Result:
     """The largest training batch for ``model`` at ``imgsz`` within ``fraction`` of one device.
 
     ``fields``: the other workload fields (``spec.Workload``: precision, optimizer,
     ema, ...), or pass a whole ``Workload`` as ``model``. ``gpu`` names a catalog card
     to simulate (e.g. "T4"); None uses this process's current CUDA device, or raises
-    when there is none. The drop-in for YOLO's ``check_train_batch_size``:
+    when there is none. On a real device, ``predict`` first traces the workload on the
+    CPU (fake tensors, seconds) and starts the search at the simulator's answer for this
+    device, which then costs 2 measured steps when the prediction is right instead of
+    about 7 (``predict=False``: search from batch 1). The drop-in for YOLO's
+    ``check_train_batch_size``:
     ``autobatch("ultralytics:yolov8s.yaml", 640).decision.batch_size``.
     """
     workload = model if isinstance(model, Workload) else spec.make(model=model, imgsz=imgsz, **fields)
@@ -108,7 +124,12 @@ def autobatch(model: str | Workload, imgsz: int = 640, fraction: float = 0.8, *,
         backend = make_backend(gpu)
     except ValueError as e:  # unknown catalog card
         raise SpecError(str(e)) from None
-    return decide_on(backend, workload, fraction, max_batch=max_batch)
+    profile = None
+    if predict and gpu is None:
+        from . import simulated
+
+        profile = simulated.profile(workload)
+    return decide_on(backend, workload, fraction, max_batch=max_batch, profile=profile)
 
 
 __all__ = ["Result", "autobatch", "decide_on"]

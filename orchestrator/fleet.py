@@ -53,9 +53,12 @@ class DeviceActor:
         return _faults_named(self.backend.profile, workload)
 
     def decide(self, workload: Workload, fraction: float, max_batch: int, profile=None) -> engine.Result:
-        if profile is not None:
+        """A simulated card replays ``profile``; a real one starts from what it predicts for this device."""
+        if profile is not None and hasattr(self.backend, "add_profile"):
             self.backend.add_profile(profile)
-        return _faults_named(engine.decide_on, self.backend, workload, fraction, max_batch=max_batch)
+            profile = None
+        return _faults_named(engine.decide_on, self.backend, workload, fraction, max_batch=max_batch,
+                             profile=profile)
 
 
 def _faults_named(fn, *args, **kwargs):

@@ -31,7 +31,7 @@ REQUIRED = ["gpu_name", "gpu_total_bytes", "model", "imgsz", "fraction", "batch_
 """Columns every table of ours has had; a workload field added later is filled with its default."""
 _TYPES = {"gpu_name": str, "gpu_total_bytes": int, **spec.TYPES, "fraction": float}
 COLUMNS = KEY + [
-    "batch_size", "status", "gpu_count", "card", "peak_bytes", "val_peak_bytes", "budget_bytes", "outside_bytes",
+    "batch_size", "status", "predicted_batch", "gpu_count", "card", "peak_bytes", "val_peak_bytes", "budget_bytes", "outside_bytes",
     "neighbour_bytes",
     "bytes_per_sample", "fixed_bytes", "r2", "clamped", "probes", "probe_peak_bytes", "measurements",
     "device_batches", "backend", "seconds", "profile_seconds", "attempts", "error", "host", "torch", "cuda", "driver", "orchestrator", "time",
@@ -220,7 +220,8 @@ def decision_row(result, *, gpu_count: int = 1, attempts: int = 1) -> dict:
     d = result.decision
     return {
         **_base_row(result.workload, result.device, result.fraction, gpu_count, attempts, result.seconds),
-        "batch_size": d.batch_size, "status": d.status, "peak_bytes": d.peak_bytes,
+        "batch_size": d.batch_size, "status": d.status, "predicted_batch": result.predicted_batch,
+        "peak_bytes": d.peak_bytes,
         "val_peak_bytes": result.val_peak_bytes, "budget_bytes": d.budget_bytes,
         "bytes_per_sample": d.bytes_per_sample, "fixed_bytes": d.fixed_bytes, "r2": d.r2, "clamped": d.clamped,
         "probes": ",".join(str(p.batch) for p in d.probes),
