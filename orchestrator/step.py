@@ -95,7 +95,9 @@ class EMA:
     """An exponential moving average of the weights, updated as ultralytics' ModelEMA does.
 
     Holds a copy of every parameter and buffer (ModelEMA deep-copies the model:
-    the same bytes), and updates floats in place with one temporary per tensor.
+    the same bytes), and updates the floating ones in place with one
+    ``torch._foreach_lerp_`` (ultralytics 8.3+ on torch 2.x: no temporaries; older
+    releases allocated one temporary per tensor, ``v += (1 - d) * msd[k]``).
     """
 
     def __init__(self, model: nn.Module, decay: float = 0.9999):
@@ -105,10 +107,9 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         msd = model.state_dict()
-        for k, v in self.state.items():
-            if v.dtype.is_floating_point:
-                v *= self.decay
-                v += (1 - self.decay) * msd[k].detach()
+        pairs = [(v, msd[k].detach()) for k, v in self.state.items() if v.dtype.is_floating_point]
+        if pairs:
+            torch._foreach_lerp_([v for v, _ in pairs], [m for _, m in pairs], 1 - self.decay)
 
 
 class _FakeScaler:
