@@ -336,9 +336,14 @@ class Profile:
         return self._trace(regime, batch)
 
     def add_regime(self, it: int, batches: tuple[int, ...]) -> Regime:
-        """Trace the step shape ``it`` at ``batches`` and fit it on the last three."""
+        """Trace the step shape ``it`` at ``batches`` and fit it on the last three; when the first three
+        already fit (most models: batch 1 is affine with 2 and 3), the rest is not traced."""
         regime = self.regimes[it] = Regime(it)
-        for b in batches:
+        for b in batches[:3]:
+            self._trace(regime, b)
+        if len(batches) > 3 and regime.fit(*batches[:3]):
+            return regime
+        for b in batches[3:]:
             self._trace(regime, b)
         if not regime.fit(*batches[-3:]):
             log.warning("%s: traces are not affine in batch size; tracing every batch (slower)",
@@ -366,8 +371,9 @@ def _synthesize(intercept: list[int], slope: list, batch: int) -> list[int]:
 
 
 PROFILE_BATCHES = (1, 2, 3, 4)
-"""Batches traced per shape of step (batch 1 only where it occurs: with accumulation, when nbs > 1).
-Small, because YOLO's loss runs for real in every trace and its cost grows with the batch."""
+"""Batches traced per shape of step (batch 1 only where it occurs: with accumulation, when nbs > 1;
+batch 4 only where batch 1 is not affine with 2 and 3, e.g. convnext). Small, because YOLO's loss
+runs for real in every trace and its cost grows with the batch."""
 
 
 def profile(workload: Workload, built: models.Built | None = None, batches=PROFILE_BATCHES,

@@ -111,3 +111,12 @@ def test_trace_that_is_not_affine_is_traced_at_every_batch(caplog):
     direct = simulated.trace(models.build(w), w, 13)
     assert 13**2 * 4096 * 4 in direct  # the quadratic buffer, at its true size
     assert prof.events(13) == direct and prof.traced == len(simulated.PROFILE_BATCHES) + 1
+
+
+def test_an_affine_step_is_traced_at_three_batches_and_synthesizes_the_fourth():
+    """Where batch 1 is affine with 2 and 3, the profile stops there; batch 4 (traced before) is
+    synthesized, equal to a direct trace."""
+    w = Workload(model="tiny_models:tiny", imgsz=32, nbs=1, val_scale=0)
+    prof = simulated.profile(w)
+    assert prof.affine and prof.traced == 3 and 4 not in prof.regimes[1].base
+    assert prof.events(4) == simulated.trace(models.build(w), w, 4)
