@@ -109,80 +109,39 @@ def test_ultralytics_trains_one_epoch_with_the_tables_batch(tmp_path, profiles):
 # -- Lightning
 
 
-def lightning_module(batch_size=None):
-    """A LightningModule training tests/tiny_models.Tiny on random 3x8x8 images; records each batch's size."""
-    import lightning.pytorch as pl
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from tiny_models import Tiny
-
-    class Module(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net, self.batch_size, self.seen = Tiny(), batch_size, []
-
-        def training_step(self, batch, _):
-            self.seen.append(len(batch[0]))
-            return torch.nn.functional.cross_entropy(self.net(batch[0]), batch[1])
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.01)
-
-        def train_dataloader(self):
-            n = 2 * 1024
-            return DataLoader(TensorDataset(torch.randn(n, 3, 8, 8), torch.randint(0, 10, (n,))),
-                              batch_size=self.batch_size)
-
-    return Module()
-
-
-def lightning_trainer(callback, **kwargs):
+def lightning_trainer(callbacks, **kwargs):
     import lightning.pytorch as pl
 
     return pl.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, callbacks=[callback], **kwargs)
+                      enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, **kwargs)
 
 
 def test_lightning_callback_sets_the_modules_batch_size(tiny_table):
     """TableBatchSize sets the module's batch_size in setup, before the dataloader is built: the first
     training batch has the table's size; a module without the attribute is one line saying what to add."""
+    from lightning_ranks import Module
+
     from orchestrator.integrations.lightning import TableBatchSize
 
-    module = lightning_module()
+    module = Module()
     callback = TableBatchSize(tiny_table, TINY.model, 256, gpu="T4", precision="fp32")
-    lightning_trainer(callback, devices=1).fit(module)
+    lightning_trainer([callback], devices=1).fit(module)
     assert module.seen == [callback.batch_size] == [answer(tiny_table, "T4")]
-    bare = lightning_module()
+    bare = Module()
     del bare.batch_size
     with pytest.raises(SpecError, match=r"Module and its datamodule have no 'batch_size': give one of them"):
-        lightning_trainer(TableBatchSize(tiny_table, TINY.model, 256, gpu="T4", precision="fp32"),
+        lightning_trainer([TableBatchSize(tiny_table, TINY.model, 256, gpu="T4", precision="fp32")],
                           devices=1).fit(bare)
-
-
-class CardPerRank:
-    """Rank k's card is CARDS[k]: the hardware, faked (on a GPU node each rank reads its own device)."""
-
-    def card(self, trainer):
-        return CARDS[trainer.global_rank]
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not MERGED, reason="needs the world_size workload field (issue 14, items 1-2)")
 def test_lightning_two_processes_agree_on_the_smaller_card(tiny_table, tmp_path):
-    """Two DDP processes (gloo, CPU) on a T4 and an A10G both train with the T4's DDP answer."""
-    from orchestrator.integrations.lightning import TableBatchSize
+    """Two DDP processes (ddp_spawn, gloo, CPU) on a T4 and an A10G both train with the T4's DDP answer."""
+    from lightning_ranks import CardPerRank, Module, Record
 
-    class PerRank(CardPerRank, TableBatchSize):
-        pass
-
-    class Record(TableBatchSize.__mro__[1]):  # a plain Callback: each rank writes what its module trained with
-        def on_train_end(self, trainer, pl_module):
-            (tmp_path / f"{trainer.global_rank}.json").write_text(json.dumps(pl_module.seen))
-
-    trainer = lightning_trainer(PerRank(tiny_table, TINY.model, 256, precision="fp32"), devices=2,
-                                strategy="ddp_spawn")
-    trainer.callbacks.append(Record())
-    trainer.fit(lightning_module())
+    callbacks = [CardPerRank(tiny_table, TINY.model, 256, precision="fp32"), Record(tmp_path)]
+    lightning_trainer(callbacks, devices=2, strategy="ddp_spawn").fit(Module())
     expected = answer(tiny_table, "T4", world_size=2)
     assert [json.loads((tmp_path / f"{k}.json").read_text()) for k in (0, 1)] == [[expected], [expected]]
 
