@@ -9,9 +9,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from orchestrator.integrations.lightning import TableBatchSize
 from tiny_models import Tiny
 
-CARDS = ("T4", "A10G")  # rank k runs on CARDS[k]
-
-
 class Module(pl.LightningModule):
     """tests/tiny_models.Tiny on random 3x8x8 images, reading ``batch_size`` in its dataloader; records
     each training batch's size."""
@@ -34,10 +31,14 @@ class Module(pl.LightningModule):
 
 
 class CardPerRank(TableBatchSize):
-    """Rank k reads CARDS[k]: the hardware, faked (on a GPU node each rank reads its own device, gpu=None)."""
+    """Rank k reads ``cards[k]``: the hardware, faked (on a GPU node each rank reads its own device, gpu=None)."""
+
+    def __init__(self, cards, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.cards = cards
 
     def card(self, trainer):
-        return CARDS[trainer.global_rank]
+        return self.cards[trainer.global_rank]
 
 
 class Record(pl.Callback):

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from orchestrator import spec, table
 from orchestrator.answers import NoAnswer
@@ -140,7 +139,7 @@ def test_lightning_two_processes_agree_on_the_smaller_card(tiny_table, tmp_path)
     """Two DDP processes (ddp_spawn, gloo, CPU) on a T4 and an A10G both train with the T4's DDP answer."""
     from lightning_ranks import CardPerRank, Module, Record
 
-    callbacks = [CardPerRank(tiny_table, TINY.model, 256, precision="fp32"), Record(tmp_path)]
+    callbacks = [CardPerRank(CARDS, tiny_table, TINY.model, 256, precision="fp32"), Record(tmp_path)]
     lightning_trainer(callbacks, devices=2, strategy="ddp_spawn").fit(Module())
     expected = answer(tiny_table, "T4", world_size=2)
     assert [json.loads((tmp_path / f"{k}.json").read_text()) for k in (0, 1)] == [[expected], [expected]]
