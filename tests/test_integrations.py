@@ -87,8 +87,10 @@ def test_ultralytics_trains_one_epoch_with_the_tables_batch(tmp_path, profiles):
     `table_batch` answers the same number; a run the table has no row for stops with NoAnswer's line."""
     from ultralytics import YOLO
 
-    from orchestrator.integrations.ultralytics import table_batch, table_trainer
+    from orchestrator.integrations.ultralytics import model_name, table_batch, table_trainer
 
+    assert [model_name(m) for m in ("yolov8s.yaml", "weights/yolo11n.pt", "ultralytics:yolov8s.yaml")] == \
+        ["ultralytics:yolov8s.yaml", "ultralytics:yolo11n.yaml", "ultralytics:yolov8s.yaml"]
     data = make_images(tmp_path / "data")
     # on CPU ultralytics trains without AMP: the fp32 row; max_batch 6 keeps the row small and real (clamped)
     w = Workload(model="ultralytics:yolov8n.yaml", imgsz=64, precision="fp32", **fields_from(data))
@@ -191,11 +193,12 @@ def ray_loop(config):
 
 @pytest.mark.slow
 def test_ray_train_workers_agree_on_the_smaller_card(ray_session, tiny_table, tmp_path):
-    """Two Ray Train workers (TorchTrainer, gloo) on a T4 and an A10G both get the T4's answer."""
+    """Two Ray Train workers (TorchTrainer, gloo) on a T4 and an A10G both get the T4's answer, from the
+    table the driver read and handed them (as on a cluster whose workers cannot read the driver's files)."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    trainer = TorchTrainer(ray_loop, train_loop_config={"table": str(tiny_table), "cards": list(CARDS),
+    trainer = TorchTrainer(ray_loop, train_loop_config={"table": table.read(tiny_table), "cards": list(CARDS),
                                                         "out": str(tmp_path), "merged": MERGED},
                            scaling_config=ScalingConfig(num_workers=2, use_gpu=False,
                                                         resources_per_worker={"CPU": 0.5}),

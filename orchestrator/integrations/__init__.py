@@ -22,10 +22,11 @@ import os
 log = logging.getLogger(__name__)
 
 
-def per_rank_batch(table: str | os.PathLike, model: str, imgsz: int = 640, *, gpu=None,
+def per_rank_batch(table, model: str, imgsz: int = 640, *, gpu=None,
                    fraction: float | None = None, world_size: int = 1, data: str | os.PathLike | None = None,
                    **fields) -> int:
-    """The batch size one rank of a ``world_size``-rank job trains with, read from ``table``.
+    """The batch size one rank of a ``world_size``-rank job trains with, read from ``table`` (a path, or
+    the DataFrame ``orchestrator.table.read`` returns: hand that to workers on other machines).
 
     ``gpu``: as in ``orchestrator.lookup`` (None: this process's current CUDA device, so each
     rank reads its own card). ``world_size`` > 1 reads the rows measured under
@@ -49,6 +50,13 @@ def per_rank_batch(table: str | os.PathLike, model: str, imgsz: int = 640, *, gp
     answer = lookup(table, model, imgsz, gpu, fraction=fraction, **fields)
     log.info("%s", answer.explanation)
     return answer.batch_size
+
+
+def process_group_size() -> int:
+    """Ranks in the ``torch.distributed`` process group (the DDP job); 1 when there is none."""
+    import torch.distributed as dist  # noqa: PLC0415
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def min_over_ranks(batch_size: int) -> int:

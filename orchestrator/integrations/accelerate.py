@@ -16,21 +16,22 @@ import os
 
 from accelerate.utils import find_executable_batch_size as _accelerate_find
 
-from . import min_over_ranks, per_rank_batch
+from . import min_over_ranks, per_rank_batch, process_group_size
 
 
 def find_executable_batch_size(table: str | os.PathLike, model: str, imgsz: int = 640, *, gpu=None,
-                               fraction: float | None = None, world_size: int = 1, **fields):
+                               fraction: float | None = None, **fields):
     """A decorator: accelerate's ``find_executable_batch_size`` with ``starting_batch_size`` read from
-    ``table`` when the function is called (so that ``Accelerator()`` has set up the device and the
-    process group by then). ``world_size``: processes under DDP (1: one process). The other
-    arguments select the row as in ``orchestrator.lookup``; no row: ``NoAnswer`` from the call."""
+    ``table`` when the function is called, after ``Accelerator()`` has set up the device and the
+    process group: the rows for that many processes (DDP), the current CUDA device when ``gpu`` is
+    None. The other arguments select the row as in ``orchestrator.lookup``; no row: ``NoAnswer``
+    from the call."""
 
     def decorate(function):
         @functools.wraps(function)
         def run(*args, **kwargs):
             start = min_over_ranks(per_rank_batch(table, model, imgsz, gpu=gpu, fraction=fraction,
-                                                  world_size=world_size, **fields))
+                                                  world_size=process_group_size(), **fields))
             return _accelerate_find(function, starting_batch_size=start)(*args, **kwargs)
 
         return run

@@ -48,5 +48,5 @@ class TableBatchSize(Callback):
         value = torch.tensor(mine, dtype=torch.int64, device=trainer.strategy.root_device)
         self.batch_size = int(trainer.strategy.reduce(value, reduce_op="min").item())
         lightning_setattr(pl_module, self.attr, self.batch_size)
-        log.info("rank %d: %s=%d from %s (this rank's card: %d)", trainer.global_rank, self.attr, self.batch_size,
-                 os.fspath(self.table), mine)
+        log.info("rank %d: %s=%d from the table, the minimum over ranks (this rank's card: %d)",
+                 trainer.global_rank, self.attr, self.batch_size, mine)

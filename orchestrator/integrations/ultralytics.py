@@ -24,10 +24,14 @@ log = logging.getLogger(__name__)
 
 
 def model_name(model: str | os.PathLike) -> str:
-    """The table's model key for what ultralytics is given: ``yolov8s.yaml`` -> ``ultralytics:yolov8s.yaml``
-    (a path keeps only its file name, as the sweep names the packaged yaml); a ``SOURCE:NAME`` is kept."""
+    """The table's model key for what ultralytics is given: ``yolov8s.yaml`` -> ``ultralytics:yolov8s.yaml``;
+    weights name their architecture (``yolov8s.pt`` -> ``ultralytics:yolov8s.yaml``: memory does not depend on
+    weight values); a path keeps only its file name, as the sweep names the packaged yaml; ``SOURCE:NAME`` is kept."""
     text = os.fspath(model)
-    return text if ":" in text and not Path(text).exists() else f"ultralytics:{Path(text).name}"
+    if ":" in text and not Path(text).exists():
+        return text
+    name = Path(text).name
+    return f"ultralytics:{Path(name).stem}.yaml" if name.endswith(".pt") else f"ultralytics:{name}"
 
 
 def table_batch(table: str | os.PathLike, model: str, imgsz: int = 640, *, gpu=None, fraction: float | None = None,
@@ -73,7 +77,7 @@ def table_trainer(table: str | os.PathLike, *, gpu=None, fraction: float | None 
     def auto_batch(self, *_args, **_kwargs) -> int:
         found = {**workload_fields(self), **fields}
         batch = per_rank_batch(table, found.pop("model"), found.pop("imgsz"), gpu=gpu, fraction=fraction, **found)
-        log.info("batch %d from %s (instead of AutoBatch)", batch, os.fspath(table))
+        log.info("batch %d from the table, instead of AutoBatch", batch)
         return batch
 
     return type(f"Table{base.__name__}", (base,), {"auto_batch": auto_batch, "__module__": __name__})
