@@ -107,6 +107,15 @@ def test_ultralytics_trains_one_epoch_with_the_tables_batch(tmp_path, profiles):
         YOLO("yolov8n.yaml").train(imgsz=96, name="no", trainer=table_trainer(path, gpu="T4", data=data), **settings)
 
 
+@pytest.mark.skipif(not MERGED, reason="needs the world_size workload field (issue 14, items 1-2)")
+def test_ultralytics_batch_is_global_under_ddp(tiny_table):
+    """ultralytics splits `batch` over its ranks: table_batch for 2 ranks is twice the DDP row's per-rank answer."""
+    from orchestrator.integrations.ultralytics import table_batch
+
+    per_rank = answer(tiny_table, "T4", world_size=2)
+    assert table_batch(tiny_table, TINY.model, 256, gpu="T4", precision="fp32", world_size=2) == 2 * per_rank
+
+
 # -- Lightning
 
 
