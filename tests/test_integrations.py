@@ -182,28 +182,33 @@ def test_accelerate_starts_at_the_tables_answer(tiny_table):
 
 
 def ray_loop(config):
-    """Each worker reads the card the test gives its rank (the hardware, faked) and writes what it got."""
+    """Each worker reads the card the test gives its rank (the hardware, faked), twice: on the cards given,
+    then with rank 1 on a card the table cannot answer; it writes what each round gave it."""
     import os
 
     import ray.train
 
-    from orchestrator.integrations import min_over_ranks, per_rank_batch
+    from orchestrator.integrations import agreed_batch
     from orchestrator.integrations.ray_train import worker_batch_size
 
     rank = ray.train.get_context().get_world_rank()
-    card = config["cards"][rank]
-    if config["merged"]:
-        agreed = worker_batch_size(config["table"], "tiny_models:tiny", 256, gpu=card, precision="fp32")
-    else:  # before DDP rows exist: the same pieces worker_batch_size is made of, on one-process rows
-        agreed = min_over_ranks(per_rank_batch(config["table"], "tiny_models:tiny", 256, gpu=card, precision="fp32"))
+    got = []
+    for cards in (config["cards"], [config["cards"][0], "GTX 480"]):
+        try:  # before DDP rows exist: what worker_batch_size is made of, on one-process rows
+            read = worker_batch_size if config["merged"] else agreed_batch
+            got.append(read(config["table"], "tiny_models:tiny", 256, gpu=cards[rank], precision="fp32"))
+        except ValueError as e:
+            got.append(str(e))
     with open(os.path.join(config["out"], f"{rank}.json"), "w") as f:
-        json.dump(agreed, f)
+        json.dump(got, f)
 
 
 @pytest.mark.slow
 def test_ray_train_workers_agree_on_the_smaller_card(ray_session, tiny_table, tmp_path):
     """Two Ray Train workers (TorchTrainer, gloo) on a T4 and an A10G both get the T4's answer, from the
-    table the driver read and handed them (as on a cluster whose workers cannot read the driver's files)."""
+    table the driver read and handed them (as on a cluster whose workers cannot read the driver's files).
+    When one worker's card has no row, both raise (neither waits forever): it with NoAnswer's line, the
+    other saying another rank had none."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -214,5 +219,7 @@ def test_ray_train_workers_agree_on_the_smaller_card(ray_session, tiny_table, tm
                            run_config=RunConfig(storage_path=str(tmp_path / "ray"), name="table"))
     trainer.fit()
     expected = answer(tiny_table, "T4", world_size=2 if MERGED else 1)
-    assert [json.loads((tmp_path / f"{k}.json").read_text()) for k in (0, 1)] == [expected, expected]
-    assert answer(tiny_table, "A10G") > expected  # the A10G rank gave way
+    (first, fails_other), (second, fails_own) = (json.loads((tmp_path / f"{k}.json").read_text()) for k in (0, 1))
+    assert first == second == expected < answer(tiny_table, "A10G")  # the A10G rank gave way
+    assert fails_own.startswith("gpu='GTX 480' is not a catalog card"), fails_own
+    assert fails_other.startswith("another rank has no batch size for tiny_models:tiny"), fails_other

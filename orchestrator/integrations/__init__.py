@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,28 @@ def per_rank_batch(table, model: str, imgsz: int = 640, *, gpu=None,
     answer = lookup(table, model, imgsz, gpu, fraction=fraction, **fields)
     log.info("%s", answer.explanation)
     return answer.batch_size
+
+
+def agreed_batch(table, model: str, imgsz: int = 640, *, reduce_min: Callable[[int], int] | None = None,
+                 **kwargs) -> int:
+    """``per_rank_batch`` on every rank, then the smallest over ranks (``reduce_min``: a rank's answer
+    to the minimum over all; default ``min_over_ranks``). Every rank takes part even when its own
+    card has no row (it offers 0), so that no rank waits forever in the collective: then every rank
+    raises, the one without a row its own ``NoAnswer``, the others one saying another rank had none."""
+    from ..answers import NoAnswer  # noqa: PLC0415
+    from ..spec import SpecError  # noqa: PLC0415
+
+    try:
+        mine, failed = per_rank_batch(table, model, imgsz, **kwargs), None
+    except SpecError as e:
+        mine, failed = 0, e
+    agreed = (reduce_min or min_over_ranks)(mine)
+    if failed is not None:
+        raise failed
+    if agreed < 1:
+        raise NoAnswer(f"another rank has no batch size for {model} at {imgsz} px in the table (its error names "
+                       "what is missing); every rank stops")
+    return agreed
 
 
 def process_group_size() -> int:

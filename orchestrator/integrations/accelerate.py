@@ -16,7 +16,7 @@ import os
 
 from accelerate.utils import find_executable_batch_size as _accelerate_find
 
-from . import min_over_ranks, per_rank_batch, process_group_size
+from . import agreed_batch, process_group_size
 
 
 def find_executable_batch_size(table: str | os.PathLike, model: str, imgsz: int = 640, *, gpu=None,
@@ -30,8 +30,8 @@ def find_executable_batch_size(table: str | os.PathLike, model: str, imgsz: int 
     def decorate(function):
         @functools.wraps(function)
         def run(*args, **kwargs):
-            start = min_over_ranks(per_rank_batch(table, model, imgsz, gpu=gpu, fraction=fraction,
-                                                  world_size=process_group_size(), **fields))
+            start = agreed_batch(table, model, imgsz, gpu=gpu, fraction=fraction,
+                                 world_size=process_group_size(), **fields)
             return _accelerate_find(function, starting_batch_size=start)(*args, **kwargs)
 
         return run

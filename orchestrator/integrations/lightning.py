@@ -17,7 +17,7 @@ from lightning.pytorch import Callback
 from lightning.pytorch.utilities.parsing import lightning_hasattr, lightning_setattr
 
 from ..spec import SpecError
-from . import per_rank_batch
+from . import agreed_batch
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,8 @@ class TableBatchSize(Callback):
                  fraction: float | None = None, attr: str = "batch_size", **fields):
         """``gpu``: None for each rank's current CUDA device (Lightning sets it per rank), or a card of the
         table for every rank. ``model``, ``imgsz``, ``fraction`` and ``fields``: the table's row, as in
-        ``orchestrator.lookup``. No row: ``NoAnswer`` from ``setup``, before training starts."""
+        ``orchestrator.lookup``. No row for any rank's card: ``NoAnswer`` from ``setup`` on every rank,
+        before training starts."""
         self.table, self.model, self.imgsz, self.gpu = table, model, imgsz, gpu
         self.fraction, self.attr, self.fields = fraction, attr, fields
         self.batch_size: int | None = None
@@ -43,10 +44,14 @@ class TableBatchSize(Callback):
         if not lightning_hasattr(pl_module, self.attr):
             raise SpecError(f"TableBatchSize: {type(pl_module).__name__} and its datamodule have no {self.attr!r}: "
                             f"give one of them `self.{self.attr}` and read it in its dataloaders, or pass attr=")
-        mine = per_rank_batch(self.table, self.model, self.imgsz, gpu=self.card(trainer), fraction=self.fraction,
-                              world_size=trainer.world_size, **self.fields)
-        value = torch.tensor(mine, dtype=torch.int64, device=trainer.strategy.root_device)
-        self.batch_size = int(trainer.strategy.reduce(value, reduce_op="min").item())
+
+        def reduce_min(mine: int) -> int:  # through the strategy: whatever backend it runs
+            value = torch.tensor(mine, dtype=torch.int64, device=trainer.strategy.root_device)
+            return int(trainer.strategy.reduce(value, reduce_op="min").item())
+
+        self.batch_size = agreed_batch(self.table, self.model, self.imgsz, reduce_min=reduce_min,
+                                       gpu=self.card(trainer), fraction=self.fraction, world_size=trainer.world_size,
+                                       **self.fields)
         lightning_setattr(pl_module, self.attr, self.batch_size)
-        log.info("rank %d: %s=%d from the table, the minimum over ranks (this rank's card: %d)",
-                 trainer.global_rank, self.attr, self.batch_size, mine)
+        log.info("rank %d: %s=%d from the table, the minimum over ranks", trainer.global_rank, self.attr,
+                 self.batch_size)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ray.train
 
-from . import min_over_ranks, per_rank_batch
+from . import agreed_batch
 
 
 def worker_batch_size(table, model: str, imgsz: int = 640, *, gpu=None,
@@ -20,7 +20,7 @@ def worker_batch_size(table, model: str, imgsz: int = 640, *, gpu=None,
     """This worker's batch size: the table's answer for its card (``gpu`` None: the current CUDA
     device; or a card of the table; ``table``: a path every worker can read, or the DataFrame
     ``orchestrator.table.read`` returns, passed in ``train_loop_config``), for a job of ``get_world_size()`` workers, the minimum over
-    workers. Call it in every worker (it is a collective when there are several). No row: ``NoAnswer``."""
+    workers. Call it in every worker (it is a collective when there are several). No row for any
+    worker's card: ``NoAnswer`` on every worker."""
     world_size = ray.train.get_context().get_world_size()
-    return min_over_ranks(per_rank_batch(table, model, imgsz, gpu=gpu, fraction=fraction,
-                                         world_size=world_size, **fields))
+    return agreed_batch(table, model, imgsz, gpu=gpu, fraction=fraction, world_size=world_size, **fields)
