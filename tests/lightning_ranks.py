@@ -30,6 +30,19 @@ class Module(pl.LightningModule):
                           batch_size=self.batch_size)
 
 
+class Data(pl.LightningDataModule):
+    """The same data from a datamodule that holds ``batch_size`` (the module then has none)."""
+
+    def __init__(self):
+        super().__init__()
+        self.batch_size = None
+
+    def train_dataloader(self):
+        n = 2048
+        return DataLoader(TensorDataset(torch.randn(n, 3, 8, 8), torch.randint(0, 10, (n,))),
+                          batch_size=self.batch_size)
+
+
 class CardPerRank(TableBatchSize):
     """Rank k reads ``cards[k]``: the hardware, faked (on a GPU node each rank reads its own device, gpu=None)."""
 

@@ -126,22 +126,28 @@ def lightning_trainer(callbacks, **kwargs):
                       enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks, **kwargs)
 
 
-def test_lightning_callback_sets_the_modules_batch_size(tiny_table):
-    """TableBatchSize sets the module's batch_size in setup, before the dataloader is built: the first
-    training batch has the table's size; a module without the attribute is one line saying what to add."""
-    from lightning_ranks import Module
+def test_lightning_callback_sets_the_modules_or_datamodules_batch_size(tiny_table):
+    """TableBatchSize sets the module's batch_size (or its datamodule's) in setup, before the dataloader is
+    built: the first training batch has the table's size; a module and datamodule without the attribute
+    is one line saying what to add."""
+    from lightning_ranks import Data, Module
 
     from orchestrator.integrations.lightning import TableBatchSize
 
+    expected = answer(tiny_table, "T4")
     module = Module()
     callback = TableBatchSize(tiny_table, TINY.model, 256, gpu="T4", precision="fp32")
     lightning_trainer([callback], devices=1).fit(module)
-    assert module.seen == [callback.batch_size] == [answer(tiny_table, "T4")]
-    bare = Module()
+    assert module.seen == [callback.batch_size] == [expected]
+    bare, data = Module(), Data()
     del bare.batch_size
+    lightning_trainer([TableBatchSize(tiny_table, TINY.model, 256, gpu="T4", precision="fp32")],
+                      devices=1).fit(bare, datamodule=data)
+    assert (bare.seen, data.batch_size) == ([expected], expected)
+    del data.batch_size
+    trainer = lightning_trainer([TableBatchSize(tiny_table, TINY.model, 256, gpu="T4", precision="fp32")], devices=1)
     with pytest.raises(SpecError, match=r"Module and its datamodule have no 'batch_size': give one of them"):
-        lightning_trainer([TableBatchSize(tiny_table, TINY.model, 256, gpu="T4", precision="fp32")],
-                          devices=1).fit(bare)
+        trainer.fit(bare, datamodule=data)
 
 
 @pytest.mark.slow
