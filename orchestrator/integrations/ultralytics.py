@@ -54,8 +54,9 @@ def workload_fields(trainer) -> dict:
     imgsz = math.ceil(args.imgsz * (1 + args.multi_scale) / trainer.stride) * trainer.stride
     precision = "bf16" if args.amp == "bf16" else "fp16" if trainer.amp else "fp32"
     optimizer = args.optimizer if args.optimizer in OPTIMIZERS else "AdamW"
-    if optimizer != args.optimizer:  # "auto" picks AdamW or MuSGD (one state per weight): AdamW's row is the safe one
-        log.info("optimizer=%s is read as AdamW's row (2 state tensors per weight, the most)", args.optimizer)
+    if optimizer != args.optimizer:  # "auto": AdamW under 10,000 iterations, else MuSGD, which no table measures
+        log.info("optimizer=%s is read as AdamW's row (2 state tensors per weight); pass optimizer= to read "
+                 "another", args.optimizer)
     return {"model": model_name(args.model), "imgsz": imgsz, "precision": precision, "optimizer": optimizer,
             "nbs": args.nbs}
 
