@@ -3,6 +3,7 @@ with the batch read from a table a simulated sweep wrote (the cards are simulate
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -224,6 +225,10 @@ def test_ray_train_workers_agree_on_the_smaller_card(ray_session, tiny_table, tm
                                                         resources_per_worker={"CPU": 0.5}),
                            run_config=RunConfig(storage_path=str(tmp_path / "ray"), name="table"))
     trainer.fit()
+    deadline = time.monotonic() + 10  # the session's Ray serves later tests: Ray Train must give its CPUs back
+    while ray_session.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray_session.available_resources().get("CPU", 0) == 2
     expected = answer(tiny_table, "T4", world_size=2 if MERGED else 1)
     (first, fails_other), (second, fails_own) = (json.loads((tmp_path / f"{k}.json").read_text()) for k in (0, 1))
     assert first == second == expected < answer(tiny_table, "A10G")  # the A10G rank gave way
