@@ -333,7 +333,8 @@ def current_device() -> Target:
     c = catalog.CATALOG.get(info.card)
     # a fresh process has not loaded its kernels yet: count the catalog's context if it is larger
     outside = max(info.outside_bytes, c.context_bytes if c else 0)
-    return Target(info.total_bytes, outside, info.name, info.card, "this device now or its catalog context, the larger")
+    return Target(info.total_bytes, outside, info.name, info.card, "this device now or its catalog context, the larger",
+                  c.nccl_channels if c else None)
 
 
 def _same_card(row, target: Target) -> bool:

@@ -324,8 +324,8 @@ class CudaBackend:
         extra = 0
         if workload.world_size > 1:
             one_rank_group(self.device)
-            card = catalog.by_device_name(torch.cuda.get_device_properties(self.device).name,
-                                          torch.cuda.get_device_properties(self.device).total_memory)
+            props = torch.cuda.get_device_properties(self.device)
+            card = catalog.by_device_name(props.name, props.total_memory)
             channels = card.nccl_channels if card else max(c.nccl_channels for c in catalog.CATALOG.values())
             extra = ddp.peer_bytes(workload.world_size, channels)
         return StepMeasurer(self.device, workload, CudaCounters(self.device), extra_outside_bytes=extra)
