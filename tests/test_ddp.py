@@ -11,7 +11,6 @@ import torch.distributed as dist
 from orchestrator import answers, catalog, ddp, devices, models, simulated, step
 from orchestrator.engine import decide_on
 from orchestrator.spec import Workload
-from orchestrator.units import MiB
 
 # (model, imgsz, precision, optimizer, world_size, batch): two models, both precisions and optimizers
 CASES = [("tiny_models:tiny", 32, "fp32", "SGD", 2, 4), ("tiny_models:tiny_wide", 32, "fp16", "AdamW", 2, 4)]
@@ -43,16 +42,16 @@ def _simulated_peak(case) -> int:
 @pytest.mark.parametrize("world", [1, 2])
 def test_real_ddp_step_and_simulated_step_agree_on_every_rank(tmp_path, world):
     """Each rank of a real gloo DDP job (1 rank: the CUDA backend's one-rank group; 2 ranks) peaks at the
-    simulated DDP step's live tensor bytes within 2% (they differ by the reducer's host-side map of used
-    parameters, 4 B per parameter, which on a GPU is pinned host memory), and above the step without DDP
-    by at least the gradients' copy in the buckets."""
+    simulated DDP step's live tensor bytes within 0.1% (issue 14 asks 2%; they differ by a few hundred bytes:
+    the reducer's host-side map of used parameters, 4 B each, pinned host memory on a GPU, and scalars), and
+    above the step without DDP by at least the gradients' copy in the buckets."""
     real = _real_peaks(tmp_path, world)
     for i, case in enumerate(CASES):
         fake = _simulated_peak(case)
         without = _simulated_peak(case[:4] + (1,) + case[5:])
         params = sum(p.numel() * p.element_size() for p in models.build(Workload(model=case[0])).module.parameters())
         for rank_peaks in real:
-            assert abs(rank_peaks[i] - fake) <= 0.02 * fake, (case, rank_peaks[i], fake)
+            assert abs(rank_peaks[i] - fake) <= 0.001 * fake, (case, rank_peaks[i], fake)
         assert fake - without >= params, (case, fake, without, params)
 
 
@@ -177,7 +176,7 @@ def test_cli_gpus_prints_the_per_rank_batch_and_says_what_limits_it(ddp_table, c
     out, err = capsys.readouterr()
     t4 = _ask(ddp_table, gpu="T4", world_size=8).batch_size
     assert out == f"{t4}\n"
-    assert f"limited by T4" in err and f"global batch {8 * t4} = {t4} x 8 ranks" in err
+    assert "limited by T4" in err and f"global batch {8 * t4} = {t4} x 8 ranks" in err
     for extra in (["--gpus", "A10G x4, L4 x4", "--measured-only"], ["--gpus", "A10G x4, T4 x4", "--world-size", "4"]):
         assert cli.main(base + extra) == 2
         out, err = capsys.readouterr()
