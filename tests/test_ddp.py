@@ -32,6 +32,7 @@ def _real_peaks(tmp_path, world: int) -> list[list[int]]:
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
 
 
+
 @functools.cache
 def _simulated_peak(case) -> int:
     model, imgsz, precision, optimizer, world_size, batch = case
@@ -45,7 +46,10 @@ def test_real_ddp_step_and_simulated_step_agree_on_every_rank(tmp_path, world):
     simulated DDP step's live tensor bytes within 0.1% (issue 14 asks 2%; they differ by a few hundred bytes:
     the reducer's host-side map of used parameters, 4 B each, pinned host memory on a GPU, and scalars), and
     above the step without DDP by at least the gradients' copy in the buckets."""
-    real = _real_peaks(tmp_path, world)
+    ranks = _real_peaks(tmp_path, world)
+    real = [r["peaks"] for r in ranks]
+    for r, said in enumerate(r["refused"] for r in ranks):  # inside a real job no rank measures on a group of its own
+        assert (f"rank {r} of a 2-rank job" in said) if world == 2 else said == ""
     for i, case in enumerate(CASES):
         fake = _simulated_peak(case)
         without = _simulated_peak(case[:4] + (1,) + case[5:])
@@ -98,6 +102,27 @@ def test_ddp_answer_is_below_the_single_process_one_by_the_overhead(profiles):
     expected_drop = (comm + buckets) / per_sample
     drop = r1.decision.batch_size - r8.decision.batch_size
     assert drop > 0 and abs(drop - expected_drop) <= 0.1 * expected_drop + 2, (drop, expected_drop)
+
+
+def test_the_real_device_measurer_runs_real_ddp_and_adds_the_other_ranks_buffers():
+    """The CUDA path's measurer (``StepMeasurer``, here on the CPU with the fake counters of test_cuda_path)
+    on the one-rank group the CUDA backend makes: the real DDP step runs, and memory outside the allocator
+    is what the device shows plus NCCL's receive buffers for the other 7 ranks."""
+    from test_cuda_path import CpuCounters
+
+    w = Workload(model="tiny_models:tiny", imgsz=32, world_size=8)
+    extra = ddp.peer_bytes(8, catalog.card("T4").nccl_channels)
+    devices.one_rank_group(torch.device("cpu"))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            m = devices.StepMeasurer(torch.device("cpu"), w, CpuCounters(), extra_outside_bytes=extra)
+            measured = m(4)
+    finally:
+        dist.destroy_process_group()
+    assert measured.outside_bytes == m.outside_bytes == extra == 4 * 3 * 10 * 2**20
+    with pytest.raises(RuntimeError, match="needs a process group"):  # its step is the real DDP's: no group, no step
+        devices.StepMeasurer(torch.device("cpu"), w, CpuCounters(), extra_outside_bytes=extra)
 
 
 def test_real_ddp_without_a_process_group_says_how_to_get_one():
