@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "Answer": "answers", "lookup": "answers",
+    "Answer": "answers", "lookup": "answers", "lookup_ranks": "answers", "RanksAnswer": "answers",
     "Decision": "decision", "OutOfMemory": "decision", "decide": "decision",
     "Result": "engine", "autobatch": "engine",
     "SpecError": "spec", "Workload": "spec",

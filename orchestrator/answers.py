@@ -19,9 +19,14 @@
    - ``HELD_BACK`` (2%) of the budget is kept free for what no probe saw.
 
    Memory outside the allocator on the target: its catalog ``context_bytes``
-   when the card is known (what the simulator and a fresh CUDA process use);
-   otherwise the largest ``outside_bytes`` among the table's rows for the
-   workload, the cautious choice for an unknown card.
+   when the card is known (what the simulator and a fresh CUDA process use),
+   plus, under DDP (``world_size`` > 1), NCCL's buffers for that many ranks
+   (``ddp.comm_bytes``); otherwise the largest ``outside_bytes`` among the
+   table's rows for the workload, the cautious choice for an unknown card.
+
+A DDP job on several GPU types (``lookup_ranks``, ``lookup --gpus "A10G x4, T4 x4"``)
+is answered per card, for the job's total ranks; every rank trains the same batch,
+so the answer is the smallest, and the global batch is that times the ranks.
 
 Anything else raises ``NoAnswer`` (a ``SpecError``: exit code 2 in the CLI) with
 one line naming what is missing and the nearest keys the table does have.
@@ -35,11 +40,13 @@ import math
 import numbers
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+import re
 
 import pandas as pd
 
-from . import catalog, spec, table as tables
+from . import catalog, ddp, spec, table as tables
 from .decision import fit_line, near_limit
 from .spec import SpecError, Workload, check_fraction, check_max_batch
 from .units import GiB, gib, mib
@@ -82,6 +89,8 @@ class Target:
     card: str = ""
     outside_from: str = ""
     """Where ``outside_bytes`` comes from, for the explanation."""
+    nccl_channels: int | None = None
+    """NCCL's channels between such cards (DDP), when the catalog knows the card; None: the catalog's most."""
 
     def label(self) -> str:
         return f"{self.card or self.name or 'a card'} ({gib(self.total_bytes)})"
@@ -117,6 +126,74 @@ def lookup(table: str | os.PathLike | pd.DataFrame, model: str | Workload, imgsz
         raise NoAnswer(f"{workload.label()} was not measured on {target.label()} at fraction {fraction:g} "
                        f"(measured on {cards}); add the card to the sweep, or drop --measured-only to extrapolate")
     return extrapolate(rows, workload, target, fraction, max_batch)
+
+
+@dataclass(frozen=True)
+class RanksAnswer:
+    """The batch per rank of a DDP job whose ranks run on the GPU types in ``answers``."""
+
+    batch_size: int
+    """Per rank: the smallest of the cards' answers, since every rank trains the same batch."""
+    global_batch: int
+    """``batch_size`` x ``world_size``: what trainers whose ``batch`` is global (ultralytics) take."""
+    world_size: int
+    limiting: str
+    """The card whose answer is the per-rank batch (the first such, in the order given)."""
+    answers: dict[str, Answer]
+    """Each card's own answer for the job's ``world_size``, by the name it was given as."""
+    counts: dict[str, int]
+    """Ranks on each card."""
+
+    @property
+    def extrapolated(self) -> bool:
+        return any(a.extrapolated for a in self.answers.values())
+
+    def explanation(self) -> str:
+        each = ", ".join(f"{name} x{self.counts[name]}: {a.batch_size}" for name, a in self.answers.items())
+        return (f"batch {self.batch_size} per rank, limited by {self.limiting} (per rank: {each}); global batch "
+                f"{self.global_batch} = {self.batch_size} x {self.world_size} ranks")
+
+
+def parse_gpus(text: str) -> list[tuple[str, int]]:
+    """``"A10G x4, T4 x4"`` -> [("A10G", 4), ("T4", 4)]; a name may be a catalog key or a device name
+    ("Tesla T4 x2"); SpecError for anything else."""
+    out = []
+    for item in (s.strip() for s in str(text).split(",")):
+        m = re.fullmatch(r"(.+?)(?:\s*[x*]\s*(\d+))?", item)
+        if not item or not m or (m.group(2) is not None and int(m.group(2)) < 1):
+            raise SpecError(f"gpus={text!r}: {item!r} must be CARD or CARD xN with N >= 1, e.g. 'A10G x4, T4 x4'")
+        out.append((m.group(1).strip(), int(m.group(2) or 1)))
+    names = [n.lower() for n, _ in out]
+    if len(set(names)) < len(names):
+        raise SpecError(f"gpus={text!r} names a card twice: give each card once with its count, e.g. 'T4 x8'")
+    return out
+
+
+def lookup_ranks(table: str | os.PathLike | pd.DataFrame, model: str | Workload, imgsz: int = 640, *,
+                 gpus: str | list[tuple[str, int]], world_size: int | None = None, fraction: float | None = None,
+                 max_batch: int = MAX_BATCH, measured_only: bool = False, **fields) -> RanksAnswer:
+    """The per-rank batch of a DDP job with ranks on ``gpus`` (``"A10G x4, T4 x4"`` or [(card, count)]):
+    each card answered by ``lookup`` for the job's total ranks, and the smallest taken. ``world_size`` None
+    (or the workload's 1) is the total count; another value than the total is a SpecError. Any card the
+    table cannot answer raises ``NoAnswer``."""
+    items = parse_gpus(gpus) if isinstance(gpus, str) else [(str(n), int(c)) for n, c in gpus]
+    total = sum(c for _, c in items)
+    if isinstance(model, Workload):
+        given = world_size if world_size is not None else (model.world_size if model.world_size != 1 else None)
+    else:
+        given = world_size
+    if given is not None and given != total:
+        raise SpecError(f"world_size={given} but gpus={gpus!r} holds {total} ranks: drop --world-size (it is the "
+                        f"total) or give every rank's card")
+    if isinstance(model, Workload):
+        workload = replace(model, world_size=total)
+    else:
+        workload = spec.make(model=model, imgsz=imgsz, world_size=total, **fields)
+    answers = {name: lookup(table, workload, gpu=name, fraction=fraction, max_batch=max_batch,
+                            measured_only=measured_only) for name, _ in items}
+    limiting = min(answers, key=lambda n: answers[n].batch_size)
+    batch = answers[limiting].batch_size
+    return RanksAnswer(batch, batch * total, total, limiting, answers, dict(items))
 
 
 def _load(table) -> tuple[pd.DataFrame, str]:
@@ -216,7 +293,7 @@ def _is_number(text: str) -> bool:
 
 
 def _from_catalog(c: catalog.Card) -> Target:
-    return Target(c.total_bytes, c.context_bytes, c.name, c.key, f"the catalog's context for {c.key}")
+    return Target(c.total_bytes, c.context_bytes, c.name, c.key, f"the catalog's context for {c.key}", c.nccl_channels)
 
 
 def _from_rows(name: str, rows: pd.DataFrame) -> Target:
@@ -242,7 +319,7 @@ def _from_gib(value: float, shown: str, exact: bool = False) -> Target:
     names = ", ".join(c.key for c in sold)
     return Target(smallest.total_bytes, max(c.context_bytes for c in sold), f"a {value:g} GB card", "",
                   f"the largest catalog context among cards sold as {value:g} GB ({names}), whose smallest "
-                  f"total {gib(smallest.total_bytes)} is used")
+                  f"total {gib(smallest.total_bytes)} is used", max(c.nccl_channels for c in sold))
 
 
 def current_device() -> Target:
@@ -256,7 +333,8 @@ def current_device() -> Target:
     c = catalog.CATALOG.get(info.card)
     # a fresh process has not loaded its kernels yet: count the catalog's context if it is larger
     outside = max(info.outside_bytes, c.context_bytes if c else 0)
-    return Target(info.total_bytes, outside, info.name, info.card, "this device now or its catalog context, the larger")
+    return Target(info.total_bytes, outside, info.name, info.card, "this device now or its catalog context, the larger",
+                  c.nccl_channels if c else None)
 
 
 def _same_card(row, target: Target) -> bool:
@@ -326,7 +404,7 @@ def extrapolate(rows: pd.DataFrame, w: Workload, target: Target, fraction: float
     line = upper_line(probe_points(ok)) if len(ok) else None
     if line is None:
         raise NoAnswer(_nothing_to_extrapolate(rows, w))
-    outside, why = _outside(target, rows)
+    outside, why = _outside(target, rows, w)
     budget = int(fraction * target.total_bytes) - outside
     usable = budget * (1 - HELD_BACK)
     batch = min(max_batch, math.floor((usable - line.fixed_bytes) / line.bytes_per_sample))
@@ -350,10 +428,15 @@ def _card_label(row) -> str:
     return row["card"] if isinstance(row["card"], str) and row["card"] else str(row["gpu_name"])
 
 
-def _outside(target: Target, rows: pd.DataFrame) -> tuple[int, str]:
-    if target.outside_bytes is not None:
+def _outside(target: Target, rows: pd.DataFrame, w: Workload) -> tuple[int, str]:
+    if target.outside_bytes is None:  # the rows were measured with this workload: their DDP buffers included
+        return int(rows["outside_bytes"].max()), "unknown card: the largest in the table's rows for this workload"
+    if w.world_size == 1:
         return target.outside_bytes, target.outside_from
-    return int(rows["outside_bytes"].max()), "unknown card: the largest in the table's rows for this workload"
+    channels = target.nccl_channels or max(c.nccl_channels for c in catalog.CATALOG.values())
+    comm = ddp.comm_bytes(w.world_size, channels)
+    return target.outside_bytes + comm, (f"{target.outside_from}, and {mib(comm)} of NCCL buffers for "
+                                         f"{w.world_size} ranks on {channels} channels")
 
 
 def _nothing_to_extrapolate(rows: pd.DataFrame, w: Workload) -> str:
@@ -378,6 +461,10 @@ def register(subparsers, common=()) -> None:
     where = p.add_mutually_exclusive_group()
     where.add_argument("--gpu", help="catalog card (A100-80GB) or device name ('Tesla T4'); "
                                      "default: the current CUDA device of this machine")
+    where.add_argument("--gpus", metavar="'CARD xN, ...'",
+                       help="a DDP job's ranks on several GPU types, e.g. 'A10G x4, T4 x4': prints the batch per "
+                            "rank that fits every rank (the smallest), and on stderr the global batch and the card "
+                            "that limits it; world_size is the total count")
     where.add_argument("--gpu-memory", type=float, metavar="GB",
                        help="a card the table does not name, by the memory it is sold as (24 for an L4, A10G or "
                             "RTX 4090: read as the smallest such catalog card) or, for any other size, the total "
@@ -394,6 +481,8 @@ def register(subparsers, common=()) -> None:
 def cmd_lookup(args: argparse.Namespace) -> int:
     """Only the integer goes to stdout, so `batch=$(python -m orchestrator lookup ...)` works."""
     gpu = args.gpu if args.gpu_memory is None else args.gpu_memory
+    if args.gpus is not None:
+        return _lookup_ranks(args)
     w = spec.from_args(args)
     a = lookup(args.table, w, gpu=gpu, fraction=args.fraction, max_batch=args.max_batch,
                measured_only=args.measured_only)
@@ -402,4 +491,19 @@ def cmd_lookup(args: argparse.Namespace) -> int:
               f"(`python -m orchestrator autobatch --model {w.model} --imgsz {w.imgsz} ...`)", file=sys.stderr)
     print(a.explanation, file=sys.stderr)
     print(a.batch_size)
+    return 0
+
+
+def _lookup_ranks(args: argparse.Namespace) -> int:
+    """``--gpus``: the per-rank integer on stdout; each card's answer, the global batch and the limit on stderr."""
+    world_size, args.world_size = args.world_size, None  # the total unless given (checked against it)
+    w = spec.from_args(args)
+    r = lookup_ranks(args.table, w, gpus=args.gpus, world_size=world_size, fraction=args.fraction,
+                     max_batch=args.max_batch, measured_only=args.measured_only)
+    for name, a in r.answers.items():
+        print(f"{name}: {a.explanation}", file=sys.stderr)
+    if r.extrapolated:
+        print("warning: extrapolated for some card, not measured on it; check it on the first run", file=sys.stderr)
+    print(r.explanation(), file=sys.stderr)
+    print(r.batch_size)
     return 0

@@ -30,26 +30,31 @@ class Card:
     sold_gb: int
     """The memory size the card is sold as ("24 GB"): what users type, not what the driver reports."""
     ray_type: str | None = None  # Ray's accelerator_type label (ray.util.accelerators)
+    nccl_channels: int = 4
+    """Channels NCCL runs collectives on between such cards (``NCCL_DEBUG=INFO`` prints "N coll channels"):
+    sets its buffers' size under DDP (``ddp.comm_bytes``). Estimates: a few over PCIe, 16-32 over NVLink."""
 
 
-def _card(key, name, total_mib, capability, context_mib, sold_gb, workspace_mib=8, ray_type=None):
-    return Card(key, name, total_mib * MiB, capability, context_mib * MiB, workspace_mib * MiB, sold_gb, ray_type)
+def _card(key, name, total_mib, capability, context_mib, sold_gb, workspace_mib=8, ray_type=None, nccl_channels=4):
+    return Card(key, name, total_mib * MiB, capability, context_mib * MiB, workspace_mib * MiB, sold_gb, ray_type,
+                nccl_channels)
 
 
 # Context sizes grow with the kernel images loaded for the architecture; Hopper's
-# cuBLAS takes a 32 MiB workspace per handle where older parts take 8 MiB.
+# cuBLAS takes a 32 MiB workspace per handle where older parts take 8 MiB. NCCL channels:
+# PCIe cards 4 (NCCL's 2 rings, doubled), NVLink parts more (32 on 8 x H100: NCCL issue #1685).
 CATALOG: dict[str, Card] = {c.key: c for c in [
     _card("T4", "Tesla T4", 15_102, (7, 5), 360, 16, ray_type="T4"),
-    _card("V100-16GB", "Tesla V100-SXM2-16GB", 16_160, (7, 0), 380, 16, ray_type="V100"),
-    _card("V100-32GB", "Tesla V100-SXM2-32GB", 32_510, (7, 0), 380, 32, ray_type="V100"),
+    _card("V100-16GB", "Tesla V100-SXM2-16GB", 16_160, (7, 0), 380, 16, ray_type="V100", nccl_channels=12),
+    _card("V100-32GB", "Tesla V100-SXM2-32GB", 32_510, (7, 0), 380, 32, ray_type="V100", nccl_channels=12),
     _card("L4", "NVIDIA L4", 22_491, (8, 9), 420, 24, ray_type="L4"),
     _card("A10G", "NVIDIA A10G", 22_491, (8, 6), 420, 24, ray_type="A10G"),
     _card("RTX-3090", "NVIDIA GeForce RTX 3090", 24_260, (8, 6), 420, 24),
     _card("RTX-4090", "NVIDIA GeForce RTX 4090", 24_210, (8, 9), 420, 24),
-    _card("A100-40GB", "NVIDIA A100-SXM4-40GB", 40_326, (8, 0), 430, 40, ray_type="A100-40G"),
-    _card("A100-80GB", "NVIDIA A100-SXM4-80GB", 81_038, (8, 0), 430, 80, ray_type="A100-80G"),
-    _card("H100-80GB", "NVIDIA H100 80GB HBM3", 81_090, (9, 0), 520, 80, 32, ray_type="H100"),
-    _card("H200", "NVIDIA H200", 143_166, (9, 0), 520, 141, 32, ray_type="H200"),
+    _card("A100-40GB", "NVIDIA A100-SXM4-40GB", 40_326, (8, 0), 430, 40, ray_type="A100-40G", nccl_channels=24),
+    _card("A100-80GB", "NVIDIA A100-SXM4-80GB", 81_038, (8, 0), 430, 80, ray_type="A100-80G", nccl_channels=24),
+    _card("H100-80GB", "NVIDIA H100 80GB HBM3", 81_090, (9, 0), 520, 80, 32, ray_type="H100", nccl_channels=32),
+    _card("H200", "NVIDIA H200", 143_166, (9, 0), 520, 141, 32, ray_type="H200", nccl_channels=32),
 ]}
 
 

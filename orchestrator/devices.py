@@ -20,7 +20,7 @@ from typing import Protocol
 
 import torch
 
-from . import allocator, catalog, models, simulated, step
+from . import allocator, catalog, ddp, models, simulated, step
 from . import decision as core
 from .decision import OutOfMemory
 from .spec import Workload
@@ -131,12 +131,17 @@ class SimulatedBackend:
 
 
 class _SimulatedMeasurer:
-    """Replays a profile's trace at each batch through the allocator model of one card."""
+    """Replays a profile's trace at each batch through the allocator model of one card.
 
-    def __init__(self, prof: simulated.Profile, card: catalog.Card):
+    Outside the allocator: the card's CUDA context and, under DDP, NCCL's communicator for the
+    workload's ranks (``ddp.comm_bytes``); the trace holds the reducer's buckets (``step.ReducerSurrogate``)."""
+
+    def __init__(self, prof: simulated.Profile, card: catalog.Card, outside_bytes: int | None = None):
+        """``outside_bytes``: what a real device reported instead (a prediction for it: NCCL included)."""
         self.prof, self.card = prof, card
-        self.capacity = card.total_bytes - card.context_bytes
-        self.outside_bytes = card.context_bytes
+        self.outside_bytes = (card.context_bytes + ddp.comm_bytes(prof.workload.world_size, card.nccl_channels)
+                              if outside_bytes is None else outside_bytes)
+        self.capacity = card.total_bytes - self.outside_bytes
 
     @property
     def setup_seconds(self) -> float:
@@ -149,7 +154,7 @@ class _SimulatedMeasurer:
         except allocator.AllocatorOutOfMemory as e:
             raise OutOfMemory(f"simulated {self.card.key}: {e}") from None
         val = stats.phase_peaks[1] if len(stats.phase_peaks) > 1 else 0
-        return Measurement(stats.peak_reserved, stats.peak_allocated, self.card.context_bytes, val)
+        return Measurement(stats.peak_reserved, stats.peak_allocated, self.outside_bytes, val)
 
 
 GENERIC_WORKSPACE = {9: 32 * MiB}
@@ -165,13 +170,14 @@ def stand_in(info: DeviceInfo) -> catalog.Card:
     capability = known.capability if known else (major, 0)
     return catalog.Card(key=info.card or info.name, name=info.name, total_bytes=info.total_bytes,
                         capability=capability, context_bytes=info.outside_bytes, workspace_bytes=workspace,
-                        sold_gb=known.sold_gb if known else 0)
+                        sold_gb=known.sold_gb if known else 0,
+                        nccl_channels=known.nccl_channels if known else catalog.Card.nccl_channels)
 
 
 def predict(prof: simulated.Profile, info: DeviceInfo, fraction: float, max_batch: int) -> core.Decision:
     """The simulator's decision for the device that reports ``info`` (see ``stand_in``): milliseconds of
     replays of a profile traced on the CPU, which a real device then verifies (``core.Prior``)."""
-    m = _SimulatedMeasurer(prof, stand_in(info))
+    m = _SimulatedMeasurer(prof, stand_in(info), outside_bytes=info.outside_bytes)
     return core.decide(lambda b: m(b).reserved_bytes, info.budget_bytes(fraction), max_batch=max_batch)
 
 
@@ -344,8 +350,38 @@ class CudaBackend:
         )
 
     def measurer(self, workload: Workload) -> Measurer:
-        """Build the model on the device and run one unmeasured step at batch 1 (see ``StepMeasurer``)."""
-        return StepMeasurer(self.device, workload, CudaCounters(self.device))
+        """Build the model on the device and run one unmeasured step at batch 1 (see ``StepMeasurer``).
+
+        Under DDP (``world_size`` > 1) the step runs under the real DistributedDataParallel on a one-rank
+        NCCL group (``one_rank_group``): the reducer's buckets are measured, and the communicator's own
+        memory with them; the receive buffers for the other ranks, which one process cannot make, are
+        added from the model (``ddp.peer_bytes``, with the catalog's channels for this card)."""
+        extra = 0
+        if workload.world_size > 1:
+            one_rank_group(self.device)
+            props = torch.cuda.get_device_properties(self.device)
+            card = catalog.by_device_name(props.name, props.total_memory)
+            channels = card.nccl_channels if card else max(c.nccl_channels for c in catalog.CATALOG.values())
+            extra = ddp.peer_bytes(workload.world_size, channels)
+        return StepMeasurer(self.device, workload, CudaCounters(self.device), extra_outside_bytes=extra)
+
+
+def one_rank_group(device: torch.device) -> None:
+    """Make this process a one-rank DDP job on ``device`` (NCCL on CUDA, gloo on the CPU), once: the
+    measured step then runs the real DistributedDataParallel. A process already in a job of several
+    ranks is refused: every probe would be a collective the other ranks do not run."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        if dist.get_world_size() != 1:
+            raise RuntimeError(
+                f"this process is rank {dist.get_rank()} of a {dist.get_world_size()}-rank job: a DDP workload is "
+                "measured on a one-rank group of its own; measure before init_process_group, or on a simulated "
+                "card (gpu='T4')")
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                            device_id=device if device.type == "cuda" else None)
 
 
 class CudaCounters:
@@ -482,12 +518,16 @@ class StepMeasurer:
     - a cuDNN failure that may or may not be memory (``step.oom_kind`` "maybe") is out of memory
       when an allocation failed or the batch is above 1; at batch 1 it is tried once more with the
       cache emptied, and failing again it is an error, not ``no-fit``;
-    - records memory outside the allocator afterwards; ``outside_bytes`` keeps the most seen.
+    - records memory outside the allocator afterwards (plus ``extra_outside_bytes``, what the process
+      cannot see: NCCL's buffers for other ranks under DDP); ``outside_bytes`` keeps the most seen.
     """
 
-    def __init__(self, device: torch.device, workload: Workload, counters: CudaCounters):
+    def __init__(self, device: torch.device, workload: Workload, counters: CudaCounters, extra_outside_bytes: int = 0):
         t0 = time.perf_counter()
         self.device, self.workload, self.counters = device, workload, counters
+        # device memory outside the allocator that this process cannot see, added to every reading
+        # (under DDP: NCCL's receive buffers for the other ranks)
+        self.extra_outside_bytes = extra_outside_bytes
         self.built = models.build(workload)
         self.initial = snapshot(self.built.module)
         self.built.module.to(device)
@@ -506,7 +546,7 @@ class StepMeasurer:
 
     def _settle(self) -> None:
         self.counters.release()
-        self.outside_bytes = max(self.outside_bytes, self.counters.outside_bytes())
+        self.outside_bytes = max(self.outside_bytes, self.counters.outside_bytes() + self.extra_outside_bytes)
 
     def _probe(self, batch: int, again: bool) -> Measurement:
         failed_before = self.counters.ooms()
@@ -551,7 +591,7 @@ class StepMeasurer:
         with _cleanup_after(lambda: restore(self.built.module, self.initial)):
             step.train(self.built, self.workload, batch, self.device, mark=mark)
             reserved, allocated = c.peaks()
-            outside = c.outside_bytes()
+            outside = c.outside_bytes() + self.extra_outside_bytes
         val = reserved if train_peaks else 0
         if train_peaks:
             reserved, allocated = max(reserved, train_peaks[0]), max(allocated, train_peaks[1])

@@ -53,6 +53,8 @@ def decide_on(backend: Backend, workload: Workload, fraction: float, *, max_batc
     t0 = time.perf_counter()
     measure = backend.measurer(workload)  # builds the model; CUDA: loads kernels, so context is counted
     info = backend.info()
+    # the workload's own memory outside the allocator (DDP: NCCL's buffers) counts from the first probe
+    info = dataclasses.replace(info, outside_bytes=max(info.outside_bytes, measure.outside_bytes))
     seen: dict[int, Measurement | str] = {}  # batch -> Measurement, or the out-of-memory message
 
     def reserved(batch: int) -> int:

@@ -92,6 +92,9 @@ class Workload:
                              "the next forward (YOLO's 64; 1 = no accumulation)", minimum=1, legacy=1)
     val_scale: int = knob(2, help="validation pass of the EMA weights at val_scale x batch, no grad, with the "
                                   "training state alive (YOLO's 2; 0 = no validation)", minimum=0, legacy=0)
+    world_size: int = knob(1, help="ranks of a DistributedDataParallel job (1 = no DDP): each rank keeps the "
+                                   "reducer's copy of the gradients and NCCL's buffers, which grow with ranks; "
+                                   "the answer is the batch per rank", minimum=1)
 
     def __post_init__(self):
         check_model(self.model)

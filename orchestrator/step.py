@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from . import ddp
 from .models import Built
 from .spec import Workload
 
@@ -143,6 +144,69 @@ def _scaler(workload: Workload, device: torch.device, surrogate: bool):
     return torch.amp.GradScaler(device.type, init_scale=1.0)
 
 
+def _flat_temporaries(tensors: list[torch.Tensor], chunks: list[list[int]]) -> None:
+    """Allocate and free the flat chunks a coalesced broadcast makes of ``tensors``, at most two alive
+    (c10d ``broadcast_coalesced``: a chunk is freed when the one two places later is made)."""
+    alive: list[torch.Tensor] = []
+    for chunk in chunks:
+        if len(alive) >= 2:
+            alive.pop(0)
+        alive.append(torch.empty(sum(tensors[i].numel() for i in chunk), dtype=tensors[chunk[0]].dtype,
+                                 device=tensors[chunk[0]].device))
+    alive.clear()
+
+
+class ReducerSurrogate(nn.Module):
+    """DistributedDataParallel's memory on one rank without its communication: what a fake trace runs
+    (fake tensors cannot all-reduce), checked against a real gloo DDP step on the CPU (tests/test_ddp.py).
+
+    At construction, the coalesced broadcast of parameters and buffers (temporaries), then the
+    reducer's gradient buckets (``ddp.reducer_buckets``: a flat copy of every gradient, alive for the
+    whole run) and ``find_unused_parameters``' map of used parameters (int32 each). Each forward
+    first broadcasts the buffers (a temporary of their size). Backward copies each gradient into its
+    bucket and back after the all-reduce, in place: nothing to allocate there.
+    """
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+        params = [p for p in module.parameters() if p.requires_grad]
+        self._buffers_list = list(module.buffers())
+        _flat_temporaries(params + self._buffers_list, ddp.broadcast_chunks(_sizes(params + self._buffers_list)))
+        with torch.no_grad():
+            self.buckets = [torch.empty(sum(params[i].numel() for i in b), dtype=params[b[0]].dtype,
+                                        device=params[b[0]].device) for b in ddp.reducer_buckets(_sizes(params))]
+            self.used_map = torch.empty(len(params), dtype=torch.int32, device=params[0].device) if params else None
+
+    def forward(self, *args, **kwargs):
+        with torch.no_grad():
+            _flat_temporaries(self._buffers_list, ddp.broadcast_chunks(_sizes(self._buffers_list)))
+        return self.module(*args, **kwargs)
+
+
+def _sizes(tensors: list[torch.Tensor]) -> list[tuple[object, int]]:
+    return [(t.dtype, t.numel() * t.element_size()) for t in tensors]
+
+
+def data_parallel(model: nn.Module, workload: Workload, device: torch.device, real: bool) -> nn.Module:
+    """``model`` as one rank of ``workload.world_size`` trains it: unchanged for 1; otherwise under
+    DistributedDataParallel as ultralytics configures it (``find_unused_parameters=True``, PyTorch's
+    other defaults: see ``ddp``) on the process group this process has (``real``; RuntimeError without
+    one), or its ``ReducerSurrogate`` (a fake trace)."""
+    if workload.world_size == 1:
+        return model
+    if not real:
+        return ReducerSurrogate(model)
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(f"world_size={workload.world_size} runs the step under DistributedDataParallel, which "
+                           "needs a process group: call torch.distributed.init_process_group first (the CUDA "
+                           "backend makes a one-rank NCCL group itself)")
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+
+
 def accumulation(workload: Workload, batch: int) -> int:
     """Optimizer steps come every ``round(nbs / batch)`` iterations, as ultralytics' trainer does."""
     return max(round(workload.nbs / batch), 1)
@@ -150,7 +214,8 @@ def accumulation(workload: Workload, batch: int) -> int:
 
 def train(built: Built, workload: Workload, batch: int, device: torch.device, *, surrogate: bool = False,
           steps: int = STEPS, after_step: Callable[[int], bool | None] | None = None,
-          accumulate: int | None = None, mark: Callable[[], None] | None = None) -> int:
+          accumulate: int | None = None, mark: Callable[[], None] | None = None,
+          real_ddp: bool | None = None) -> int:
     """Run ``steps`` optimizer steps at ``batch`` on ``device``, then the validation pass; the caller reads
     the peak. Returns the steps run.
 
@@ -169,9 +234,15 @@ def train(built: Built, workload: Workload, batch: int, device: torch.device, *,
     ``workload.val_scale``, the cache is emptied as the trainer does, ``mark()`` (the
     phase boundary a caller may record) and ``validate`` follow, with the training
     state alive.
+
+    With ``workload.world_size`` > 1 the model is wrapped in DistributedDataParallel first (as
+    ultralytics does, before the optimizer and the EMA; see ``data_parallel``): the real one when
+    ``real_ddp`` (default: not ``surrogate``), needing a process group, else its ``ReducerSurrogate``.
+    The EMA and validation use the unwrapped model, as the trainer's do.
     """
     model = built.module.train()
     model.zero_grad(set_to_none=True)  # a previous probe that ran out of memory can leave grads behind
+    wrapped = data_parallel(model, workload, device, not surrogate if real_ddp is None else real_ddp)
     optimizer = make_optimizer(workload.optimizer, model)
     ema = EMA(model) if workload.ema else None
     scaler = _scaler(workload, device, surrogate)
@@ -184,7 +255,7 @@ def train(built: Built, workload: Workload, batch: int, device: torch.device, *,
             images = None  # the loader's next batch replaces the last one
             images = _images(built, batch, workload.imgsz, device, torch.float32)
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                outputs = model(images)
+                outputs = wrapped(images)
                 loss = built.loss(outputs, workload, batch, surrogate)
             del outputs
             (loss if scaler is None else scaler.scale(loss)).backward()  # the loss stays alive (the trainer's
@@ -200,7 +271,7 @@ def train(built: Built, workload: Workload, batch: int, device: torch.device, *,
         if mark is not None:
             mark()
         validate(built, workload, batch * workload.val_scale, device, ema, surrogate)
-    del optimizer, ema, scaler, images, loss
+    del optimizer, ema, scaler, images, loss, wrapped
     return done
 
 

@@ -31,6 +31,13 @@ def tiny():
     return Tiny()
 
 
+def tiny_wide():
+    """Tiny with a 3 MiB head: its gradients fill more than one DDP bucket (the first closes at 1 MiB)."""
+    model = Tiny()
+    model.body[-1] = nn.Sequential(nn.Linear(32, 8192), nn.ReLU(), nn.Linear(8192, 64))
+    return model
+
+
 def tiny_fails_at_96():
     return Tiny(fail_at=96)
 
