@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from orchestrator import spec, table
+from orchestrator import table
 from orchestrator.answers import NoAnswer
 from orchestrator.datasets import fields_from
 from orchestrator.devices import SimulatedBackend
@@ -17,7 +17,6 @@ from orchestrator.spec import SpecError, Workload
 
 TINY = Workload(model="tiny_models:tiny", imgsz=256, precision="fp32")  # a CNN the CPU trains in a blink
 CARDS = ("T4", "A10G")  # a heterogeneous pair: ranks on different cards must agree on the smaller answer
-MERGED = "world_size" in spec.KEYS  # DDP rows (issue 14, items 1-2): the tests with ranks > 1 need them
 
 
 def row(profiles, workload, card, max_batch=1024):
@@ -28,8 +27,8 @@ def row(profiles, workload, card, max_batch=1024):
 
 @pytest.fixture(scope="module")
 def tiny_table(tmp_path_factory, profiles):
-    """TINY on a T4 and an A10G, one process; with DDP rows (world_size 2) once the field exists."""
-    workloads = [TINY] + ([Workload(**{**TINY.as_dict(), "world_size": 2})] if MERGED else [])
+    """TINY on a T4 and an A10G, one process and DDP with 2 ranks."""
+    workloads = [TINY, Workload(**{**TINY.as_dict(), "world_size": 2})]
     path = tmp_path_factory.mktemp("integrations") / "batch_table.csv"
     table.write_rows(path, [row(profiles, w, c) for w in workloads for c in CARDS])
     return path
@@ -37,7 +36,7 @@ def tiny_table(tmp_path_factory, profiles):
 
 def answer(path, card, world_size=1):
     df = table.read(path)
-    hit = df[(df["card"] == card) & (df["world_size"] == world_size if MERGED else True)]
+    hit = df[(df["card"] == card) & (df["world_size"] == world_size)]
     assert len(hit) == 1
     return int(hit["batch_size"].iloc[0])
 
@@ -108,7 +107,6 @@ def test_ultralytics_trains_one_epoch_with_the_tables_batch(tmp_path, profiles):
         YOLO("yolov8n.yaml").train(imgsz=96, name="no", trainer=table_trainer(path, gpu="T4", data=data), **settings)
 
 
-@pytest.mark.skipif(not MERGED, reason="needs the world_size workload field (issue 14, items 1-2)")
 def test_ultralytics_batch_is_global_under_ddp(tiny_table):
     """ultralytics splits `batch` over its ranks: table_batch for 2 ranks is twice the DDP row's per-rank answer."""
     from orchestrator.integrations.ultralytics import table_batch
@@ -152,7 +150,6 @@ def test_lightning_callback_sets_the_modules_or_datamodules_batch_size(tiny_tabl
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not MERGED, reason="needs the world_size workload field (issue 14, items 1-2)")
 def test_lightning_two_processes_agree_on_the_smaller_card(tiny_table, tmp_path):
     """Two DDP processes (ddp_spawn, gloo, CPU) on a T4 and an A10G both train with the T4's DDP answer."""
     from lightning_ranks import CardPerRank, Module, Record
@@ -195,15 +192,13 @@ def ray_loop(config):
 
     import ray.train
 
-    from orchestrator.integrations import agreed_batch
     from orchestrator.integrations.ray_train import worker_batch_size
 
     rank = ray.train.get_context().get_world_rank()
     got = []
     for cards in (config["cards"], [config["cards"][0], "GTX 480"]):
-        try:  # before DDP rows exist: what worker_batch_size is made of, on one-process rows
-            read = worker_batch_size if config["merged"] else agreed_batch
-            got.append(read(config["table"], "tiny_models:tiny", 256, gpu=cards[rank], precision="fp32"))
+        try:
+            got.append(worker_batch_size(config["table"], "tiny_models:tiny", 256, gpu=cards[rank], precision="fp32"))
         except ValueError as e:
             got.append(str(e))
     with open(os.path.join(config["out"], f"{rank}.json"), "w") as f:
@@ -220,7 +215,7 @@ def test_ray_train_workers_agree_on_the_smaller_card(ray_session, tiny_table, tm
     from ray.train.torch import TorchTrainer
 
     trainer = TorchTrainer(ray_loop, train_loop_config={"table": table.read(tiny_table), "cards": list(CARDS),
-                                                        "out": str(tmp_path), "merged": MERGED},
+                                                        "out": str(tmp_path)},
                            scaling_config=ScalingConfig(num_workers=2, use_gpu=False,
                                                         resources_per_worker={"CPU": 0.5}),
                            run_config=RunConfig(storage_path=str(tmp_path / "ray"), name="table"))
@@ -229,7 +224,7 @@ def test_ray_train_workers_agree_on_the_smaller_card(ray_session, tiny_table, tm
     while ray_session.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert ray_session.available_resources().get("CPU", 0) == 2
-    expected = answer(tiny_table, "T4", world_size=2 if MERGED else 1)
+    expected = answer(tiny_table, "T4", world_size=2)
     (first, fails_other), (second, fails_own) = (json.loads((tmp_path / f"{k}.json").read_text()) for k in (0, 1))
     assert first == second == expected < answer(tiny_table, "A10G")  # the A10G rank gave way
     assert fails_own.startswith("gpu='GTX 480' is not a catalog card"), fails_own
