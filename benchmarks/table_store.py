@@ -171,7 +171,7 @@ def markdown(rows: list[dict], totals: dict, command: str, revision: str) -> str
         "write a temp file, fsync, rename.",
         f"- **journal_ms_***: the {WINDOW} writes up to that size with this code: one fsynced append under the lock, "
         f"and a fold (the rewrite above, once for all the journal's rows) when the journal passes "
-        f"{totals['fold_bytes']:,} bytes or the CSV is {totals['fold_seconds']:g} s old; **journal_folds**: how "
+        f"{totals['fold_bytes']:,} bytes or a quarter of the CSV's size, or the CSV is {totals['fold_seconds']:g} s old; **journal_folds**: how "
         "many of those writes folded. The median is the append; the mean carries the folds.",
         "- **rewrite_s_so_far**, **journal_s_so_far**: seconds for all the writes up to that size (rewrite: "
         "estimated as above; journal: measured, the last row with the final fold).",

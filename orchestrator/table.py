@@ -3,9 +3,9 @@
 A finished row is made durable by one fsynced append to ``TABLE.journal`` (a line per row: its CRC32 and
 the row as JSON), under an advisory lock (``fcntl.lockf`` on ``TABLE.lock``, which also works on NFS
 mounts with lockd): a write costs the same whatever the size of the table. The journal is folded into
-the CSV in batches (``fold``: when it passes ``FOLD_BYTES``, when the CSV is ``FOLD_SECONDS`` old or
-does not exist yet, and at the end of a sweep): read, merge, a temp file in the same folder that is
-fsynced and renamed over the CSV, then the journal is removed. So the CSV is never half-written, a
+the CSV in batches (``fold``: when it passes ``FOLD_BYTES`` or a quarter of the CSV, when the CSV
+is ``FOLD_SECONDS`` old or does not exist yet, and at the end of a sweep): read, merge, a temp file in
+the same folder that is fsynced and renamed over the CSV, then the journal is removed. So the CSV is never half-written, a
 killed writer loses no finished row (``read`` merges the CSV and the journal, the newest row for a key
 winning, and the next fold folds them in), and two sweeps writing one table both keep their rows.
 
@@ -49,8 +49,9 @@ COLUMNS = KEY + [
 ]
 STATUSES = ("ok", "no-fit", "error")
 FOLD_BYTES = 1 << 20
-"""Fold the journal into the CSV once it holds this much (about 1,000 rows): it bounds what ``read`` parses
-and what a fold costs beyond rewriting the CSV (a fold of a 20,000-row table takes about a second)."""
+"""Fold the journal into the CSV once it holds this much (about 1,250 rows) or a quarter of the CSV's size,
+whichever is more: a fold rewrites the whole CSV (about a second at 20,000 rows), so folding after a share
+of the table keeps its cost per row from growing with the table, and ``read`` parses at most that share."""
 FOLD_SECONDS = 30.0
 """... or once the CSV is this old: a plain CSV reader is at most this far behind a running sweep."""
 _READ_TRIES = 10
@@ -295,8 +296,8 @@ def check_writable(path: str | os.PathLike) -> Path:
 
 def write_rows(path: str | os.PathLike, rows: list[dict]) -> None:
     """Make ``rows`` part of the table at ``path``: one fsynced append to its journal (the same cost
-    whatever the table's size), folded into the CSV when due (``FOLD_BYTES``, ``FOLD_SECONDS``, no CSV
-    yet). TableWriteError when the append fails (the table is then as it was); ValueError for a row
+    whatever the table's size), folded into the CSV when due (``FOLD_BYTES`` or a quarter of the CSV, ``FOLD_SECONDS``,
+    no CSV yet). TableWriteError when the append fails (the table is then as it was); ValueError for a row
     that is not a table row (nothing is written)."""
     path, rows = Path(path), list(rows)
     for row in rows:
@@ -344,10 +345,10 @@ def _fold_locked(path: Path) -> None:
 
 def _fold_due(path: Path, journal_bytes: int) -> bool:
     try:
-        csv_mtime = os.stat(path).st_mtime
+        st = os.stat(path)
     except FileNotFoundError:
         return True  # the table's first rows: a CSV for plain readers at once
-    return journal_bytes >= FOLD_BYTES or time.time() - csv_mtime >= FOLD_SECONDS
+    return journal_bytes >= max(FOLD_BYTES, st.st_size // 4) or time.time() - st.st_mtime >= FOLD_SECONDS
 
 
 def _check_row(row: dict) -> None:
