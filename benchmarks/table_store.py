@@ -57,6 +57,23 @@ def make_rows(n: int) -> list[dict]:
                  batch_size=0 if i % 5 == 4 else ok["batch_size"] - i % 7) for i in range(n)]
 
 
+def fsync_floor(folder: Path, line_bytes: int, n: int = 1000) -> float:
+    """Median seconds of a bare append + fsync of one line on this disk: what no journal write can beat."""
+    path = folder / "fsync_probe"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    times = []
+    try:
+        for _ in range(n):
+            t0 = time.perf_counter()
+            os.write(fd, b"x" * (line_bytes - 1) + b"\n")
+            os.fsync(fd)
+            times.append(time.perf_counter() - t0)
+    finally:
+        os.close(fd)
+        path.unlink()
+    return statistics.median(times)
+
+
 def journal_run(rows: list[dict], folder: Path) -> dict:
     """Every row written for real, one write each: per-write seconds, folds, the final fold, a read."""
     path = folder / "journal.csv"
@@ -129,7 +146,9 @@ def run(n: int, before: str = BEFORE, repeats: int = 5) -> tuple[list[dict], dic
     sizes = [s for s in SIZES if s < n] + [n]
     log.info("journal: %d single-row writes", n)
     with tempfile.TemporaryDirectory() as tmp:
+        floor_before = fsync_floor(Path(tmp), len(table._encode(rows[0])))
         after = journal_run(rows, Path(tmp))
+        floor_after = fsync_floor(Path(tmp), len(table._encode(rows[0])))
     log.info("rewrite (%s): %d writes at each of %s rows", before, repeats, sizes)
     rewrite = rewrite_run(rows, sizes, before, repeats)
     out = []
@@ -144,7 +163,9 @@ def run(n: int, before: str = BEFORE, repeats: int = 5) -> tuple[list[dict], dic
                     "journal_s_so_far": round(sum(after["seconds"][:size]) + (after["fold_s"] if size == n else 0), 1)})
     totals = {"rows": n, "rewrite_total_s": out[-1]["rewrite_s_so_far"], "journal_total_s": out[-1]["journal_s_so_far"],
               "journal_folds": sum(after["folds"]), "final_fold_s": round(after["fold_s"], 2),
-              "read_unfolded_s": round(after["read_s"], 2), "fold_bytes": table.FOLD_BYTES,
+              "read_unfolded_s": round(after["read_s"], 2),
+              "fold_s": round(sum(t for t, f in zip(after["seconds"], after["folds"]) if f) + after["fold_s"], 1),
+              "fsync_ms": f"{floor_before * 1000:.2f} before, {floor_after * 1000:.2f} after", "fold_bytes": table.FOLD_BYTES,
               "fold_seconds": table.FOLD_SECONDS, "before": before, "repeats": repeats,
               "load_avg": f"{load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"}
     return out, totals
@@ -164,7 +185,9 @@ def markdown(rows: list[dict], totals: dict, command: str, revision: str) -> str
         f"Total for {n:,} single-row writes: **rewrite {totals['rewrite_total_s']:,} s** (estimated: the integral of "
         f"the per-write cost above, each the median of {totals['repeats']} writes on a table of that size, code of "
         f"{totals['before']}); **journal {totals['journal_total_s']:,} s** (measured: every write, "
-        f"{totals['journal_folds']} folds on the way, and the final fold of {totals['final_fold_s']} s). "
+        f"{totals['journal_folds']} folds on the way, and the final fold of {totals['final_fold_s']} s: "
+        f"{totals['fold_s']} s in the writes that folded). A bare append + fsync of one such line on the same disk "
+        f"(median of 1,000): {totals['fsync_ms']} the run, in ms. "
         f"`table.read` with the last rows still in the journal: {totals['read_unfolded_s']} s.",
         "",
         "- **rewrite_ms**: one `write_rows` of one row on the code before the journal: read the CSV, merge, "
