@@ -165,7 +165,8 @@ def run(n: int, before: str = BEFORE, repeats: int = 5) -> tuple[list[dict], dic
               "journal_folds": sum(after["folds"]), "final_fold_s": round(after["fold_s"], 2),
               "read_unfolded_s": round(after["read_s"], 2),
               "fold_s": round(sum(t for t, f in zip(after["seconds"], after["folds"]) if f) + after["fold_s"], 1),
-              "fsync_ms": f"{floor_before * 1000:.2f} before, {floor_after * 1000:.2f} after", "fold_bytes": table.FOLD_BYTES,
+              "fsync_ms": f"{floor_before * 1000:.2f} before, {floor_after * 1000:.2f} after",
+              "fold_bytes": table.FOLD_BYTES,
               "fold_seconds": table.FOLD_SECONDS, "before": before, "repeats": repeats,
               "load_avg": f"{load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"}
     return out, totals
@@ -194,7 +195,8 @@ def markdown(rows: list[dict], totals: dict, command: str, revision: str) -> str
         "write a temp file, fsync, rename.",
         f"- **journal_ms_***: the {WINDOW} writes up to that size with this code: one fsynced append under the lock, "
         f"and a fold (the rewrite above, once for all the journal's rows) when the journal passes "
-        f"{totals['fold_bytes']:,} bytes or a quarter of the CSV's size, or the CSV is {totals['fold_seconds']:g} s old; **journal_folds**: how "
+        f"{totals['fold_bytes']:,} bytes or a quarter of the CSV's size, or the CSV is {totals['fold_seconds']:g} s "
+        "old; **journal_folds**: how "
         "many of those writes folded. The median is the append; the mean carries the folds.",
         "- **rewrite_s_so_far**, **journal_s_so_far**: seconds for all the writes up to that size (rewrite: "
         "estimated as above; journal: measured, the last row with the final fold).",

@@ -3,11 +3,12 @@
 A finished row is made durable by one fsynced append to ``TABLE.journal`` (a line per row: its CRC32 and
 the row as JSON), under an advisory lock (``fcntl.lockf`` on ``TABLE.lock``, which also works on NFS
 mounts with lockd): a write costs the same whatever the size of the table. The journal is folded into
-the CSV in batches (``fold``: when it passes ``FOLD_BYTES`` or a quarter of the CSV, when the CSV
-is ``FOLD_SECONDS`` old or does not exist yet, and at the end of a sweep): read, merge, a temp file in
-the same folder that is fsynced and renamed over the CSV, then the journal is removed. So the CSV is never half-written, a
-killed writer loses no finished row (``read`` merges the CSV and the journal, the newest row for a key
-winning, and the next fold folds them in), and two sweeps writing one table both keep their rows.
+the CSV in batches (``fold``: when it passes ``FOLD_BYTES`` or a quarter of the CSV, when the CSV is
+``FOLD_SECONDS`` old or does not exist yet, and at the end of a sweep): read, merge, a temp file in the
+same folder that is fsynced and renamed over the CSV, then the journal is removed. So the CSV is never
+half-written, a killed writer loses no finished row (``read`` merges the CSV and the journal, the newest
+row for a key winning, and the next fold folds them in), and two sweeps writing one table both keep
+their rows.
 
 ``read`` (and so ``lookup``, ``report`` and a re-run's skip) sees every journaled row; a plain CSV reader
 (pandas) sees the rows up to the last fold while a sweep runs, and all of them once it has finished.
@@ -296,9 +297,9 @@ def check_writable(path: str | os.PathLike) -> Path:
 
 def write_rows(path: str | os.PathLike, rows: list[dict]) -> None:
     """Make ``rows`` part of the table at ``path``: one fsynced append to its journal (the same cost
-    whatever the table's size), folded into the CSV when due (``FOLD_BYTES`` or a quarter of the CSV, ``FOLD_SECONDS``,
-    no CSV yet). TableWriteError when the append fails (the table is then as it was); ValueError for a row
-    that is not a table row (nothing is written)."""
+    whatever the table's size), folded into the CSV when due (``_fold_due``). TableWriteError when the
+    append fails (the table is then as it was); ValueError for a row that is not a table row (nothing is
+    written)."""
     path, rows = Path(path), list(rows)
     for row in rows:
         _check_row(row)
@@ -344,6 +345,8 @@ def _fold_locked(path: Path) -> None:
 
 
 def _fold_due(path: Path, journal_bytes: int) -> bool:
+    """At a new table's first rows, when the journal passes ``FOLD_BYTES`` or a quarter of the CSV, or when
+    the CSV is ``FOLD_SECONDS`` old."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
