@@ -486,13 +486,23 @@ def _started_fleet(job, **sweep_options):
 def run_sweep(job, *, force: bool = False, progress=None) -> tuple[SweepStats, "object"]:
     """Measure every combination of ``job`` on its fleet; returns stats and the final table.
 
-    Rows are merged into ``job.sweep.out`` as they arrive; an interrupted sweep keeps
-    every finished row and a re-run skips them (unless ``force``).
+    Rows are journaled into ``job.sweep.out`` as they arrive and folded into its CSV when the
+    sweep ends (and when it is interrupted, as far as it can); an interrupted or killed sweep
+    keeps every finished row and a re-run skips them (unless ``force``).
     """
     table.check_writable(job.sweep.out)
     validate_models(job.sweep)
-    with _started_fleet(job, force=force, progress=progress) as (sweep, _):
-        stats = sweep.run()
+    try:
+        with _started_fleet(job, force=force, progress=progress) as (sweep, _):
+            stats = sweep.run()
+    except BaseException:
+        try:  # best effort: leave plain CSV readers every finished row; the journal keeps them anyway
+            table.fold(job.sweep.out)
+        except Exception as e:
+            log.warning("the table's journal was not folded into %s (%s); `read` and the next sweep see its rows",
+                        job.sweep.out, e)
+        raise
+    table.fold(job.sweep.out)
     return stats, table.read(job.sweep.out)
 
 

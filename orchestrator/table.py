@@ -1,19 +1,31 @@
-"""The batch table: one row per (card type, workload, fraction), as CSV on disk.
+"""The batch table: one row per (card type, workload, fraction), as CSV on disk, with a journal beside it.
 
-Every write is read-merge-write under an advisory lock (``fcntl.lockf`` on
-``TABLE.lock``, which also works on NFS mounts with lockd), into a temp file in the
-same folder that is fsynced and renamed over the table: a reader, an interrupt or
-a second sweep never sees a half-written table, and two sweeps writing one table
-both keep their rows.
+A finished row is made durable by one fsynced append to ``TABLE.journal`` (a line per row: its CRC32 and
+the row as JSON), under an advisory lock (``fcntl.lockf`` on ``TABLE.lock``, which also works on NFS
+mounts with lockd): a write costs the same whatever the size of the table. The journal is folded into
+the CSV in batches (``fold``: when it passes ``FOLD_BYTES`` or a quarter of the CSV, when the CSV is
+``FOLD_SECONDS`` old or does not exist yet, and at the end of a sweep): read, merge, a temp file in the
+same folder that is fsynced and renamed over the CSV, then the journal is removed. So the CSV is never
+half-written, a killed writer loses no finished row (``read`` merges the CSV and the journal, the newest
+row for a key winning, and the next fold folds them in), and two sweeps writing one table both keep
+their rows.
+
+``read`` (and so ``lookup``, ``report`` and a re-run's skip) sees every journaled row; a plain CSV reader
+(pandas) sees the rows up to the last fold while a sweep runs, and all of them once it has finished.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import io
+import json
 import logging
 import os
 import tempfile
 import threading
+import time
+import zlib
 from pathlib import Path
 from typing import Iterable
 
@@ -37,6 +49,13 @@ COLUMNS = KEY + [
     "device_batches", "backend", "seconds", "profile_seconds", "attempts", "error", "host", "torch", "cuda", "driver", "orchestrator", "time",
 ]
 STATUSES = ("ok", "no-fit", "error")
+FOLD_BYTES = 1 << 20
+"""Fold the journal into the CSV once it holds this much (about 1,250 rows) or a quarter of the CSV's size,
+whichever is more: a fold rewrites the whole CSV (about a second at 20,000 rows), so folding after a share
+of the table keeps its cost per row from growing with the table, and ``read`` parses at most that share."""
+FOLD_SECONDS = 30.0
+"""... or once the CSV is this old: a plain CSV reader is at most this far behind a running sweep."""
+_READ_TRIES = 10
 
 
 class TableError(SpecError):
@@ -51,20 +70,55 @@ def empty() -> pd.DataFrame:
     return pd.DataFrame(columns=COLUMNS)
 
 
-def read(path: str | os.PathLike) -> pd.DataFrame:
-    """The table at ``path`` (empty if absent); TableError if the file is not one of ours."""
+def journal_path(path: str | os.PathLike) -> Path:
+    """Where the rows written since the last fold of the table at ``path`` are: ``TABLE.journal``."""
     path = Path(path)
-    if not path.exists():
-        return empty()
+    return path.with_name(path.name + ".journal")
+
+
+def read(path: str | os.PathLike) -> pd.DataFrame:
+    """The table at ``path``, its CSV and its journal merged (empty if neither exists); TableError if
+    either is not one of ours. Takes no lock: a fold between reading the CSV and the journal (the CSV
+    replaced) is seen and the read done again."""
+    path = Path(path)
+    journal = journal_path(path)
+    for _ in range(_READ_TRIES):
+        before = _file_id(path)
+        df, rows = _read_csv(path), _journal_rows(journal)
+        if _file_id(path) == before:
+            break
+    else:  # folded under us every time: read under the writers' lock
+        with locked(path):
+            df, rows = _read_csv(path), _journal_rows(journal)
+    try:
+        return merge(df, rows)
+    except (TypeError, ValueError) as e:
+        raise TableError(f"{journal} has a value of the wrong type ({e}): restore it or remove it; "
+                         "it was not changed") from None
+
+
+def _file_id(path: Path):
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    """The CSV alone (empty if absent); TableError if the file is not one of ours."""
     if path.is_dir():
         raise TableError(f"{path} is a folder: name a CSV file, e.g. {path / 'batch_table.csv'}")
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return empty()
     if not raw.strip():
         return empty()
     if not raw.endswith(b"\n"):
         raise TableError(f"{path} ends mid-row (truncated): restore it or choose another --out; it was not changed")
     try:
-        df = pd.read_csv(path, keep_default_na=False, na_values=[""])
+        df = pd.read_csv(io.BytesIO(raw), keep_default_na=False, na_values=[""])
     except Exception as e:
         raise TableError(f"{path} is not a readable CSV ({e}): choose another --out; it was not changed") from None
     missing = [c for c in REQUIRED if c not in df.columns]
@@ -83,6 +137,60 @@ def read(path: str | os.PathLike) -> pd.DataFrame:
     except (TypeError, ValueError) as e:
         raise TableError(f"{path} has a value of the wrong type ({e}): restore it or choose another --out; "
                          "it was not changed") from None
+
+
+# ---- the journal: one line per row, "CRC32 JSON\n" --------------------------------------------------------
+def _encode(row: dict) -> bytes:
+    body = json.dumps({c: row[c] for c in COLUMNS if c in row}, default=_plain, separators=(",", ":")).encode()
+    return b"%08x %s\n" % (zlib.crc32(body), body)
+
+
+def _plain(v):
+    """JSON for the numpy scalars a row taken from a DataFrame holds."""
+    if hasattr(v, "item"):
+        return v.item()
+    if v is pd.NA or v is pd.NaT:
+        return None
+    raise TypeError(f"a table value must be a number, a string or a bool, not {type(v).__name__} ({v!r})")
+
+
+def _decode(line: bytes) -> dict | None:
+    """The row of a journal line; None when the line is not whole (its CRC does not match)."""
+    crc, _, body = line.partition(b" ")
+    try:
+        if len(crc) != 8 or int(crc, 16) != zlib.crc32(body):
+            return None
+        row = json.loads(body)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) else None
+
+
+def _journal_rows(journal: Path) -> list[dict]:
+    """The journal's rows, oldest first. A torn last line (a writer killed mid-append, or an append in
+    progress) is left out with a warning; a damaged line before it is a TableError."""
+    try:
+        raw = journal.read_bytes()
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise TableError(f"{journal} is not readable ({e.strerror or e}): fix its permissions") from None
+    lines = raw.split(b"\n")
+    tail = lines.pop()  # what follows the last newline: empty unless the last append was cut short
+    rows = []
+    for n, line in enumerate(lines, 1):
+        row = _decode(line)
+        if row is not None:
+            rows.append(row)
+        elif n == len(lines) and not tail:
+            log.warning("%s: ignoring its last line, which is not whole (a write cut short)", journal)
+        else:
+            raise TableError(f"{journal} line {n} is damaged (its checksum does not match): restore it or "
+                             "remove it (its rows are lost); it was not changed")
+    if tail:
+        log.warning("%s: ignoring %d bytes after its last whole line (a write cut short, or one in progress)",
+                    journal, len(tail))
+    return rows
 
 
 def _normalize(df: pd.DataFrame) -> pd.DataFrame:
@@ -116,6 +224,11 @@ def key_of(row) -> tuple:
     return tuple(_key_value(c, row[c]) for c in KEY)
 
 
+def _keys(df: pd.DataFrame) -> list[tuple]:
+    """``key_of`` of every row of ``df``, column by column (``iterrows`` costs 30 us a row)."""
+    return list(zip(*([_key_value(c, v) for v in df[c].tolist()] for c in KEY))) if len(df) else []
+
+
 def _key_value(col, v):
     kind = _TYPES[col]
     if kind is float:
@@ -136,13 +249,17 @@ def _identity(workload, device, fraction: float) -> dict:
 
 
 def merge(old: pd.DataFrame, rows: Iterable[dict]) -> pd.DataFrame:
-    """``old`` with ``rows`` added; a new row replaces an old one with the same key."""
+    """``old`` with ``rows`` added; a new row replaces an old one with the same key, and of new rows with
+    the same key the last one wins."""
     new = pd.DataFrame(list(rows), columns=COLUMNS)
     if new.empty:
         return old
     new = _normalize(new)
-    new_keys = {key_of(r) for _, r in new.iterrows()}
-    kept = old[[key_of(r) not in new_keys for _, r in old.iterrows()]] if len(old) else old
+    new_keys = _keys(new)
+    last = {k: i for i, k in enumerate(new_keys)}
+    if len(last) < len(new):  # in the order each key was last written, as one write per row would leave them
+        new = new.iloc[sorted(last.values())].reset_index(drop=True)
+    kept = old[[k not in last for k in _keys(old)]] if len(old) else old
     frames = [f for f in (kept, new) if len(f)]
     out = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0].reset_index(drop=True)
     return out.sort_values(["model", "imgsz", "precision", "optimizer", "gpu_total_bytes", "gpu_name"],
@@ -178,22 +295,155 @@ def check_writable(path: str | os.PathLike) -> Path:
     return path
 
 
-def write_rows(path: str | os.PathLike, rows: list[dict]) -> pd.DataFrame:
-    """Merge ``rows`` into the table at ``path`` atomically; returns the table as written."""
-    path = Path(path)
+def write_rows(path: str | os.PathLike, rows: list[dict]) -> None:
+    """Make ``rows`` part of the table at ``path``: one fsynced append to its journal (the same cost
+    whatever the table's size), folded into the CSV when due (``_fold_due``). TableWriteError when the
+    append fails (the table is then as it was); ValueError for a row that is not a table row (nothing is
+    written)."""
+    path, rows = Path(path), list(rows)
+    for row in rows:
+        _check_row(row)
+    data = b"".join(_encode(row) for row in rows)
+    if not data:
+        return
     with locked(path):
-        df = merge(read(path), rows)
         try:
-            _write_atomic(path, df)
+            size = _append(journal_path(path), data, _mode_of(path))
         except OSError as e:
             raise TableWriteError(f"could not write {path} ({e.strerror or e}); the table on disk is unchanged: "
                                   "free space or choose another --out, then run again") from None
-    return df
+        if _fold_due(path, size):
+            try:
+                _fold_locked(path)
+            except TableWriteError as e:  # the rows are safe in the journal; the next fold tries again
+                log.warning("%s", e)
+
+
+def fold(path: str | os.PathLike) -> None:
+    """Fold the journal of the table at ``path`` into its CSV (atomically), then remove the journal;
+    nothing to do without one. TableWriteError when the CSV cannot be written (the journal is kept)."""
+    path = Path(path)
+    if not journal_path(path).exists():
+        return
+    with locked(path):
+        _fold_locked(path)
+
+
+def _fold_locked(path: Path) -> None:
+    journal = journal_path(path)
+    rows = _journal_rows(journal)
+    if rows:
+        df = merge(_read_csv(path), rows)
+        try:
+            _write_atomic(path, df)
+        except OSError as e:
+            raise TableWriteError(f"could not write {path} ({e.strerror or e}); the CSV on disk is unchanged and "
+                                  f"the rows since its last write are kept in {journal.name} (the table as "
+                                  "read includes them): free space, then run again") from None
+    with contextlib.suppress(FileNotFoundError):
+        journal.unlink()
+
+
+def _fold_due(path: Path, journal_bytes: int) -> bool:
+    """At a new table's first rows, when the journal passes ``FOLD_BYTES`` or a quarter of the CSV, or when
+    the CSV is ``FOLD_SECONDS`` old."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return True  # the table's first rows: a CSV for plain readers at once
+    return journal_bytes >= max(FOLD_BYTES, st.st_size // 4) or time.time() - st.st_mtime >= FOLD_SECONDS
+
+
+def _check_row(row: dict) -> None:
+    """Refuse, before anything is written, a row that ``read`` could not read back."""
+    for c in KEY:
+        v = row.get(c)
+        if v is None or v != v:  # missing or NaN
+            if c in spec.LEGACY:  # a row from a table older than the field: read back as what it measured
+                continue
+            raise ValueError(f"a table row needs {c}: got {v!r}")
+        try:
+            _key_value(c, v)
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"a table row's {c}={v!r} must be a {_TYPES[c].__name__}") from None
+    if row.get("status") not in STATUSES:
+        raise ValueError(f"a table row's status={row.get('status')!r} must be one of {', '.join(STATUSES)}")
+    batch = row.get("batch_size")
+    if batch is not None and batch == batch:
+        try:
+            int(batch)
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"a table row's batch_size={batch!r} must be an int") from None
+
+
+def _mode_of(path: Path) -> int:
+    """The table's file mode, for its rewrites and its journal: trainers under other users read both
+    (mkstemp alone makes 0600); a new table is 0644."""
+    try:
+        return os.stat(path).st_mode & 0o777
+    except FileNotFoundError:
+        return 0o644
+
+
+def _append(journal: Path, data: bytes, mode: int) -> int:
+    """Append ``data`` with one write() and fsync it; on any failure the journal is cut back to what it
+    was (removed if this call created it). Returns the journal's new size."""
+    created = not journal.exists()
+    fd = os.open(journal, os.O_RDWR | os.O_APPEND | os.O_CREAT, mode)
+    try:
+        if created:
+            os.fchmod(fd, mode)  # not the umask's
+        size = _whole_lines(fd, journal)
+        try:
+            written = os.write(fd, data)
+            if written != len(data):
+                raise OSError(errno.ENOSPC, f"wrote {written} of {len(data)} bytes: no space left or a file size limit")
+            os.fsync(fd)
+            if created:
+                _fsync_dir(journal.parent)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+                if created:
+                    journal.unlink()
+            raise
+        return size + written
+    finally:
+        os.close(fd)
+
+
+def _whole_lines(fd: int, journal: Path) -> int:
+    """Cut a torn last line (a writer killed mid-append) off the journal, so that the next line does not
+    join it; returns the size that is left. Called under the lock: no append is in progress."""
+    size = os.fstat(fd).st_size
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return size
+    end = size
+    while end > 0:
+        start = max(0, end - (1 << 16))
+        newline = os.pread(fd, end - start, start).rfind(b"\n")
+        end = start + newline + 1 if newline >= 0 else start
+        if newline >= 0:
+            break
+    log.warning("%s: dropping %d bytes after its last whole line (a write cut short)", journal, size - end)
+    os.ftruncate(fd, end)
+    return end
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename or a new file in ``folder`` durable (where the file system allows)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
 
 
 def _write_atomic(path: Path, df: pd.DataFrame) -> None:
-    # mkstemp makes the file 0600; a table others read keeps its mode (new ones: 0644)
-    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
+    mode = _mode_of(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
     try:
         os.fchmod(fd, mode)
@@ -206,13 +456,14 @@ def _write_atomic(path: Path, df: pd.DataFrame) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    _fsync_dir(path.parent)  # the rename is durable before the journal it replaces goes
 
 
 def done_keys(df: pd.DataFrame) -> set[tuple]:
     """Keys already decided (status ok, not measured next to other processes holding more than
     ``NEIGHBOUR_WARN_BYTES``): a re-run skips them unless forced."""
     crowded = pd.to_numeric(df["neighbour_bytes"], errors="coerce").fillna(0) > NEIGHBOUR_WARN_BYTES
-    return {key_of(r) for _, r in df[(df["status"] == "ok") & ~crowded].iterrows()}
+    return set(_keys(df[(df["status"] == "ok") & ~crowded]))
 
 
 def decision_row(result, *, gpu_count: int = 1, attempts: int = 1) -> dict:

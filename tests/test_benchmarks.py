@@ -165,3 +165,17 @@ def test_sweep_scaling_in_process_and_ray_agree(ray_session, tmp_path):
     assert list(table[0]) == sweep_scaling.COLUMNS
     assert table[1]["same_batches"] == "True" and table[1]["profiles"] == "1"
     assert "ray_overhead_s_per_combination" in md.read_text()
+
+
+@pytest.mark.slow
+def test_table_store_on_a_small_table(tmp_path):
+    """150 rows: a row per size with both paths' per-write cost, and the total; the written table is checked
+    inside (read and the folded CSV hold every row)."""
+    from benchmarks import table_store
+
+    assert table_store.main(["--rows", "150", "--repeats", "1", "--out", str(tmp_path), "--name", "ts"]) == 0
+    rows = _read_csv(tmp_path / "ts.csv")
+    assert [r["rows_in_table"] for r in rows] == ["100", "150"]
+    assert list(rows[0]) == table_store.COLUMNS
+    assert all(float(r["rewrite_ms"]) > 0 and float(r["journal_ms_median"]) > 0 for r in rows)
+    assert "Total for 150 single-row writes" in (tmp_path / "ts.md").read_text()

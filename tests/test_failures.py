@@ -232,13 +232,16 @@ def test_out_is_a_folder(tmp_path):
 
 
 def test_table_keeps_its_file_mode(tmp_path):
-    """Rewrites keep the table readable by trainers under other users (mkstemp alone makes 0600)."""
+    """The journal and the rewritten CSV have the table's mode: trainers under other users read both
+    (mkstemp alone makes 0600, a new file the umask's 0644)."""
     out = tmp_path / "table.csv"
     out.write_text(EXISTING)
-    out.chmod(0o644)
+    out.chmod(0o664)
     row = dict(table.read(out).iloc[0])
     table.write_rows(out, [dict(row, imgsz=96)])
-    assert out.stat().st_mode & 0o777 == 0o644
+    assert table.journal_path(out).stat().st_mode & 0o777 == 0o664
+    table.fold(out)
+    assert out.stat().st_mode & 0o777 == 0o664 and len(pd.read_csv(out)) == 2
 
 
 def test_table_without_a_newer_key_column_reads_as_its_default(tmp_path):
@@ -257,5 +260,6 @@ def test_table_without_a_newer_key_column_reads_as_its_default(tmp_path):
     with pytest.raises(SpecError, match="deterministic=True is not in .* it has deterministic False"):
         lookup(out, "tiny_models:tiny", 64, "T4")  # today's step is not the one those rows measured
     table.write_rows(out, [dict(df.iloc[0], imgsz=96, batch_size=300)])
+    table.fold(out)
     again = pd.read_csv(out)
     assert "cudnn_benchmark" in again.columns and sorted(again["imgsz"]) == [64, 96]
