@@ -1,4 +1,5 @@
-"""The fleet: one Ray actor per GPU, work queued per device type, results as table rows.
+"""The fleet: one Ray actor per GPU (per card type when simulated), work queued per device type,
+results as table rows.
 
 The driver submits everything it can, then waits with ``ray.wait``; an actor that
 dies has its combination re-queued (bounded attempts) and is replaced; a
@@ -8,9 +9,12 @@ them out. Probing knows nothing of Ray: actors call ``engine.decide_on`` on thei
 own backend.
 
 Simulated fleets split the work in two: a card-independent *profile* of each
-workload (fake-tensor traces, the expensive part) on whichever actor is free,
-then a cheap *decision* per card type that replays the shared profile. Cost grows
-with distinct workloads, not with cards x workloads.
+workload (fake-tensor traces, the expensive part), run as a CPU-only Ray task
+(``profile_workload``, ``num_gpus=0``, at most one per CPU of the cluster at once),
+then a cheap *decision* per card type on that type's actor, which replays the
+shared profile. Cost grows with distinct workloads, not with cards x workloads.
+Identical simulated cards give identical answers, so a simulated fleet starts one
+actor per card *type*; the count the user asked for is data (the rows' ``gpu_count``).
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import os
 import re
 import signal
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -49,9 +54,6 @@ class DeviceActor:
         return dataclasses.replace(self.backend.info(), pid=os.getpid(),
                                    node=ray.get_runtime_context().get_node_id())
 
-    def profile(self, workload: Workload):
-        return _faults_named(self.backend.profile, workload)
-
     def decide(self, workload: Workload, fraction: float, max_batch: int, profile=None) -> engine.Result:
         if profile is not None:
             self.backend.add_profile(profile)
@@ -73,12 +75,36 @@ def _faults_named(fn, *args, **kwargs):
 RemoteDeviceActor = ray.remote(DeviceActor)
 
 
+def profile_workload(workload: Workload):
+    """The workload's card-independent simulated profile (its fake-tensor traces): CPU work, on no device.
+    Every card type's decision replays it (``DeviceActor.decide(..., profile)``)."""
+    os.environ.setdefault("YOLO_OFFLINE", "1")  # workers never download
+    from . import simulated
+
+    return simulated.profile(workload)
+
+
+# CPU-only jobs by call name. One CPU each and no GPU; no retries by Ray: the scheduler retries a task
+# whose process died (bounded) and never one that raised (it would raise again). Ray reuses a task's
+# worker process for the next task, so torch is imported once per CPU slot, not once per profile.
+CPU_CALLS = {"profile": ray.remote(num_cpus=1, num_gpus=0, max_retries=0)(profile_workload)}
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """One device actor to start: its simulated card (None: a real GPU), its Ray actor options, and how
+    many devices of the fleet it stands for (a simulated card type's count; 1 for a real GPU)."""
+
+    card: str | None
+    options: dict = field(default_factory=dict)
+    count: int = 1
+
+
 @dataclass
 class Slot:
     """The Ray side of one scheduler device: how to start its actor, and the actor."""
 
-    card: str | None
-    options: dict = field(default_factory=dict)
+    spec: DeviceSpec
     actor: object = None
 
 
@@ -92,7 +118,7 @@ class SweepStats:
     profiles: int = 0
     actor_restarts: int = 0
     seconds: float = 0.0
-    devices: dict = field(default_factory=dict)  # type_key -> count
+    devices: dict = field(default_factory=dict)  # type_key -> devices in the fleet (simulated: as asked)
 
 
 class Sweep:
@@ -112,7 +138,7 @@ class Sweep:
             max_attempts=self.fleet.max_attempts, start_timeout_s=self.fleet.actor_timeout_s,
             task_timeout_s=self.fleet.task_timeout_s, answer_of=lambda result: result.decision.batch_size)
         self.slots: dict[int, Slot] = {}  # scheduler device id -> its actor
-        self.pending: dict = {}  # ObjectRef -> (device id, job id; None for the actor's start)
+        self.pending: dict = {}  # ObjectRef -> (device id, None for a CPU task; job id, None for an actor's start)
         self.stats = SweepStats()
         self.simulated = False
         self.start_failures: list[tuple[str, str]] = []  # (node address, "" when never placed; why)
@@ -121,17 +147,17 @@ class Sweep:
     # ---- devices ----------------------------------------------------------------
     def _spawn(self, device: int, slot: Slot) -> None:
         # num_cpus=0: an actor holding a CPU for life starves placement on small machines
-        opts = {"num_gpus": 1, "num_cpus": 0, "max_restarts": 0, "max_task_retries": 0, **slot.options}
-        slot.actor = RemoteDeviceActor.options(**opts).remote(slot.card)
+        opts = {"num_gpus": 1, "num_cpus": 0, "max_restarts": 0, "max_task_retries": 0, **slot.spec.options}
+        slot.actor = RemoteDeviceActor.options(**opts).remote(slot.spec.card)
         self.slots[device] = slot
         self.pending[slot.actor.info.remote()] = (device, None)
 
-    def start(self, cards: list[tuple[str | None, dict]]) -> None:
-        """One actor per (card, actor options); blocks until each reports its device or times out."""
-        self.simulated = any(c is not None for c, _ in cards)
+    def start(self, devices: list[DeviceSpec]) -> None:
+        """One actor per ``DeviceSpec``; blocks until each reports its device or times out."""
+        self.simulated = any(d.card is not None for d in devices)
         now = time.monotonic()
-        for card, opts in cards:
-            self._spawn(self.scheduler.add_device(now), Slot(card, opts))
+        for spec in devices:
+            self._spawn(self.scheduler.add_device(now), Slot(spec))
         self._starting = True
         try:
             while self.scheduler.starting():
@@ -142,8 +168,10 @@ class Sweep:
             log.warning("%s", line)
         live = self.scheduler.live()
         if not live:
-            raise RuntimeError(self._nothing_started(len(cards)))
-        self.stats.devices = collections.Counter(d.type_key for d in live)
+            raise RuntimeError(self._nothing_started(len(devices)))
+        self.stats.devices = collections.Counter()
+        for d in live:
+            self.stats.devices[d.type_key] += self.slots[d.id].spec.count
         for key, n in self.stats.devices.items():
             log.info("device type %s x%d", key, n)
 
@@ -174,10 +202,11 @@ class Sweep:
             self.start_failures.append((node, dropped.reason))
         if not (dropped.starting and self._starting):
             info = self.scheduler.devices[dropped.device].info
-            log.warning("device %s dropped: %s", info.name if info else slot.card or "(real GPU)", dropped.reason)
+            log.warning("device %s dropped: %s", info.name if info else slot.spec.card or "(real GPU)",
+                        dropped.reason)
         if dropped.replacement is not None:
             self.stats.actor_restarts += 1
-            self._spawn(dropped.replacement, Slot(slot.card, slot.options))
+            self._spawn(dropped.replacement, Slot(slot.spec))
 
     # ---- work -------------------------------------------------------------------
     def _plan(self) -> int:
@@ -192,8 +221,15 @@ class Sweep:
                     self.stats.skipped += 1
                 else:
                     work.append((key, w))
+        # profiles are CPU tasks: no more at once than the cluster has CPUs (actors hold none: num_cpus=0)
+        self.scheduler.cpu_slots = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        every_device = self.sweep.every_device
+        if every_device and self.simulated:
+            log.warning("--every-device on a simulated fleet: identical simulated cards give identical answers, "
+                        "so each card type is measured once (one actor per type; device_batches stays empty)")
+            every_device = False
         return scheduler.plan_sweep(self.scheduler, work, decide_args=(self.sweep.fraction, self.sweep.max_batch),
-                                    every_device=self.sweep.every_device, shared_profiles=self.simulated,
+                                    every_device=every_device, shared_profiles=self.simulated,
                                     label=Workload.label)
 
     def _row_key(self, info: DeviceInfo, w: Workload) -> tuple:
@@ -218,7 +254,10 @@ class Sweep:
         return self.stats
 
     def _submit(self, a: scheduler.Assignment) -> None:
-        (device,) = a.devices  # a sweep's jobs take one device each; group and CPU-only jobs need their own submit
+        if not a.devices:  # CPU-only: a Ray task
+            self.pending[CPU_CALLS[a.call].remote(*a.args)] = (None, a.job)
+            return
+        (device,) = a.devices  # a sweep's device jobs take one device each; a group job needs its own submit
         ref = getattr(self.slots[device].actor, a.call).remote(*a.args)
         self.pending[ref] = (device, a.job)
 
@@ -231,6 +270,15 @@ class Sweep:
             self._collect(ref)
         for dropped in self.scheduler.expire(time.monotonic()):
             self._drop(dropped)
+        self._cancel_abandoned()
+
+    def _cancel_abandoned(self) -> None:
+        """CPU tasks the scheduler no longer waits for (past task_timeout_s): killed (force: a hang does
+        not return) and forgotten."""
+        for ref in [r for r, (d, j) in self.pending.items() if d is None and not self.scheduler.is_running(j)]:
+            del self.pending[ref]
+            with contextlib.suppress(Exception):  # already finished
+                ray.cancel(ref, force=True)
 
     def _collect(self, ref) -> None:
         device, job = self.pending.pop(ref)
@@ -245,9 +293,14 @@ class Sweep:
         else:
             self.scheduler.finished(job, value, now)
 
-    def _failed(self, device: int, job: int | None, e: Exception, now: float) -> None:
+    def _failed(self, device: int | None, job: int | None, e: Exception, now: float) -> None:
         reason = _reason(e)
-        if job is None:  # the actor never reported its device
+        if device is None:  # a CPU task
+            if isinstance(e, ray.exceptions.RayTaskError):  # it raised: the workload is broken
+                self.scheduler.failed(job, reason, now)
+            else:  # its process died (crash, OOM-kill, node loss): retried
+                self.scheduler.lost(job, reason, now)
+        elif job is None:  # the actor never reported its device
             self._drop(self.scheduler.start_failed(device, reason, now), node=_node_of(e) or "?")
         elif isinstance(getattr(e, "cause", None), DeviceFault):  # the actor's CUDA context is poisoned
             self._drop(self.scheduler.faulted(device, reason, now))
@@ -323,6 +376,8 @@ def _reason(e: Exception) -> str:
         return f"{type(cause).__name__}: {cause}"
     if isinstance(e, ray.exceptions.RayActorError):
         return _constructor_error(e) or f"actor died: {type(e).__name__}"
+    if isinstance(e, ray.exceptions.WorkerCrashedError):
+        return f"process died: {type(e).__name__}"
     # lost object, dead node, Ray's memory monitor: the actor is dropped and the work retried elsewhere
     return f"ray failure: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
 
@@ -390,13 +445,21 @@ def connect(fleet, simulated_gpus: int) -> bool:
 
 
 def _local_simulated_gpus(fleet) -> int:
-    """Logical GPUs for a local Ray: the simulated fleet's size when it will be simulated, else 0
-    (Ray counts the real GPUs itself)."""
+    """Logical GPUs for a local Ray: one per simulated card type when the fleet will be simulated (each
+    type's actor asks for one, whatever its count), else 0 (Ray counts the real GPUs itself)."""
     from .devices import cuda_count
 
     remote = fleet.address or os.environ.get("RAY_ADDRESS")
     simulate = fleet.mode == "simulate" or (fleet.mode == "auto" and not remote and cuda_count() == 0)
-    return sum(n for _, n in fleet.simulate) if simulate else 0
+    return len(simulated_counts(fleet)) if simulate else 0
+
+
+def simulated_counts(fleet) -> dict[str, int]:
+    """The simulated fleet as catalog card -> count, a card named twice counted once with both counts."""
+    counts: dict[str, int] = collections.Counter()
+    for key, n in fleet.simulate:
+        counts[key] += n
+    return dict(counts)
 
 
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
@@ -414,8 +477,9 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
                         "node, or leave --address empty to run locally") from None
 
 
-def resolve_devices(fleet) -> tuple[list[tuple[str | None, dict]], bool]:
-    """The devices to start actors for: (card or None for a real GPU, actor options), and simulated?"""
+def resolve_devices(fleet) -> tuple[list[DeviceSpec], bool]:
+    """The device actors to start, and simulated? A real GPU gets one actor each; a simulated card type
+    one actor whatever its count (identical simulated cards give identical answers), the count as data."""
     mode = fleet.mode
     if mode == "auto":
         if fleet.address or os.environ.get("RAY_ADDRESS"):
@@ -430,17 +494,18 @@ def resolve_devices(fleet) -> tuple[list[tuple[str | None, dict]], bool]:
         if gpus < 1:
             raise SpecError("the Ray cluster has no GPUs: start it with GPUs, or use a simulated fleet "
                             "(--simulate 'T4, A100-80GB')")
-        return [(None, {}) for _ in range(gpus)], False
-    cards = [key for key, n in fleet.simulate for _ in range(n)]
-    if len(cards) > gpus:
-        raise SpecError(f"--simulate asks for {len(cards)} devices but the Ray cluster has {gpus} GPUs "
-                        "(logical GPUs count): simulate fewer cards or add GPUs to the cluster")
+        return [DeviceSpec(None) for _ in range(gpus)], False
+    counts = simulated_counts(fleet)
+    if len(counts) > gpus:
+        raise SpecError(f"--simulate asks for {len(counts)} card types (one actor on one GPU each) but the Ray "
+                        f"cluster has {gpus} GPUs (logical GPUs count): simulate fewer card types or add GPUs "
+                        "to the cluster")
     out = []
-    for key in cards:
+    for key, count in counts.items():
         rt = catalog.card(key).ray_type
         # pin to nodes labelled with this accelerator type, where the cluster has such labels
         opts = {"resources": {f"accelerator_type:{rt}": 0.001}} if rt and f"accelerator_type:{rt}" in resources else {}
-        out.append((key, opts))
+        out.append(DeviceSpec(key, opts, count))
     return out, True
 
 
@@ -464,7 +529,19 @@ def validate_models(sweep) -> None:
 
 @contextlib.contextmanager
 def _started_fleet(job, **sweep_options):
-    """Ray up (joined or local), one actor per device started; yields (sweep, simulated?); all down after."""
+    """Ray up (joined or local), one actor per device started; yields (sweep, simulated?); all down after.
+
+    While Ray is up, this process's ``sys.stdout`` is its stderr: Ray's driver prints what the cluster
+    reports (raylet warnings such as "N PYTHON worker processes have been started", worker deaths) to
+    ``sys.stdout`` from a thread of its own, and stdout is for the command's output only.
+    """
+    with contextlib.redirect_stdout(sys.stderr):
+        with _fleet(job, **sweep_options) as out:
+            yield out
+
+
+@contextlib.contextmanager
+def _fleet(job, **sweep_options):
     started = connect(job.fleet, _local_simulated_gpus(job.fleet))
     sweep = None
     try:
@@ -506,9 +583,10 @@ def _shutdown_ray() -> None:
             signal.signal(sig, handler)
 
 
-def survey(fleet_cfg) -> tuple[list[DeviceInfo], bool]:
-    """Start the fleet's actors, collect what each device reports, stop them: (infos, simulated?)."""
+def survey(fleet_cfg) -> tuple[list[DeviceInfo], dict, bool]:
+    """Start the fleet's actors, collect what each device reports, stop them: (infos, devices per type,
+    simulated?). A simulated type reports once, from its one actor, with the count the fleet asked for."""
     from .job import Job, SweepConfig
 
     with _started_fleet(Job(SweepConfig(grid=()), fleet_cfg)) as (sweep, simulated):
-        return sweep.devices(), simulated
+        return sweep.devices(), dict(sweep.stats.devices), simulated
