@@ -259,3 +259,25 @@ def test_table_without_a_newer_key_column_reads_as_its_default(tmp_path):
     table.write_rows(out, [dict(df.iloc[0], imgsz=96, batch_size=300)])
     again = pd.read_csv(out)
     assert "cudnn_benchmark" in again.columns and sorted(again["imgsz"]) == [64, 96]
+
+
+def test_stdout_holds_only_our_output_when_ray_reports_a_death(tmp_path):
+    """A sweep in which a process dies, which Ray's driver reports as "(raylet) A worker died ..." on
+    sys.stdout: stdout holds the pivot, the summary and the table path only; Ray's lines go to stderr."""
+    out = tmp_path / "t.csv"
+    path = job_file(tmp_path, """
+        [sweep]
+        models = ["tiny_models:tiny_crashes", "tiny_models:tiny"]
+        imgsz = [64]
+        [fleet]
+        mode = "simulate"
+        simulate = "T4 x8"
+        max_attempts = 1
+    """)
+    p = cli("sweep", path, "--out", str(out))
+    assert p.returncode == 3, p.stderr[-2000:]
+    lines = p.stdout.splitlines()
+    assert lines[0].split() == ["gpu", "T4", "(15", "GiB)"] and lines[1].split() == ["model", "imgsz"], p.stdout
+    assert [line.split()[0] for line in lines[2:4]] == ["tiny_models:tiny", "tiny_models:tiny_crashes"], p.stdout
+    assert lines[4:] == ["", lines[5], f"table: {out}"] and lines[5].startswith("2 rows written (1 ok, 0 no-fit, 1 error)")
+    assert "(raylet) A worker died" in p.stderr.replace("\x1b[33m", "").replace("\x1b[0m", "")  # Ray did report
