@@ -9,8 +9,8 @@ them out. Probing knows nothing of Ray: actors call ``engine.decide_on`` on thei
 own backend.
 
 Simulated fleets split the work in two: a card-independent *profile* of each
-workload (fake-tensor traces, the expensive part), run as a CPU-only Ray task
-(``profile_workload``, ``num_gpus=0``, at most one per CPU of the cluster at once),
+workload (fake-tensor traces, the expensive part), CPU-only work run by a pool of
+``ProfileWorker`` actors (one CPU each, ``num_gpus=0``, one per CPU of the cluster),
 then a cheap *decision* per card type on that type's actor, which replays the
 shared profile. Cost grows with distinct workloads, not with cards x workloads.
 Identical simulated cards give identical answers, so a simulated fleet starts one
@@ -75,19 +75,31 @@ def _faults_named(fn, *args, **kwargs):
 RemoteDeviceActor = ray.remote(DeviceActor)
 
 
-def profile_workload(workload: Workload):
-    """The workload's card-independent simulated profile (its fake-tensor traces): CPU work, on no device.
-    Every card type's decision replays it (``DeviceActor.decide(..., profile)``)."""
-    os.environ.setdefault("YOLO_OFFLINE", "1")  # workers never download
-    from . import simulated
+class ProfileWorker:
+    """One CPU slot for CPU-only jobs: a workload's card-independent simulated profile (its fake-tensor
+    traces), which every card type's decision replays (``DeviceActor.decide(..., profile)``).
 
-    return simulated.profile(workload)
+    An actor, not a Ray task: torch and the tracer are imported once, at the fleet's start (under
+    ``actor_timeout_s``), so ``task_timeout_s`` counts tracing only; a task's worker process starts cold
+    (1-1.6 s of imports on an idle machine, more than 12 s measured on a loaded 2-core one).
+    """
+
+    def __init__(self):
+        os.environ.setdefault("YOLO_OFFLINE", "1")  # workers never download
+        from . import simulated  # noqa: F401 (the import is the point: paid before any job's clock starts)
+
+    def ready(self) -> int:
+        return os.getpid()
+
+    def profile(self, workload: Workload):
+        from . import simulated
+
+        return simulated.profile(workload)
 
 
-# CPU-only jobs by call name. One CPU each and no GPU; no retries by Ray: the scheduler retries a task
-# whose process died (bounded) and never one that raised (it would raise again). Ray reuses a task's
-# worker process for the next task, so torch is imported once per CPU slot, not once per profile.
-CPU_CALLS = {"profile": ray.remote(num_cpus=1, num_gpus=0, max_retries=0)(profile_workload)}
+# one CPU each (the pool is one per CPU of the cluster), no GPU; no restarts by Ray: the scheduler retries
+# a job whose process died (bounded) and never one that raised (it would raise again)
+RemoteProfileWorker = ray.remote(num_cpus=1, num_gpus=0, max_restarts=0, max_task_retries=0)(ProfileWorker)
 
 
 @dataclass(frozen=True)
@@ -143,6 +155,8 @@ class Sweep:
         self.simulated = False
         self.start_failures: list[tuple[str, str]] = []  # (node address, "" when never placed; why)
         self._starting = False  # starting the fleet: start failures are reported per node at the end
+        self.cpu_idle: list = []  # ProfileWorker actors free for a CPU-only job
+        self.cpu_busy: dict = {}  # job id -> the ProfileWorker running it
 
     # ---- devices ----------------------------------------------------------------
     def _spawn(self, device: int, slot: Slot) -> None:
@@ -158,12 +172,16 @@ class Sweep:
         now = time.monotonic()
         for spec in devices:
             self._spawn(self.scheduler.add_device(now), Slot(spec))
+        # simulated: profiles are CPU work, one worker per CPU of the cluster (device actors hold none)
+        workers = [RemoteProfileWorker.remote() for _ in range(max(1, int(ray.cluster_resources().get("CPU", 1))))] \
+            if self.simulated else []
         self._starting = True
         try:
             while self.scheduler.starting():
                 self._wait()
         finally:
             self._starting = False
+        self._start_cpu_workers(workers, now + self.fleet.actor_timeout_s)
         for line in _per_node(self.start_failures):
             log.warning("%s", line)
         live = self.scheduler.live()
@@ -174,6 +192,35 @@ class Sweep:
             self.stats.devices[d.type_key] += self.slots[d.id].spec.count
         for key, n in self.stats.devices.items():
             log.info("device type %s x%d", key, n)
+
+    def _start_cpu_workers(self, workers: list, deadline: float) -> None:
+        """Keep the profile workers that are up by ``deadline``; none at all is an error naming the cause."""
+        ready = {w.ready.remote(): w for w in workers}
+        done, late = ray.wait(list(ready), num_returns=len(ready), timeout=max(0.0, deadline - time.monotonic()))
+        errors = []
+        for ref in done:
+            try:
+                ray.get(ref)
+                self.cpu_idle.append(ready[ref])
+            except ray.exceptions.RayError as e:
+                errors.append(_reason(e))
+        for ref in late:
+            errors.append(f"not placed within {self.fleet.actor_timeout_s:.0f}s (actor_timeout_s)")
+            with contextlib.suppress(Exception):
+                ray.kill(ready[ref], no_restart=True)
+        if workers and not self.cpu_idle:
+            raise RuntimeError(f"no profile worker started ({len(workers)} tried, one CPU each): "
+                               f"{'; '.join(dict.fromkeys(errors))}. Fix: check `ray status` for free CPUs")
+        if errors:
+            log.warning("%d of %d profile workers did not start: %s", len(errors), len(workers),
+                        "; ".join(dict.fromkeys(errors)))
+        self.scheduler.cpu_slots = len(self.cpu_idle)
+
+    def _replace_cpu_worker(self, job: int) -> None:
+        """The worker that ran ``job`` died or hangs: killed, and a new one takes its slot."""
+        with contextlib.suppress(Exception):  # already gone
+            ray.kill(self.cpu_busy.pop(job), no_restart=True)
+        self.cpu_idle.append(RemoteProfileWorker.remote())
 
     def devices(self) -> list[DeviceInfo]:
         """What each started, live device reported, in start order."""
@@ -221,8 +268,6 @@ class Sweep:
                     self.stats.skipped += 1
                 else:
                     work.append((key, w))
-        # profiles are CPU tasks: no more at once than the cluster has CPUs (actors hold none: num_cpus=0)
-        self.scheduler.cpu_slots = max(1, int(ray.cluster_resources().get("CPU", 1)))
         every_device = self.sweep.every_device
         if every_device and self.simulated:
             log.warning("--every-device on a simulated fleet: identical simulated cards give identical answers, "
@@ -254,8 +299,9 @@ class Sweep:
         return self.stats
 
     def _submit(self, a: scheduler.Assignment) -> None:
-        if not a.devices:  # CPU-only: a Ray task
-            self.pending[CPU_CALLS[a.call].remote(*a.args)] = (None, a.job)
+        if not a.devices:  # CPU-only: a free profile worker (the scheduler runs no more than there are)
+            worker = self.cpu_busy[a.job] = self.cpu_idle.pop()
+            self.pending[getattr(worker, a.call).remote(*a.args)] = (None, a.job)
             return
         (device,) = a.devices  # a sweep's device jobs take one device each; a group job needs its own submit
         ref = getattr(self.slots[device].actor, a.call).remote(*a.args)
@@ -273,12 +319,12 @@ class Sweep:
         self._cancel_abandoned()
 
     def _cancel_abandoned(self) -> None:
-        """CPU tasks the scheduler no longer waits for (past task_timeout_s): killed (force: a hang does
-        not return) and forgotten."""
-        for ref in [r for r, (d, j) in self.pending.items() if d is None and not self.scheduler.is_running(j)]:
-            del self.pending[ref]
-            with contextlib.suppress(Exception):  # already finished
-                ray.cancel(ref, force=True)
+        """CPU-only jobs the scheduler no longer waits for (past task_timeout_s): their worker is killed
+        (a hang does not return) and replaced, the call forgotten."""
+        for ref, (_, job) in [(r, v) for r, v in self.pending.items() if v[0] is None]:
+            if not self.scheduler.is_running(job):
+                del self.pending[ref]
+                self._replace_cpu_worker(job)
 
     def _collect(self, ref) -> None:
         device, job = self.pending.pop(ref)
@@ -290,16 +336,20 @@ class Sweep:
             return
         if job is None:
             self.scheduler.started(device, value.type_key, value, now)
-        else:
-            self.scheduler.finished(job, value, now)
+            return
+        if device is None:  # the profile worker is free again
+            self.cpu_idle.append(self.cpu_busy.pop(job))
+        self.scheduler.finished(job, value, now)
 
     def _failed(self, device: int | None, job: int | None, e: Exception, now: float) -> None:
         reason = _reason(e)
-        if device is None:  # a CPU task
+        if device is None:  # a CPU-only job on a profile worker
             if isinstance(e, ray.exceptions.RayTaskError):  # it raised: the workload is broken
+                self.cpu_idle.append(self.cpu_busy.pop(job))
                 self.scheduler.failed(job, reason, now)
-            else:  # its process died (crash, OOM-kill, node loss): retried
-                self.scheduler.lost(job, reason, now)
+            else:  # its process died (crash, OOM-kill, node loss): a new worker, and the job retried
+                self._replace_cpu_worker(job)
+                self.scheduler.lost(job, f"profile worker died: {type(e).__name__}", now)
         elif job is None:  # the actor never reported its device
             self._drop(self.scheduler.start_failed(device, reason, now), node=_node_of(e) or "?")
         elif isinstance(getattr(e, "cause", None), DeviceFault):  # the actor's CUDA context is poisoned
@@ -340,6 +390,9 @@ class Sweep:
         return row
 
     def shutdown(self) -> None:
+        for worker in [*self.cpu_idle, *self.cpu_busy.values()]:
+            with contextlib.suppress(Exception):
+                ray.kill(worker, no_restart=True)
         for device, slot in self.slots.items():
             if self.scheduler.devices[device].state is not scheduler.State.DEAD:
                 with contextlib.suppress(Exception):
@@ -376,8 +429,6 @@ def _reason(e: Exception) -> str:
         return f"{type(cause).__name__}: {cause}"
     if isinstance(e, ray.exceptions.RayActorError):
         return _constructor_error(e) or f"actor died: {type(e).__name__}"
-    if isinstance(e, ray.exceptions.WorkerCrashedError):
-        return f"process died: {type(e).__name__}"
     # lost object, dead node, Ray's memory monitor: the actor is dropped and the work retried elsewhere
     return f"ray failure: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
 

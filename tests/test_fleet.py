@@ -42,8 +42,8 @@ def test_default_job_rows_all_ok_and_ordered(default_table):
 
 def test_one_actor_per_simulated_card_type_counts_as_data(ray_session, tmp_path):
     """'T4 x3, A100-80GB, T4': one actor per card type (two processes, whatever the counts); the rows
-    carry the counts asked for (a card named twice adds up); each workload is profiled once, by a CPU
-    task, not by a device actor."""
+    carry the counts asked for (a card named twice adds up); each workload is profiled once, as CPU-only
+    work on one of the session's 2 profile workers, not by a device actor."""
     j = make_job(tmp_path, [TINY], [64, 96], "T4 x3, A100-80GB, T4")
     specs, simulated = fleet.resolve_devices(j.fleet)
     assert simulated and [(d.card, d.count) for d in specs] == [("T4", 4), ("A100-80GB", 1)]
@@ -51,7 +51,7 @@ def test_one_actor_per_simulated_card_type_counts_as_data(ray_session, tmp_path)
     sweep.start(specs)
     try:
         actors = {info.pid for info in sweep.devices()}
-        assert len(actors) == 2
+        assert len(actors) == 2 and len(sweep.cpu_idle) == sweep.scheduler.cpu_slots == 2
         stats = sweep.run()
         cpu_only = [j for j in sweep.scheduler.jobs.values() if j.need.count == 0]
         assert [j.call for j in cpu_only] == ["profile", "profile"] and all(j.attempts == 1 for j in cpu_only)
@@ -90,11 +90,11 @@ def test_python_error_is_an_error_row_on_every_card_type_and_sweep_goes_on(ray_s
 
 
 def _profile_processes():
-    """This session's Ray worker processes running a profile task now (Ray titles a worker by its task)."""
+    """This session's profile worker processes running a profile now (Ray titles a worker by its call)."""
     out = []
     for p in psutil.Process().children(recursive=True):
         try:
-            if any("profile_workload" in part for part in p.cmdline()):
+            if any("ProfileWorker.profile" in part for part in p.cmdline()):
                 out.append(p)
         except psutil.Error:
             continue
@@ -102,8 +102,8 @@ def _profile_processes():
 
 
 def test_profile_process_killed_mid_profile_is_retried(ray_session, tmp_path):
-    """SIGKILL of the process running a profile task: the profile runs again (a new CPU task, no actor
-    replaced) and every row is ok, none lost or duplicated."""
+    """SIGKILL of the process running a profile: the profile runs again on a new profile worker (no device
+    actor replaced) and every row is ok, none lost or duplicated."""
     j = make_job(tmp_path, ["tiny_models:tiny_slow", TINY], [64], "T4, A100-80GB")
     sweep = fleet.Sweep(j)
     sweep.start(fleet.resolve_devices(j.fleet)[0])
@@ -133,7 +133,7 @@ def test_profile_process_killed_mid_profile_is_retried(ray_session, tmp_path):
     assert (df["status"] == "ok").all()
     slow_profile = next(j for j in sweep.scheduler.jobs.values() if j.call == "profile"
                         and j.args[0].model.endswith("slow"))
-    assert slow_profile.attempts == 2 and "process died" in slow_profile.errors[0]
+    assert slow_profile.attempts == 2 and slow_profile.errors[0] == "profile worker died: ActorDiedError"
     assert stats.actor_restarts == 0 and stats.profiles == 2
 
 
@@ -168,7 +168,7 @@ def test_workload_that_kills_every_process_becomes_error(ray_session, tmp_path):
         assert rows[TINY]["status"] == "ok"
         poison = rows["tiny_models:tiny_crashes"]
         assert poison["status"] == "error" and poison["attempts"] == 2
-        assert "process died" in poison["error"] and "gave up after 2 attempts" in poison["error"]
+        assert poison["error"] == "profile worker died: ActorDiedError; gave up after 2 attempts"
     assert stats.actor_restarts == 0
 
 
