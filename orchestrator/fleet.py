@@ -150,7 +150,7 @@ class Sweep:
             max_attempts=self.fleet.max_attempts, start_timeout_s=self.fleet.actor_timeout_s,
             task_timeout_s=self.fleet.task_timeout_s, answer_of=lambda result: result.decision.batch_size)
         self.slots: dict[int, Slot] = {}  # scheduler device id -> its actor
-        self.pending: dict = {}  # ObjectRef -> (device id, None for a CPU task; job id, None for an actor's start)
+        self.pending: dict = {}  # ObjectRef -> (device id, None on a profile worker; job id, None for a start)
         self.stats = SweepStats()
         self.simulated = False
         self.start_failures: list[tuple[str, str]] = []  # (node address, "" when never placed; why)
