@@ -80,8 +80,9 @@ class ProfileWorker:
     traces), which every card type's decision replays (``DeviceActor.decide(..., profile)``).
 
     An actor, not a Ray task: torch and the tracer are imported once, at the fleet's start (under
-    ``actor_timeout_s``), so ``task_timeout_s`` counts tracing only; a task's worker process starts cold
-    (1-1.6 s of imports on an idle machine, more than 12 s measured on a loaded 2-core one).
+    ``actor_timeout_s``), so ``task_timeout_s`` counts tracing only. A Ray task's worker starts cold
+    (imports 1-1.6 s on an idle machine): as tasks, the tiny test model's profile, imports included,
+    ran past a 12 s ``task_timeout_s`` on the loaded 2-core build machine.
     """
 
     def __init__(self):
