@@ -3,8 +3,9 @@
 - **in-process**: no Ray. Profile each workload once, then decide on every card type
   (what a simulated sweep does, minus Ray);
 - **ray**: ``orchestrator.fleet.run_sweep`` on a local Ray with a simulated fleet: one
-  card type with 1 and 2 actors, and 4 card types with one actor each. Profiling is per
-  workload, not per card, so 4 card types should cost barely more than 1.
+  card type (``T4`` and ``T4 x2``: a simulated type has one actor whatever its count, so
+  both cost the same), and 4 card types with one actor each. Profiling is per workload
+  (CPU tasks), not per card, so 4 card types should cost barely more than 1.
 
 Each Ray run starts and stops its own local Ray (unless one is already running):
 ``startup_s`` is that, plus starting the actors and building each model once in the
@@ -95,7 +96,7 @@ def run(grid=GRID, configs=CONFIGS) -> list[dict]:
             ref = baseline.get(types)
             rows.append({
                 "runner": runner, "fleet": fleet_text,
-                "actors": 0 if runner == "in-process" else sum(n for _, n in j.fleet.simulate),
+                "actors": 0 if runner == "in-process" else len(types),  # one per simulated type
                 "card_types": len(types), "combinations": combos, "wall_s": round(wall, 1),
                 "startup_s": round(wall - seconds, 1), "sweep_s": round(seconds, 1),
                 "s_per_combination": round(seconds / combos, 2),

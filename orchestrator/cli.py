@@ -96,16 +96,16 @@ def cmd_devices(args) -> int:
 
     fleet_cfg = jobs.with_overrides(jobs.load(args.job), simulate=args.simulate, address=args.address,
                                     real=args.real).fleet
-    infos, simulated = fleet.survey(fleet_cfg)
+    infos, counts, simulated = fleet.survey(fleet_cfg)
     groups = collections.defaultdict(list)
     for info in infos:
         groups[info.type_key].append(info)
-    print(f"{'simulated' if simulated else 'real'} fleet: {len(infos)} devices in {len(groups)} types")
+    print(f"{'simulated' if simulated else 'real'} fleet: {sum(counts.values())} devices in {len(groups)} types")
     print(f"  {'GPU':<28} {'count':>5} {'total':>11} {'outside':>11} {'usable':>11}  backend  hosts")
     for (name, _), group in sorted(groups.items(), key=lambda kv: kv[1][0].total_bytes):
         d = group[0]
         hosts = ",".join(sorted({i.host for i in group}))
-        print(f"  {name:<28} {len(group):>5} {gib(d.total_bytes):>11} {gib(d.outside_bytes):>11} "
+        print(f"  {name:<28} {counts[d.type_key]:>5} {gib(d.total_bytes):>11} {gib(d.outside_bytes):>11} "
               f"{gib(d.total_bytes - d.outside_bytes):>11}  {d.backend:<8} {hosts}")
     print("\ncatalog (simulate any of these with --simulate 'T4 x2, A100-80GB'):")
     for c in catalog.CATALOG.values():

@@ -1,4 +1,5 @@
-"""The fleet: one Ray actor per GPU, work queued per device type, results as table rows.
+"""The fleet: one Ray actor per GPU (per card type when simulated), work queued per device type,
+results as table rows.
 
 The driver submits everything it can, then waits with ``ray.wait``; an actor that
 dies has its combination re-queued (bounded attempts) and is replaced; a
@@ -8,9 +9,12 @@ them out. Probing knows nothing of Ray: actors call ``engine.decide_on`` on thei
 own backend.
 
 Simulated fleets split the work in two: a card-independent *profile* of each
-workload (fake-tensor traces, the expensive part) on whichever actor is free,
-then a cheap *decision* per card type that replays the shared profile. Cost grows
-with distinct workloads, not with cards x workloads.
+workload (fake-tensor traces, the expensive part), CPU-only work run by a pool of
+``ProfileWorker`` actors (one CPU each, ``num_gpus=0``, one per CPU of the cluster),
+then a cheap *decision* per card type on that type's actor, which replays the
+shared profile. Cost grows with distinct workloads, not with cards x workloads.
+Identical simulated cards give identical answers, so a simulated fleet starts one
+actor per card *type*; the count the user asked for is data (the rows' ``gpu_count``).
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import os
 import re
 import signal
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -49,9 +54,6 @@ class DeviceActor:
         return dataclasses.replace(self.backend.info(), pid=os.getpid(),
                                    node=ray.get_runtime_context().get_node_id())
 
-    def profile(self, workload: Workload):
-        return _faults_named(self.backend.profile, workload)
-
     def decide(self, workload: Workload, fraction: float, max_batch: int, profile=None) -> engine.Result:
         """A simulated card replays ``profile``; a real one starts from what it predicts for this device."""
         if profile is not None and hasattr(self.backend, "add_profile"):
@@ -76,12 +78,49 @@ def _faults_named(fn, *args, **kwargs):
 RemoteDeviceActor = ray.remote(DeviceActor)
 
 
+class ProfileWorker:
+    """One CPU slot for CPU-only jobs: a workload's card-independent simulated profile (its fake-tensor
+    traces), which every card type's decision replays (``DeviceActor.decide(..., profile)``).
+
+    An actor, not a Ray task: torch and the tracer are imported once, at the fleet's start (under
+    ``actor_timeout_s``), so ``task_timeout_s`` counts tracing only. A Ray task's worker starts cold
+    (imports 1-1.6 s on an idle machine): as tasks, the tiny test model's profile, imports included,
+    ran past a 12 s ``task_timeout_s`` on the loaded 2-core build machine.
+    """
+
+    def __init__(self):
+        os.environ.setdefault("YOLO_OFFLINE", "1")  # workers never download
+        from . import simulated  # noqa: F401 (the import is the point: paid before any job's clock starts)
+
+    def ready(self) -> int:
+        return os.getpid()
+
+    def profile(self, workload: Workload):
+        from . import simulated
+
+        return simulated.profile(workload)
+
+
+# one CPU each (the pool is one per CPU of the cluster), no GPU; no restarts by Ray: the scheduler retries
+# a job whose process died (bounded) and never one that raised (it would raise again)
+RemoteProfileWorker = ray.remote(num_cpus=1, num_gpus=0, max_restarts=0, max_task_retries=0)(ProfileWorker)
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """One device actor to start: its simulated card (None: a real GPU), its Ray actor options, and how
+    many devices of the fleet it stands for (a simulated card type's count; 1 for a real GPU)."""
+
+    card: str | None
+    options: dict = field(default_factory=dict)
+    count: int = 1
+
+
 @dataclass
 class Slot:
     """The Ray side of one scheduler device: how to start its actor, and the actor."""
 
-    card: str | None
-    options: dict = field(default_factory=dict)
+    spec: DeviceSpec
     actor: object = None
 
 
@@ -95,7 +134,7 @@ class SweepStats:
     profiles: int = 0
     actor_restarts: int = 0
     seconds: float = 0.0
-    devices: dict = field(default_factory=dict)  # type_key -> count
+    devices: dict = field(default_factory=dict)  # type_key -> devices in the fleet (simulated: as asked)
 
 
 class Sweep:
@@ -115,40 +154,77 @@ class Sweep:
             max_attempts=self.fleet.max_attempts, start_timeout_s=self.fleet.actor_timeout_s,
             task_timeout_s=self.fleet.task_timeout_s, answer_of=lambda result: result.decision.batch_size)
         self.slots: dict[int, Slot] = {}  # scheduler device id -> its actor
-        self.pending: dict = {}  # ObjectRef -> (device id, job id; None for the actor's start)
+        self.pending: dict = {}  # ObjectRef -> (device id, None on a profile worker; job id, None for a start)
         self.stats = SweepStats()
         self.simulated = False
         self.start_failures: list[tuple[str, str]] = []  # (node address, "" when never placed; why)
         self._starting = False  # starting the fleet: start failures are reported per node at the end
+        self.cpu_idle: list = []  # ProfileWorker actors free for a CPU-only job
+        self.cpu_busy: dict = {}  # job id -> the ProfileWorker running it
 
     # ---- devices ----------------------------------------------------------------
     def _spawn(self, device: int, slot: Slot) -> None:
         # num_cpus=0: an actor holding a CPU for life starves placement on small machines
-        opts = {"num_gpus": 1, "num_cpus": 0, "max_restarts": 0, "max_task_retries": 0, **slot.options}
-        slot.actor = RemoteDeviceActor.options(**opts).remote(slot.card)
+        opts = {"num_gpus": 1, "num_cpus": 0, "max_restarts": 0, "max_task_retries": 0, **slot.spec.options}
+        slot.actor = RemoteDeviceActor.options(**opts).remote(slot.spec.card)
         self.slots[device] = slot
         self.pending[slot.actor.info.remote()] = (device, None)
 
-    def start(self, cards: list[tuple[str | None, dict]]) -> None:
-        """One actor per (card, actor options); blocks until each reports its device or times out."""
-        self.simulated = any(c is not None for c, _ in cards)
+    def start(self, devices: list[DeviceSpec]) -> None:
+        """One actor per ``DeviceSpec``; blocks until each reports its device or times out."""
+        self.simulated = any(d.card is not None for d in devices)
         now = time.monotonic()
-        for card, opts in cards:
-            self._spawn(self.scheduler.add_device(now), Slot(card, opts))
+        for spec in devices:
+            self._spawn(self.scheduler.add_device(now), Slot(spec))
+        # simulated: profiles are CPU work, one worker per CPU of the cluster (device actors hold none)
+        workers = [RemoteProfileWorker.remote() for _ in range(max(1, int(ray.cluster_resources().get("CPU", 1))))] \
+            if self.simulated else []
         self._starting = True
         try:
             while self.scheduler.starting():
                 self._wait()
         finally:
             self._starting = False
+        self._start_cpu_workers(workers, now + self.fleet.actor_timeout_s)
         for line in _per_node(self.start_failures):
             log.warning("%s", line)
         live = self.scheduler.live()
         if not live:
-            raise RuntimeError(self._nothing_started(len(cards)))
-        self.stats.devices = collections.Counter(d.type_key for d in live)
+            raise RuntimeError(self._nothing_started(len(devices)))
+        self.stats.devices = collections.Counter()
+        for d in live:
+            self.stats.devices[d.type_key] += self.slots[d.id].spec.count
         for key, n in self.stats.devices.items():
             log.info("device type %s x%d", key, n)
+
+    def _start_cpu_workers(self, workers: list, deadline: float) -> None:
+        """Keep the profile workers that are up by ``deadline``; none at all is an error naming the cause."""
+        ready = {w.ready.remote(): w for w in workers}
+        done, late = ray.wait(list(ready), num_returns=len(ready), timeout=max(0.0, deadline - time.monotonic()))
+        errors = []
+        for ref in done:
+            try:
+                ray.get(ref)
+                self.cpu_idle.append(ready[ref])
+            except ray.exceptions.RayError as e:
+                errors.append(_reason(e))
+        for ref in late:
+            errors.append(f"not placed within {self.fleet.actor_timeout_s:.0f}s (actor_timeout_s)")
+            with contextlib.suppress(Exception):
+                ray.kill(ready[ref], no_restart=True)
+        if workers and not self.cpu_idle:
+            raise RuntimeError(f"no profile worker started ({len(workers)} tried, one CPU each): "
+                               f"{'; '.join(dict.fromkeys(errors))}. Fix: check `ray status` for free CPUs")
+        if errors:
+            log.warning("%d of %d profile workers did not start: %s", len(errors), len(workers),
+                        "; ".join(dict.fromkeys(errors)))
+        self.scheduler.cpu_slots = len(self.cpu_idle)
+
+    def _replace_cpu_worker(self, job: int) -> None:
+        """The worker that ran ``job`` died or hangs: killed, and a new one takes its slot."""
+        with contextlib.suppress(Exception):  # already gone
+            ray.kill(self.cpu_busy.pop(job), no_restart=True)
+        self.cpu_idle.append(RemoteProfileWorker.remote())
 
     def devices(self) -> list[DeviceInfo]:
         """What each started, live device reported, in start order."""
@@ -177,10 +253,11 @@ class Sweep:
             self.start_failures.append((node, dropped.reason))
         if not (dropped.starting and self._starting):
             info = self.scheduler.devices[dropped.device].info
-            log.warning("device %s dropped: %s", info.name if info else slot.card or "(real GPU)", dropped.reason)
+            log.warning("device %s dropped: %s", info.name if info else slot.spec.card or "(real GPU)",
+                        dropped.reason)
         if dropped.replacement is not None:
             self.stats.actor_restarts += 1
-            self._spawn(dropped.replacement, Slot(slot.card, slot.options))
+            self._spawn(dropped.replacement, Slot(slot.spec))
 
     # ---- work -------------------------------------------------------------------
     def _plan(self) -> int:
@@ -195,8 +272,13 @@ class Sweep:
                     self.stats.skipped += 1
                 else:
                     work.append((key, w))
+        every_device = self.sweep.every_device
+        if every_device and self.simulated:
+            log.warning("--every-device on a simulated fleet: identical simulated cards give identical answers, "
+                        "so each card type is measured once (one actor per type; device_batches stays empty)")
+            every_device = False
         return scheduler.plan_sweep(self.scheduler, work, decide_args=(self.sweep.fraction, self.sweep.max_batch),
-                                    every_device=self.sweep.every_device, shared_profiles=self.simulated,
+                                    every_device=every_device, shared_profiles=self.simulated,
                                     label=Workload.label)
 
     def _row_key(self, info: DeviceInfo, w: Workload) -> tuple:
@@ -221,7 +303,11 @@ class Sweep:
         return self.stats
 
     def _submit(self, a: scheduler.Assignment) -> None:
-        (device,) = a.devices  # a sweep's jobs take one device each; group and CPU-only jobs need their own submit
+        if not a.devices:  # CPU-only: a free profile worker (the scheduler runs no more than there are)
+            worker = self.cpu_busy[a.job] = self.cpu_idle.pop()
+            self.pending[getattr(worker, a.call).remote(*a.args)] = (None, a.job)
+            return
+        (device,) = a.devices  # a sweep's device jobs take one device each; a group job needs its own submit
         ref = getattr(self.slots[device].actor, a.call).remote(*a.args)
         self.pending[ref] = (device, a.job)
 
@@ -234,6 +320,15 @@ class Sweep:
             self._collect(ref)
         for dropped in self.scheduler.expire(time.monotonic()):
             self._drop(dropped)
+        self._cancel_abandoned()
+
+    def _cancel_abandoned(self) -> None:
+        """CPU-only jobs the scheduler no longer waits for (past task_timeout_s): their worker is killed
+        (a hang does not return) and replaced, the call forgotten."""
+        for ref, (_, job) in [(r, v) for r, v in self.pending.items() if v[0] is None]:
+            if not self.scheduler.is_running(job):
+                del self.pending[ref]
+                self._replace_cpu_worker(job)
 
     def _collect(self, ref) -> None:
         device, job = self.pending.pop(ref)
@@ -245,12 +340,21 @@ class Sweep:
             return
         if job is None:
             self.scheduler.started(device, value.type_key, value, now)
-        else:
-            self.scheduler.finished(job, value, now)
+            return
+        if device is None:  # the profile worker is free again
+            self.cpu_idle.append(self.cpu_busy.pop(job))
+        self.scheduler.finished(job, value, now)
 
-    def _failed(self, device: int, job: int | None, e: Exception, now: float) -> None:
+    def _failed(self, device: int | None, job: int | None, e: Exception, now: float) -> None:
         reason = _reason(e)
-        if job is None:  # the actor never reported its device
+        if device is None:  # a CPU-only job on a profile worker
+            if isinstance(e, ray.exceptions.RayTaskError):  # it raised: the workload is broken
+                self.cpu_idle.append(self.cpu_busy.pop(job))
+                self.scheduler.failed(job, reason, now)
+            else:  # its process died (crash, OOM-kill, node loss): a new worker, and the job retried
+                self._replace_cpu_worker(job)
+                self.scheduler.lost(job, f"profile worker died: {type(e).__name__}", now)
+        elif job is None:  # the actor never reported its device
             self._drop(self.scheduler.start_failed(device, reason, now), node=_node_of(e) or "?")
         elif isinstance(getattr(e, "cause", None), DeviceFault):  # the actor's CUDA context is poisoned
             self._drop(self.scheduler.faulted(device, reason, now))
@@ -290,6 +394,9 @@ class Sweep:
         return row
 
     def shutdown(self) -> None:
+        for worker in [*self.cpu_idle, *self.cpu_busy.values()]:
+            with contextlib.suppress(Exception):
+                ray.kill(worker, no_restart=True)
         for device, slot in self.slots.items():
             if self.scheduler.devices[device].state is not scheduler.State.DEAD:
                 with contextlib.suppress(Exception):
@@ -393,13 +500,21 @@ def connect(fleet, simulated_gpus: int) -> bool:
 
 
 def _local_simulated_gpus(fleet) -> int:
-    """Logical GPUs for a local Ray: the simulated fleet's size when it will be simulated, else 0
-    (Ray counts the real GPUs itself)."""
+    """Logical GPUs for a local Ray: one per simulated card type when the fleet will be simulated (each
+    type's actor asks for one, whatever its count), else 0 (Ray counts the real GPUs itself)."""
     from .devices import cuda_count
 
     remote = fleet.address or os.environ.get("RAY_ADDRESS")
     simulate = fleet.mode == "simulate" or (fleet.mode == "auto" and not remote and cuda_count() == 0)
-    return sum(n for _, n in fleet.simulate) if simulate else 0
+    return len(simulated_counts(fleet)) if simulate else 0
+
+
+def simulated_counts(fleet) -> dict[str, int]:
+    """The simulated fleet as catalog card -> count, a card named twice counted once with both counts."""
+    counts: dict[str, int] = collections.Counter()
+    for key, n in fleet.simulate:
+        counts[key] += n
+    return dict(counts)
 
 
 def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
@@ -417,8 +532,9 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
                         "node, or leave --address empty to run locally") from None
 
 
-def resolve_devices(fleet) -> tuple[list[tuple[str | None, dict]], bool]:
-    """The devices to start actors for: (card or None for a real GPU, actor options), and simulated?"""
+def resolve_devices(fleet) -> tuple[list[DeviceSpec], bool]:
+    """The device actors to start, and simulated? A real GPU gets one actor each; a simulated card type
+    one actor whatever its count (identical simulated cards give identical answers), the count as data."""
     mode = fleet.mode
     if mode == "auto":
         if fleet.address or os.environ.get("RAY_ADDRESS"):
@@ -433,17 +549,18 @@ def resolve_devices(fleet) -> tuple[list[tuple[str | None, dict]], bool]:
         if gpus < 1:
             raise SpecError("the Ray cluster has no GPUs: start it with GPUs, or use a simulated fleet "
                             "(--simulate 'T4, A100-80GB')")
-        return [(None, {}) for _ in range(gpus)], False
-    cards = [key for key, n in fleet.simulate for _ in range(n)]
-    if len(cards) > gpus:
-        raise SpecError(f"--simulate asks for {len(cards)} devices but the Ray cluster has {gpus} GPUs "
-                        "(logical GPUs count): simulate fewer cards or add GPUs to the cluster")
+        return [DeviceSpec(None) for _ in range(gpus)], False
+    counts = simulated_counts(fleet)
+    if len(counts) > gpus:
+        raise SpecError(f"--simulate asks for {len(counts)} card types (one actor on one GPU each) but the Ray "
+                        f"cluster has {gpus} GPUs (logical GPUs count): simulate fewer card types or add GPUs "
+                        "to the cluster")
     out = []
-    for key in cards:
+    for key, count in counts.items():
         rt = catalog.card(key).ray_type
         # pin to nodes labelled with this accelerator type, where the cluster has such labels
         opts = {"resources": {f"accelerator_type:{rt}": 0.001}} if rt and f"accelerator_type:{rt}" in resources else {}
-        out.append((key, opts))
+        out.append(DeviceSpec(key, opts, count))
     return out, True
 
 
@@ -467,7 +584,19 @@ def validate_models(sweep) -> None:
 
 @contextlib.contextmanager
 def _started_fleet(job, **sweep_options):
-    """Ray up (joined or local), one actor per device started; yields (sweep, simulated?); all down after."""
+    """Ray up (joined or local), one actor per device started; yields (sweep, simulated?); all down after.
+
+    While Ray is up, this process's ``sys.stdout`` is its stderr: Ray's driver prints what the cluster
+    reports (raylet warnings such as "N PYTHON worker processes have been started", worker deaths) to
+    ``sys.stdout`` from a thread of its own, and stdout is for the command's output only.
+    """
+    with contextlib.redirect_stdout(sys.stderr):
+        with _fleet(job, **sweep_options) as out:
+            yield out
+
+
+@contextlib.contextmanager
+def _fleet(job, **sweep_options):
     started = connect(job.fleet, _local_simulated_gpus(job.fleet))
     sweep = None
     try:
@@ -519,9 +648,10 @@ def _shutdown_ray() -> None:
             signal.signal(sig, handler)
 
 
-def survey(fleet_cfg) -> tuple[list[DeviceInfo], bool]:
-    """Start the fleet's actors, collect what each device reports, stop them: (infos, simulated?)."""
+def survey(fleet_cfg) -> tuple[list[DeviceInfo], dict, bool]:
+    """Start the fleet's actors, collect what each device reports, stop them: (infos, devices per type,
+    simulated?). A simulated type reports once, from its one actor, with the count the fleet asked for."""
     from .job import Job, SweepConfig
 
     with _started_fleet(Job(SweepConfig(grid=()), fleet_cfg)) as (sweep, simulated):
-        return sweep.devices(), simulated
+        return sweep.devices(), dict(sweep.stats.devices), simulated

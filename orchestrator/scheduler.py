@@ -9,14 +9,15 @@ reports and carries out what comes back:
     assign(now) -> [Assignment]        submit ``call(*args)`` on the assigned device(s)
     finished / failed(job)             the call returned / raised a Python error (not retried)
     died(device) -> Dropped            the actor died under a job: retried elsewhere, device replaced
+    lost(job)                          the process running a CPU-only job died: the job is retried
     faulted(device) -> Dropped         its CUDA context is poisoned: replaced, the job retried once
     expire(now) -> [Dropped]           start and task timeouts
     outcomes() -> [Outcome]            finished (device type x workload) answers: one table row each
 
 A ``Dropped`` device's actor is killed and its ``replacement`` (if any) spawned.
 Jobs say what they need as data (``Need``): one device of a type, one given device,
-a group of N devices of one type, or none (CPU-only work), so the driver has no
-branches on what a job is.
+a group of N devices of one type, or none (CPU-only work, at most ``cpu_slots`` at
+once), so the driver has no branches on what a job is.
 """
 from __future__ import annotations
 
@@ -131,9 +132,12 @@ class Scheduler:
     """Devices, a job queue and the rules that join them."""
 
     def __init__(self, *, max_attempts: int = 3, start_timeout_s: float = 120.0, task_timeout_s: float = 1800.0,
-                 answer_of: Callable[[Any], int] = int):
-        """``answer_of(value)``: the number the every-device merge keeps the smallest of (a batch size)."""
+                 answer_of: Callable[[Any], int] = int, cpu_slots: int | None = None):
+        """``answer_of(value)``: the number the every-device merge keeps the smallest of (a batch size).
+        ``cpu_slots``: CPU-only jobs running at once, at most (the cluster's CPUs; None: no limit). Work
+        beyond it waits here, not in the cluster's queue, so ``task_timeout_s`` counts running time only."""
         self.max_attempts = max_attempts
+        self.cpu_slots = cpu_slots
         self.start_timeout_s = start_timeout_s
         self.task_timeout_s = task_timeout_s
         self.answer_of = answer_of
@@ -181,7 +185,8 @@ class Scheduler:
     def expire(self, now: float) -> list[Dropped]:
         """Devices not started within ``start_timeout_s`` (dropped, not replaced) and jobs running past
         ``task_timeout_s`` (an error with the attempts they had, not retried: a hang would hang again;
-        their devices are dropped and replaced)."""
+        their devices are dropped and replaced; a CPU-only job has none: ``is_running`` turns False, and
+        the driver cancels its call)."""
         dropped = [self.start_failed(d.id, f"actor not placed within {self.start_timeout_s:.0f}s", now)
                    for d in list(self.devices.values())
                    if d.state is State.STARTING and now - d.since_s > self.start_timeout_s]
@@ -226,8 +231,14 @@ class Scheduler:
         idle devices, so it is not starved."""
         self._fail_orphans()
         out, idle = [], [d for d in self.devices.values() if d.state is State.IDLE]
+        cpus = self._free_cpu_slots()
         for job in sorted((self.jobs[i] for i in self._queue), key=lambda j: (j.priority, j.id)):
             if job.after is not None and job.after not in self._values:
+                continue
+            if job.need.count == 0:
+                if cpus > 0:
+                    cpus -= 1
+                    out.append(self._start(job, (), now))
                 continue
             devices = self._pick(job.need, idle)
             if devices is not None:
@@ -258,8 +269,24 @@ class Scheduler:
         job.errors.append(error)
         self._fail(job, error, job.attempts)
 
+    def lost(self, job_id: int, reason: str, now: float) -> None:
+        """The process running CPU-only job ``job_id`` died (crash, OOM-kill, node loss): the job is queued
+        again, up to ``max_attempts`` in all, then it is an error "...; gave up after N attempts"."""
+        job = self._running.pop(job_id, None)
+        if job is None:
+            return
+        job.errors.append(reason)
+        if job.attempts < self.max_attempts:
+            self._queue.append(job.id)
+        else:
+            self._fail(job, f"{reason}; gave up after {job.attempts} attempts", job.attempts)
+
     def running(self) -> list[Job]:
         return list(self._running.values())
+
+    def is_running(self, job_id: int) -> bool:
+        """Whether a result of ``job_id`` is still awaited (a cancelled job's is not)."""
+        return job_id in self._running
 
     def outcomes(self) -> list[Outcome]:
         """Outcomes completed since the last call."""
@@ -271,6 +298,11 @@ class Scheduler:
         return not self._queue and not self._running
 
     # ---- rules --------------------------------------------------------------------
+    def _free_cpu_slots(self) -> int | float:
+        if self.cpu_slots is None:
+            return float("inf")
+        return self.cpu_slots - sum(1 for j in self._running.values() if j.need.count == 0)
+
     @staticmethod
     def _pick(need: Need, idle: list[Device]) -> tuple[int, ...] | None:
         """Devices out of ``idle`` for ``need``, all of one type, or None when there are not enough."""
@@ -399,13 +431,14 @@ def plan_sweep(sched: Scheduler, work: Iterable[tuple[Hashable, Any]], *, decide
                label: Callable[[Any], str] = str) -> int:
     """Queue a decision for each (type_key, workload) in ``work``: on any device of the type, or on
     each live device of it (``every_device``, merged into one outcome). With ``shared_profiles``
-    (simulated fleets) each workload is first profiled once, on any device, and its decisions run
-    after it with the profile appended to their arguments. Returns the number of outcomes."""
+    (simulated fleets) each workload is first profiled once, as CPU-only work (no device: the traces
+    do not depend on the card), and its decisions run after it with the profile appended to their
+    arguments. Returns the number of outcomes."""
     work = list(work)
     profiles: dict[Any, int] = {}
     if shared_profiles:
         for w in dict.fromkeys(w for _, w in work):
-            profiles[w] = sched.add_job("profile", (w,), Need(), priority=PROFILE, label=label(w))
+            profiles[w] = sched.add_job("profile", (w,), Need(count=0), priority=PROFILE, label=label(w))
     for key, w in work:
         needs = [Need(type_key=key, device=d.id) for d in sched.live(key)] if every_device else [Need(type_key=key)]
         for need in needs:

@@ -31,15 +31,18 @@ def main(out: str, remove_after: int | None) -> None:
     sweep = fleet.Sweep(j)
     sweep.start(fleet.resolve_devices(j.fleet)[0])
     removed = []
+    placed = [{"card": info.card, "node": info.node} for info in sweep.devices()]
     if remove_after:
+        # the A100 type's one actor is on one of the two A100 nodes: that node is lost
+        doomed = next(n for n in (a100, spare) if n.node_id in {p["node"] for p in placed if p["card"] != "T4"})
+
         def remover():
             while len(table.read(out)) < remove_after:
                 time.sleep(0.1)
-            cluster.remove_node(a100)  # a whole node lost mid-sweep, its actor with it
-            removed.append(a100.node_id)
+            cluster.remove_node(doomed)  # a whole node lost mid-sweep, its actor with it
+            removed.append(doomed.node_id)
 
         threading.Thread(target=remover, daemon=True).start()
-    placed = [{"card": info.card, "node": info.node} for info in sweep.devices()]
     stats = sweep.run()
     sweep.shutdown()
     df = table.read(out)

@@ -17,15 +17,16 @@ def run_cluster(tmp_path, *extra):
 
 
 def test_heterogeneous_cluster_pins_cards_and_survives_node_loss(tmp_path):
-    """Nodes labelled T4 and A100 (two A100 nodes): each simulated card's actor lands on a node of its
-    type; one A100 node is removed mid-sweep and its work re-queued on the other; every (type x
-    workload) ends ok exactly once."""
+    """Nodes labelled T4 and A100 (two A100 nodes): each simulated card type's one actor lands on a node
+    of its type; the A100 actor's node is removed mid-sweep, the actor replaced on the other A100 node
+    and its work re-queued; every (type x workload) ends ok exactly once, with the counts asked for."""
     out = run_cluster(tmp_path, "--remove-node-after-rows", "2")
     nodes = out["nodes"]
     for p in out["placed"]:
         expected = {nodes["T4"]} if p["card"] == "T4" else {nodes["A100"], nodes["spare"]}
         assert p["node"] in expected, p
     assert out["removed"], "the node was never removed"
+    assert out["restarts"] >= 1
     rows = out["rows"]
     keys = [(r["card"], r["model"], r["imgsz"]) for r in rows]
     assert len(keys) == len(set(keys)) == 2 * 4

@@ -5,6 +5,7 @@ import signal
 import threading
 import time
 
+import psutil
 import pytest
 
 from orchestrator import fleet, job, table
@@ -39,38 +40,70 @@ def test_default_job_rows_all_ok_and_ordered(default_table):
     assert (df["peak_bytes"] <= df["budget_bytes"]).all()
 
 
-def test_one_actor_per_gpu_grouped_by_type(ray_session, tmp_path):
-    """Three logical GPUs -> three actors in three processes; two T4s form one type measured once."""
-    j = make_job(tmp_path, [TINY], [64, 96], "T4 x2, A100-80GB")
+def test_one_actor_per_simulated_card_type_counts_as_data(ray_session, tmp_path):
+    """'T4 x3, A100-80GB, T4': one actor per card type (two processes, whatever the counts); the rows
+    carry the counts asked for (a card named twice adds up); each workload is profiled once, as CPU-only
+    work on one of the session's 2 profile workers, not by a device actor."""
+    j = make_job(tmp_path, [TINY], [64, 96], "T4 x3, A100-80GB, T4")
+    specs, simulated = fleet.resolve_devices(j.fleet)
+    assert simulated and [(d.card, d.count) for d in specs] == [("T4", 4), ("A100-80GB", 1)]
     sweep = fleet.Sweep(j)
-    sweep.start(fleet.resolve_devices(j.fleet)[0])
+    sweep.start(specs)
     try:
-        pids = {info.pid for info in sweep.devices()}
-        assert len(pids) == 3
-        assert sorted(sweep.stats.devices.values()) == [1, 2]
+        actors = {info.pid for info in sweep.devices()}
+        assert len(actors) == 2 and len(sweep.cpu_idle) == sweep.scheduler.cpu_slots == 2
         stats = sweep.run()
+        cpu_only = [j for j in sweep.scheduler.jobs.values() if j.need.count == 0]
+        assert [j.call for j in cpu_only] == ["profile", "profile"] and all(j.attempts == 1 for j in cpu_only)
     finally:
         sweep.shutdown()
     df = table.read(j.sweep.out)
     assert len(df) == 4 and (df["status"] == "ok").all()
-    assert dict(zip(df["card"], df["gpu_count"])) == {"T4": 2, "A100-80GB": 1}
-    assert stats.profiles == 2
+    assert dict(zip(df["card"], df["gpu_count"])) == {"T4": 4, "A100-80GB": 1}
+    assert stats.profiles == 2 and sorted(stats.devices.values()) == [1, 4]
 
 
-def test_python_error_is_an_error_row_and_sweep_goes_on(ray_session, tmp_path):
-    """A model that raises at one image size gives an error row there; the other rows are ok."""
-    j = make_job(tmp_path, ["tiny_models:tiny_fails_at_96"], [64, 96], "T4")
+def test_every_device_on_a_simulated_fleet_measures_each_type_once(ray_session, tmp_path, caplog):
+    """--every-device with 'T4 x2': identical simulated cards answer alike, so the type is measured once
+    (one decision per workload, device_batches empty), gpu_count 2, and a warning says so."""
+    j = make_job(tmp_path, [TINY], [64], "T4 x2")
+    j = job.with_overrides(j, every_device=True)
+    with caplog.at_level(logging.WARNING, logger="orchestrator.fleet"):
+        stats, df = fleet.run_sweep(j)
+    assert len(df) == 1 and df.iloc[0]["status"] == "ok" and df.iloc[0]["gpu_count"] == 2
+    assert "device_batches" not in df.columns or df["device_batches"].isna().all()
+    assert stats.rows == 1
+    assert any("--every-device on a simulated fleet" in r.getMessage() for r in caplog.records)
+
+
+def test_python_error_is_an_error_row_on_every_card_type_and_sweep_goes_on(ray_session, tmp_path):
+    """A model that raises at one image size (in its profile) gives an error row there on every card
+    type, raised once (not retried); the other rows are ok."""
+    j = make_job(tmp_path, ["tiny_models:tiny_fails_at_96"], [64, 96], "T4, A10G")
     stats, df = fleet.run_sweep(j)
-    by_size = {r["imgsz"]: r for _, r in df.iterrows()}
-    assert by_size[64]["status"] == "ok"
-    assert by_size[96]["status"] == "error"
-    assert "ValueError: Tiny does not support 96 px" in by_size[96]["error"]
-    assert stats.errors == 1
+    for card in ("T4", "A10G"):
+        by_size = {r["imgsz"]: r for _, r in df[df["card"] == card].iterrows()}
+        assert by_size[64]["status"] == "ok"
+        assert by_size[96]["status"] == "error" and by_size[96]["attempts"] == 1
+        assert "ValueError: Tiny does not support 96 px" in by_size[96]["error"]
+    assert stats.errors == 2 and stats.actor_restarts == 0
 
 
-def test_actor_killed_mid_combination_is_requeued(ray_session, tmp_path):
-    """SIGKILL of an actor's process while it profiles: the work completes on a replacement,
-    no row lost or duplicated."""
+def _profile_processes():
+    """This session's profile worker processes running a profile now (Ray titles a worker by its call)."""
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if any("ProfileWorker.profile" in part for part in p.cmdline()):
+                out.append(p)
+        except psutil.Error:
+            continue
+    return out
+
+
+def test_profile_process_killed_mid_profile_is_retried(ray_session, tmp_path):
+    """SIGKILL of the process running a profile: the profile runs again on a new profile worker (no device
+    actor replaced) and every row is ok, none lost or duplicated."""
     j = make_job(tmp_path, ["tiny_models:tiny_slow", TINY], [64], "T4, A100-80GB")
     sweep = fleet.Sweep(j)
     sweep.start(fleet.resolve_devices(j.fleet)[0])
@@ -79,14 +112,12 @@ def test_actor_killed_mid_combination_is_requeued(ray_session, tmp_path):
     def killer():
         deadline = time.monotonic() + 60
         while not killed and time.monotonic() < deadline:
-            for job in sweep.scheduler.running():
-                devices = job.devices  # read once: the sweep's thread changes it
-                if devices and job.call == "profile" and job.args[0].model.endswith("slow") \
-                        and time.monotonic() - job.started_s > 0.5:
-                    pid = sweep.scheduler.devices[devices[0]].info.pid
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
-                    break
+            slow = [job for job in sweep.scheduler.running() if job.call == "profile"
+                    and job.args[0].model.endswith("slow") and time.monotonic() - job.started_s > 0.5]
+            procs = _profile_processes() if slow else []
+            for p in procs:
+                p.kill()
+                killed.append(p.pid)
             time.sleep(0.05)
 
     t = threading.Thread(target=killer, daemon=True)
@@ -100,19 +131,45 @@ def test_actor_killed_mid_combination_is_requeued(ray_session, tmp_path):
     df = table.read(j.sweep.out)
     assert len(df) == 4 and len(set(keys(df))) == 4
     assert (df["status"] == "ok").all()
-    assert stats.actor_restarts >= 1
+    slow_profile = next(j for j in sweep.scheduler.jobs.values() if j.call == "profile"
+                        and j.args[0].model.endswith("slow"))
+    assert slow_profile.attempts == 2 and slow_profile.errors[0] == "profile worker died: ActorDiedError"
+    assert stats.actor_restarts == 0 and stats.profiles == 2
 
 
-def test_combination_that_kills_every_actor_becomes_error(ray_session, tmp_path):
-    """A poison combination is retried max_attempts times, then recorded; the rest is ok."""
-    j = make_job(tmp_path, ["tiny_models:tiny_crashes", TINY], [64], "T4", max_attempts=2)
+def test_device_actor_killed_is_replaced_and_its_work_requeued(ray_session, tmp_path):
+    """SIGKILL of a card type's only actor: the decision sent to it fails, a replacement starts and takes
+    the work; every row is ok, none lost or duplicated."""
+    j = make_job(tmp_path, [TINY], [64, 96], "T4, A100-80GB")
+    sweep = fleet.Sweep(j)
+    sweep.start(fleet.resolve_devices(j.fleet)[0])
+    try:
+        t4 = next(info for info in sweep.devices() if info.card == "T4")
+        os.kill(t4.pid, signal.SIGKILL)
+        stats = sweep.run()
+        assert {info.card for info in sweep.devices()} == {"T4", "A100-80GB"}
+        assert t4.pid not in {info.pid for info in sweep.devices()}
+    finally:
+        sweep.shutdown()
+    df = table.read(j.sweep.out)
+    assert len(df) == 4 and len(set(keys(df))) == 4
+    assert (df["status"] == "ok").all()
+    assert stats.actor_restarts == 1
+    assert dict(zip(df["card"], df["gpu_count"])) == {"T4": 1, "A100-80GB": 1}
+
+
+def test_workload_that_kills_every_process_becomes_error(ray_session, tmp_path):
+    """A poison workload (its trace kills the process) is retried max_attempts times, then is an error
+    row on every card type; the device actors are untouched and the rest is ok."""
+    j = make_job(tmp_path, ["tiny_models:tiny_crashes", TINY], [64], "T4, A10G", max_attempts=2)
     stats, df = fleet.run_sweep(j)
-    rows = {r["model"]: r for _, r in df.iterrows()}
-    assert rows[TINY]["status"] == "ok"
-    poison = rows["tiny_models:tiny_crashes"]
-    assert poison["status"] == "error"
-    assert "actor died" in poison["error"] and "gave up after 2 attempts" in poison["error"]
-    assert stats.actor_restarts == 2
+    for card in ("T4", "A10G"):
+        rows = {r["model"]: r for _, r in df[df["card"] == card].iterrows()}
+        assert rows[TINY]["status"] == "ok"
+        poison = rows["tiny_models:tiny_crashes"]
+        assert poison["status"] == "error" and poison["attempts"] == 2
+        assert poison["error"] == "profile worker died: ActorDiedError; gave up after 2 attempts"
+    assert stats.actor_restarts == 0
 
 
 def test_rerun_skips_finished_rows_and_force_redoes(ray_session, tmp_path):
@@ -126,9 +183,10 @@ def test_rerun_skips_finished_rows_and_force_redoes(ray_session, tmp_path):
     assert (stats.skipped, stats.rows, len(df)) == (0, 2, 2)
 
 
-def test_more_simulated_cards_than_gpus_is_bad_input(ray_session, tmp_path):
-    j = make_job(tmp_path, [TINY], [64], "T4 x5")
-    with pytest.raises(Exception, match="asks for 5 devices but the Ray cluster has 4 GPUs"):
+def test_more_simulated_card_types_than_gpus_is_bad_input(ray_session, tmp_path):
+    """Each simulated card type needs one (logical) GPU for its actor; its count needs none."""
+    j = make_job(tmp_path, [TINY], [64], "T4 x5, L4, A10G, A100-80GB, H100-80GB")
+    with pytest.raises(Exception, match="asks for 5 card types .* but the Ray cluster has 4 GPUs"):
         fleet.run_sweep(j)
 
 
@@ -138,7 +196,7 @@ def test_actor_that_cannot_start_says_why_once_per_node(ray_session, tmp_path, c
     sweep = fleet.Sweep(make_job(tmp_path, [TINY], [64], "T4"))
     try:
         with caplog.at_level(logging.WARNING, logger="orchestrator.fleet"):
-            sweep.start([("T4", {}), ("GTX-1080", {}), ("GTX-1080", {})])
+            sweep.start([fleet.DeviceSpec("T4"), fleet.DeviceSpec("GTX-1080"), fleet.DeviceSpec("GTX-1080")])
     finally:
         sweep.shutdown()
     lines = [r.getMessage() for r in caplog.records if r.name == "orchestrator.fleet"]
@@ -155,6 +213,6 @@ def test_no_actor_started_names_the_cause_and_the_fixes(ray_session, tmp_path):
         with pytest.raises(RuntimeError, match=r"no device actor started \(1 tried.*: node \S+: 1 device actor "
                                                r"did not start: ValueError: unknown GPU 'GTX-1080'.*"
                                                r"CUDA build of torch.*--simulate"):
-            sweep.start([("GTX-1080", {})])
+            sweep.start([fleet.DeviceSpec("GTX-1080")])
     finally:
         sweep.shutdown()

@@ -40,22 +40,64 @@ def test_jobs_wait_for_an_idle_device_of_their_type():
     assert s.done() and [o.value for o in s.outcomes()] == [32]
 
 
-def test_decisions_wait_for_their_profile_and_go_before_other_profiles():
-    """A decision starts only once its workload's profile is done, with the profile appended to its
-    arguments, and ahead of profiles queued before it (rows land before the next expensive profile)."""
+def test_decisions_wait_for_their_profile_which_takes_no_device():
+    """Profiles are CPU-only work: they run with no device, all devices stay free for decisions. A decision
+    starts only once its workload's profile is done, with the profile appended to its arguments."""
     s, (t4, a100) = fleet(T4, A100)
     n = plan_sweep(s, [(T4, "w1"), (A100, "w1"), (T4, "w2")], decide_args=(0.8,), shared_profiles=True)
     assert n == 3
-    p1, p2 = s.assign(0.0)  # both profiles, one per device; no decision before its profile
-    assert (p1.call, p1.args, p1.devices) == ("profile", ("w1",), (t4,))
-    assert (p2.call, p2.args, p2.devices) == ("profile", ("w2",), (a100,))
+    p1, p2 = s.assign(0.0)  # both profiles, on no device; no decision before its profile
+    assert (p1.call, p1.args, p1.devices) == ("profile", ("w1",), ())
+    assert (p2.call, p2.args, p2.devices) == ("profile", ("w2",), ())
+    assert all(s.devices[d].state is State.IDLE for d in (t4, a100))
     s.finished(p1.job, "trace-w1", 1.0)
-    [d1] = s.assign(1.0)  # only t4 is idle: w1's T4 decision
+    d1, d2 = s.assign(1.0)  # w1's decisions, one per card type, at once
     assert (d1.call, d1.args, d1.devices) == ("decide", ("w1", 0.8, "trace-w1"), (t4,))
-    s.finished(p2.job, "trace-w2", 2.0)
-    [d2] = s.assign(2.0)
     assert (d2.args, d2.devices) == (("w1", 0.8, "trace-w1"), (a100,))
+    s.finished(p2.job, "trace-w2", 2.0)
+    assert s.assign(2.0) == []  # w2's T4 decision waits for the T4
+    s.finished(d1.job, 64, 3.0)
+    [d3] = s.assign(3.0)
+    assert (d3.args, d3.devices) == (("w2", 0.8, "trace-w2"), (t4,))
     assert s.completed["profile"] == 2
+
+
+def test_cpu_only_jobs_run_at_most_cpu_slots_at_once():
+    """With 2 CPU slots a third CPU-only job waits for one to finish (or die); device jobs do not count
+    against the slots, nor wait for them."""
+    s, (t4,) = fleet(T4, cpu_slots=2)
+    cpu = [s.add_job("profile", (f"w{i}",), Need(count=0)) for i in range(3)]
+    dev = s.add_job("decide", ("w",), Need(type_key=T4))
+    out = s.assign(0.0)
+    assert sorted(a.job for a in out) == [cpu[0], cpu[1], dev]
+    assert s.assign(1.0) == []
+    s.finished(cpu[0], "trace", 2.0)
+    [a] = s.assign(2.0)
+    assert (a.job, a.devices) == (cpu[2], ())
+    s.lost(cpu[1], "ray failure: WorkerCrashedError", 3.0)  # its slot is free again, and it is queued again
+    [a] = s.assign(3.0)
+    assert (a.job, a.devices) == (cpu[1], ())
+    assert s.jobs[cpu[1]].attempts == 2
+
+
+def test_cpu_job_whose_process_dies_is_retried_then_fails_its_decisions():
+    """A profile whose process dies is queued again (no device to replace), up to max_attempts; then
+    every decision waiting for it is an error naming the cause and the attempts."""
+    s, (t4, a100) = fleet(T4, A100, max_attempts=2)
+    plan_sweep(s, [(T4, "w"), (A100, "w")], shared_profiles=True)
+    [p] = s.assign(0.0)
+    s.lost(p.job, "ray failure: WorkerCrashedError", 1.0)
+    assert s.outcomes() == [] and len(s.devices) == 2  # nothing replaced
+    [p2] = s.assign(1.0)
+    assert p2.job == p.job and p2.devices == ()
+    s.lost(p.job, "ray failure: WorkerCrashedError", 2.0)
+    outs = s.outcomes()
+    assert {o.key for o in outs} == {(T4, "w"), (A100, "w")}
+    assert all((o.error, o.attempts) == ("ray failure: WorkerCrashedError; gave up after 2 attempts", 2)
+               for o in outs)
+    assert s.assign(2.0) == [] and s.done()
+    s.lost(p.job, "late", 3.0)  # a report for a job no longer running changes nothing
+    assert s.outcomes() == []
 
 
 def test_decision_is_assigned_before_an_older_profile():
@@ -262,13 +304,15 @@ def test_replacement_takes_work_queued_for_the_dead_device():
 
 
 def test_failed_profile_fails_its_decisions_with_its_reason_and_attempts():
-    """A profile that fails (here a hang) ends every decision waiting for it as an error with its
+    """A profile that hangs is cancelled at task_timeout_s (no device to drop: the driver cancels the
+    call, which is no longer awaited) and ends every decision waiting for it as an error with its
     reason and its attempts; no decision runs."""
     s, _ = fleet(T4, A100, task_timeout_s=5.0)
     plan_sweep(s, [(T4, "w"), (A100, "w")], shared_profiles=True)
     [p] = s.assign(0.0)
-    assert p.call == "profile"
-    s.expire(6.0)
+    assert p.call == "profile" and p.devices == () and s.is_running(p.job)
+    assert s.next_deadline_s() == 5.0
+    assert s.expire(6.0) == [] and not s.is_running(p.job)
     outs = s.outcomes()
     assert {o.key for o in outs} == {(T4, "w"), (A100, "w")}
     assert all((o.error, o.attempts) == ("cancelled after 5s (task_timeout_s)", 1) for o in outs)
