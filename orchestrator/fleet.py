@@ -103,6 +103,9 @@ class ProfileWorker:
 
 # one CPU each (the pool is one per CPU of the cluster), no GPU; no restarts by Ray: the scheduler retries
 # a job whose process died (bounded) and never one that raised (it would raise again)
+MAX_PROFILE_WORKERS = 8
+"""Profile workers on a real fleet at most (a simulated fleet has one per CPU): tracing only predicts there."""
+
 RemoteProfileWorker = ray.remote(num_cpus=1, num_gpus=0, max_restarts=0, max_task_retries=0)(ProfileWorker)
 
 
@@ -176,9 +179,12 @@ class Sweep:
         now = time.monotonic()
         for spec in devices:
             self._spawn(self.scheduler.add_device(now), Slot(spec))
-        # simulated: profiles are CPU work, one worker per CPU of the cluster (device actors hold none)
-        workers = [RemoteProfileWorker.remote() for _ in range(max(1, int(ray.cluster_resources().get("CPU", 1))))] \
-            if self.simulated else []
+        # profiles are CPU work (a simulated card replays them; a real one starts its search at their
+        # prediction): one worker per CPU of the cluster (device actors hold none), no more than there are
+        # workloads, and at most MAX_PROFILE_WORKERS on a big real cluster
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        n = min(cpus, len(self.sweep.workloads()), cpus if self.simulated else MAX_PROFILE_WORKERS)
+        workers = [RemoteProfileWorker.remote() for _ in range(n)]
         self._starting = True
         try:
             while self.scheduler.starting():
@@ -278,8 +284,8 @@ class Sweep:
                         "so each card type is measured once (one actor per type; device_batches stays empty)")
             every_device = False
         return scheduler.plan_sweep(self.scheduler, work, decide_args=(self.sweep.fraction, self.sweep.max_batch),
-                                    every_device=every_device, shared_profiles=self.simulated,
-                                    label=Workload.label)
+                                    every_device=every_device, shared_profiles=bool(self.cpu_idle),
+                                    soft_profiles=not self.simulated, label=Workload.label)
 
     def _row_key(self, info: DeviceInfo, w: Workload) -> tuple:
         return table.row_key(info, w, self.sweep.fraction)

@@ -25,8 +25,11 @@ import collections
 import dataclasses
 import enum
 import itertools
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Iterable
+
+log = logging.getLogger(__name__)
 
 DECIDE, PROFILE = 0, 1
 """Priorities (lower runs first): a decision finishes a row (a simulated one replays in milliseconds),
@@ -80,6 +83,9 @@ class Job:
     after: int | None = None  # the job whose value is appended to ``args`` (a decision after its profile)
     priority: int = 0
     label: str = ""
+    soft: bool = False
+    """When this job fails, the jobs after it run with None for its value instead of failing too (a
+    prediction they can do without)."""
     attempts: int = 0  # times assigned
     errors: list[str] = field(default_factory=list)
     devices: tuple[int, ...] = ()  # while running
@@ -214,9 +220,10 @@ class Scheduler:
 
     # ---- jobs ---------------------------------------------------------------------
     def add_job(self, call: str, args: tuple = (), need: Need = Need(), *, outcome: Hashable | None = None,
-                after: int | None = None, priority: int = 0, label: str = "") -> int:
-        """Queue a job; jobs with the same ``outcome`` are merged into one Outcome when all have answered."""
-        job = Job(next(self._job_ids), call, tuple(args), need, outcome, after, priority, label or call)
+                after: int | None = None, priority: int = 0, label: str = "", soft: bool = False) -> int:
+        """Queue a job; jobs with the same ``outcome`` are merged into one Outcome when all have answered.
+        ``soft``: its failure gives the jobs after it None instead of failing them (``Job.soft``)."""
+        job = Job(next(self._job_ids), call, tuple(args), need, outcome, after, priority, label or call, soft)
         self.jobs[job.id] = job
         self._queue.append(job.id)
         if outcome is not None:
@@ -405,6 +412,10 @@ class Scheduler:
             self._queue.remove(job.id)
         if job.outcome is not None:
             self._record(job, _Result(job.id, None, reason, attempts))
+        if job.soft:
+            log.warning("%s: %s failed (%s); what runs after it runs without it", job.label, job.call, reason)
+            self._values[job.id] = None
+            return
         for dep in [self.jobs[i] for i in self._queue if self.jobs[i].after == job.id]:
             self._fail(dep, reason, attempts)
 
@@ -427,18 +438,21 @@ class Scheduler:
 
 
 def plan_sweep(sched: Scheduler, work: Iterable[tuple[Hashable, Any]], *, decide_args: tuple = (),
-               every_device: bool = False, shared_profiles: bool = False,
+               every_device: bool = False, shared_profiles: bool = False, soft_profiles: bool = False,
                label: Callable[[Any], str] = str) -> int:
     """Queue a decision for each (type_key, workload) in ``work``: on any device of the type, or on
     each live device of it (``every_device``, merged into one outcome). With ``shared_profiles``
     (simulated fleets) each workload is first profiled once, as CPU-only work (no device: the traces
     do not depend on the card), and its decisions run after it with the profile appended to their
-    arguments. Returns the number of outcomes."""
+    arguments. ``soft_profiles`` (real fleets: the profile only predicts where a device's search
+    starts): a profile that fails gives its decisions None instead of failing them. Returns the
+    number of outcomes."""
     work = list(work)
     profiles: dict[Any, int] = {}
     if shared_profiles:
         for w in dict.fromkeys(w for _, w in work):
-            profiles[w] = sched.add_job("profile", (w,), Need(count=0), priority=PROFILE, label=label(w))
+            profiles[w] = sched.add_job("profile", (w,), Need(count=0), priority=PROFILE, label=label(w),
+                                        soft=soft_profiles)
     for key, w in work:
         needs = [Need(type_key=key, device=d.id) for d in sched.live(key)] if every_device else [Need(type_key=key)]
         for need in needs:

@@ -332,3 +332,18 @@ def test_the_pure_modules_import_no_ray_torch_or_pandas():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "[]"
+
+
+def test_a_soft_profile_that_fails_lets_its_decisions_run_without_it():
+    """On a real fleet the profile only predicts where a device's search starts: when it fails (here it
+    raises), its decisions still run, with None for the profile, and their answers are the outcomes."""
+    s, (t4, a100) = fleet(T4, A100)
+    plan_sweep(s, [(T4, "w"), (A100, "w")], decide_args=(0.8,), shared_profiles=True, soft_profiles=True)
+    [p] = s.assign(0.0)
+    s.failed(p.job, "TypeError: fake tensors cannot run this model", 1.0)
+    d1, d2 = s.assign(1.0)
+    assert {d1.args, d2.args} == {("w", 0.8, None)} and {d1.devices, d2.devices} == {(t4,), (a100,)}
+    s.finished(d1.job, 64, 2.0)
+    s.finished(d2.job, 96, 2.0)
+    assert sorted((o.key, o.value, o.error) for o in s.outcomes()) == [((A100, "w"), 96, ""), ((T4, "w"), 64, "")]
+    assert s.done()
