@@ -13,6 +13,13 @@ driver to validate the job; ``sweep_s`` is the work itself.
 
     python -m benchmarks.sweep_scaling            # 4 workloads (resnet50, mobilenet_v3_large, yolov8n, yolov8s)
     python -m benchmarks.sweep_scaling --quick    # 2 small workloads
+    python -m benchmarks.sweep_scaling --fleet120 # 30 workloads x 4 card types = 120 rows: in-process,
+                                                  # run_sweep in this process, and the CLI in a fresh one
+
+``--fleet120`` is the cost issue's planning sweep: 5 YOLO detectors at 320/480/640 and 5
+torchvision classifiers at 160/224/288 (fp16, SGD) on T4, A10G, A100-80GB and H100-80GB.
+Its ``cli`` row is ``python -m orchestrator sweep`` started as a new process (imports, Ray,
+actors, validation, the sweep, the fold, Ray down): what a user waits for.
 """
 from __future__ import annotations
 
@@ -39,6 +46,10 @@ GRID = ({"models": ["torchvision:resnet50", "torchvision:mobilenet_v3_large"], "
         {"models": ["ultralytics:yolov8n.yaml", "ultralytics:yolov8s.yaml"], "imgsz": [640]})
 QUICK_GRID = ({"models": ["torchvision:resnet18"], "imgsz": [224]},
               {"models": ["ultralytics:yolov8n.yaml"], "imgsz": [320]})
+FLEET120_GRID = ({"models": ["ultralytics:yolov8n.yaml", "ultralytics:yolov8s.yaml", "ultralytics:yolo11n.yaml",
+                             "ultralytics:yolo11s.yaml", "ultralytics:yolov5su.yaml"], "imgsz": [320, 480, 640]},
+                 {"models": ["torchvision:resnet18", "torchvision:resnet50", "torchvision:mobilenet_v3_large",
+                             "torchvision:efficientnet_b0", "torchvision:convnext_tiny"], "imgsz": [160, 224, 288]})
 ONE_TYPE = "T4"
 FOUR_TYPES = "T4, A10G, A100-80GB, H100-80GB"
 CONFIGS = (("in-process", ONE_TYPE), ("ray", ONE_TYPE), ("ray", "T4 x2"),
@@ -76,13 +87,39 @@ def through_ray(j: job.Job) -> tuple[float, float, dict, int]:
     return wall, stats.seconds, batches, stats.profiles
 
 
-def run(grid=GRID, configs=CONFIGS) -> list[dict]:
+def through_cli(j: job.Job, tmp: Path) -> tuple[float, dict]:
+    """``python -m orchestrator sweep`` in a fresh process on ``j`` written as a job file: (wall s, batches)."""
+    import subprocess
+
+    from orchestrator import table
+
+    def toml(v):
+        return "[" + ", ".join(toml(x) for x in v) + "]" if isinstance(v, (list, tuple)) else (
+            f'"{v}"' if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v))
+
+    grid = "\n".join(f"[[sweep.grid]]\nmodels = {toml(list(g.models))}\nimgsz = {toml(list(g.imgsz))}\n"
+                     for g in j.sweep.grid)
+    path = tmp / "fleet.toml"
+    path.write_text(f'[sweep]\nfraction = {j.sweep.fraction}\nout = "{j.sweep.out}"\n{grid}\n[fleet]\n'
+                    f'mode = "simulate"\nsimulate = "{", ".join(k for k, _ in j.fleet.simulate)}"\n')
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "orchestrator", "sweep", str(path), "--force"], check=True,
+                   capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    df = table.read(j.sweep.out)
+    return wall, {(r["card"], r["model"], int(r["imgsz"]), r["precision"]): int(r["batch_size"])
+                  for _, r in df.iterrows()}
+
+
+def run(grid=GRID, configs=CONFIGS, warm_up: bool = True) -> list[dict]:
     """One row per configuration; Ray rows are compared with the in-process run of the same card types."""
     rows, baseline = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         # warm up this process (imports, first-use costs of fake tensors), untimed: Ray's actors
         # start cold, and that cost is Ray's, but the in-process rows should not depend on order
-        in_process(make_job(grid, ONE_TYPE, Path(tmp) / "warmup.csv"))
+        # (--fleet120: 30 workloads amortize it, and warming up would trace all of them once more)
+        if warm_up:
+            in_process(make_job(grid, ONE_TYPE, Path(tmp) / "warmup.csv"))
         for i, (runner, fleet_text) in enumerate(configs):
             j = make_job(grid, fleet_text, Path(tmp) / f"table_{i}.csv")
             types = tuple(dict.fromkeys(key for key, _ in j.fleet.simulate))
@@ -91,12 +128,16 @@ def run(grid=GRID, configs=CONFIGS) -> list[dict]:
                 seconds, batches = in_process(j)
                 wall, profiles = seconds, len(j.sweep.workloads())
                 baseline[types] = (seconds, batches)
+            elif runner == "cli":
+                wall, batches = through_cli(j, Path(tmp))
+                seconds, profiles = wall, len(j.sweep.workloads())
             else:
                 wall, seconds, batches, profiles = through_ray(j)
             ref = baseline.get(types)
             rows.append({
                 "runner": runner, "fleet": fleet_text,
                 "actors": 0 if runner == "in-process" else len(types),  # one per simulated type
+                # (cli: startup is inside its wall time; sweep_s is that wall time)
                 "card_types": len(types), "combinations": combos, "wall_s": round(wall, 1),
                 "startup_s": round(wall - seconds, 1), "sweep_s": round(seconds, 1),
                 "s_per_combination": round(seconds / combos, 2),
@@ -138,17 +179,20 @@ def write(rows: list[dict], out_dir: Path, stem: str, command: str, grid=GRID,
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="2 small workloads instead of 4")
+    p.add_argument("--fleet120", action="store_true", help="30 workloads x 4 card types: in-process, Ray, CLI")
     p.add_argument("--out", type=Path, default=report.RESULTS, help="results folder (default benchmarks/results)")
     p.add_argument("--name", help="file stem (default sweep_scaling, or sweep_scaling_quick with --quick)")
     args = p.parse_args(argv)
     report.setup_logging()
     logging.getLogger("ray").setLevel(logging.WARNING)
-    grid = QUICK_GRID if args.quick else GRID
+    grid = QUICK_GRID if args.quick else FLEET120_GRID if args.fleet120 else GRID
     revision = report.revision()  # before the run: the code that is measured
-    rows = run(grid)
+    rows = run(grid, (("in-process", FOUR_TYPES), ("cli", FOUR_TYPES), ("ray", FOUR_TYPES))
+               if args.fleet120 else CONFIGS, warm_up=not args.fleet120)
     command = ("python -m benchmarks.sweep_scaling " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     print(report.markdown_table(rows, COLUMNS))
-    for path in write(rows, args.out, args.name or ("sweep_scaling_quick" if args.quick else "sweep_scaling"),
+    stem = "sweep_scaling_quick" if args.quick else "sweep_fleet120" if args.fleet120 else "sweep_scaling"
+    for path in write(rows, args.out, args.name or stem,
                       command, grid, revision):
         print(f"wrote {path}")
     return 0

@@ -164,6 +164,7 @@ class Sweep:
         self._starting = False  # starting the fleet: start failures are reported per node at the end
         self.cpu_idle: list = []  # ProfileWorker actors free for a CPU-only job
         self.cpu_busy: dict = {}  # job id -> the ProfileWorker running it
+        self.cpu_starting: dict = {}  # ready() ref -> (a replacement ProfileWorker, give-up time)
 
     # ---- devices ----------------------------------------------------------------
     def _spawn(self, device: int, slot: Slot) -> None:
@@ -227,10 +228,39 @@ class Sweep:
         self.scheduler.cpu_slots = len(self.cpu_idle)
 
     def _replace_cpu_worker(self, job: int) -> None:
-        """The worker that ran ``job`` died or hangs: killed, and a new one takes its slot."""
+        """The worker that ran ``job`` died or hangs: killed, its slot closed, and a new one started; the
+        slot reopens when the new one is up (a lost node's CPU may be gone: then it never is, and after
+        ``actor_timeout_s`` the pool goes on smaller)."""
         with contextlib.suppress(Exception):  # already gone
             ray.kill(self.cpu_busy.pop(job), no_restart=True)
-        self.cpu_idle.append(RemoteProfileWorker.remote())
+        self.scheduler.cpu_slots -= 1
+        worker = RemoteProfileWorker.remote()
+        self.cpu_starting[worker.ready.remote()] = (worker, time.monotonic() + self.fleet.actor_timeout_s)
+
+    def _cpu_worker_started(self, ref) -> None:
+        worker, _ = self.cpu_starting.pop(ref)
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayError as e:
+            self._cpu_worker_lost(worker, _reason(e))
+            return
+        self.cpu_idle.append(worker)
+        self.scheduler.cpu_slots += 1
+
+    def _cpu_workers_late(self) -> None:
+        now = time.monotonic()
+        for ref, (worker, deadline) in list(self.cpu_starting.items()):
+            if now > deadline:
+                del self.cpu_starting[ref]
+                self._cpu_worker_lost(worker, f"not placed within {self.fleet.actor_timeout_s:.0f}s "
+                                              "(actor_timeout_s; the cluster may have lost the CPUs)")
+
+    def _cpu_worker_lost(self, worker, reason: str) -> None:
+        with contextlib.suppress(Exception):
+            ray.kill(worker, no_restart=True)
+        log.warning("a replacement profile worker did not start: %s; %d left", reason, self.scheduler.cpu_slots)
+        if self.scheduler.cpu_slots <= 0 and not self.cpu_starting:
+            self.scheduler.no_cpu_left(f"no profile worker left ({reason})")
 
     def devices(self) -> list[DeviceInfo]:
         """What each started, live device reported, in start order."""
@@ -301,7 +331,7 @@ class Sweep:
             self._write(self.scheduler.outcomes())
             if self.scheduler.done():
                 break
-            if not self.pending:  # the scheduler turns work no device can run into errors: a bug if reached
+            if not self.pending and not self.cpu_starting:  # the scheduler turns work no device can run into errors: a bug if reached
                 raise RuntimeError("work left but no device can run it")
             self._wait()
         self.stats.profiles = self.scheduler.completed["profile"]
@@ -321,12 +351,16 @@ class Sweep:
         """Wait for one call to return (at most 1 s, or until the next deadline), handle it, then timeouts."""
         deadline = self.scheduler.next_deadline_s()
         timeout = 1.0 if deadline is None else min(1.0, max(0.0, deadline - time.monotonic()))
-        ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=timeout)
+        ready, _ = ray.wait(list(self.pending) + list(self.cpu_starting), num_returns=1, timeout=timeout)
         for ref in ready:
-            self._collect(ref)
+            if ref in self.cpu_starting:
+                self._cpu_worker_started(ref)
+            else:
+                self._collect(ref)
         for dropped in self.scheduler.expire(time.monotonic()):
             self._drop(dropped)
         self._cancel_abandoned()
+        self._cpu_workers_late()
 
     def _cancel_abandoned(self) -> None:
         """CPU-only jobs the scheduler no longer waits for (past task_timeout_s): their worker is killed
@@ -400,7 +434,7 @@ class Sweep:
         return row
 
     def shutdown(self) -> None:
-        for worker in [*self.cpu_idle, *self.cpu_busy.values()]:
+        for worker in [*self.cpu_idle, *self.cpu_busy.values(), *(w for w, _ in self.cpu_starting.values())]:
             with contextlib.suppress(Exception):
                 ray.kill(worker, no_restart=True)
         for device, slot in self.slots.items():

@@ -291,6 +291,13 @@ class Scheduler:
     def running(self) -> list[Job]:
         return list(self._running.values())
 
+    def no_cpu_left(self, reason: str) -> None:
+        """No CPU-only slot is left or coming (the workers' nodes are gone): queued CPU-only jobs end in
+        error with ``reason``, and so does the work waiting for them."""
+        for job in [self.jobs[i] for i in self._queue if self.jobs[i].need.count == 0]:
+            if job.id in self._queue:
+                self._fail(job, reason, job.attempts)
+
     def is_running(self, job_id: int) -> bool:
         """Whether a result of ``job_id`` is still awaited (a cancelled job's is not)."""
         return job_id in self._running
