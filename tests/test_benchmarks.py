@@ -179,3 +179,21 @@ def test_table_store_on_a_small_table(tmp_path):
     assert list(rows[0]) == table_store.COLUMNS
     assert all(float(r["rewrite_ms"]) > 0 and float(r["journal_ms_median"]) > 0 for r in rows)
     assert "Total for 150 single-row writes" in (tmp_path / "ts.md").read_text()
+
+
+def test_prediction_cost_on_a_tiny_workload(profiles):
+    """One case per kind of perturbation on a tiny workload: every variant stays within the perturbed card's
+    budget and within 2% of its limit; an exact prediction costs 2 measurements, searching from batch 1 more."""
+    from benchmarks import prediction_cost
+    from orchestrator.spec import Workload
+
+    prof = profiles(Workload(model="tiny_models:tiny", imgsz=256, precision="fp32"))  # T4: 563, not capped
+    kinds = {group: (label, f) for group, label, f in prediction_cost.perturbations()}
+    rows = [r for group, (label, f) in kinds.items() for r in prediction_cost.run_case(prof, "T4", group, label, f)]
+    assert len(rows) == 3 * len(kinds)
+    assert not any(r["over_budget"] for r in rows)
+    assert all(r["ratio"] >= 0.98 for r in rows)
+    exact = {r["algorithm"]: r["measurements"] for r in rows if r["group"] == "exact"}
+    assert exact["predicted (catalog)"] == exact["predicted (device)"] == 2 < exact["from batch 1"]
+    summary = prediction_cost.summarize(rows)
+    assert {s["group"] for s in summary} == set(kinds) and all(s["cases"] == 1 for s in summary)
