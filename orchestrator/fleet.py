@@ -98,7 +98,7 @@ class ProfileWorker:
     def profile(self, workload: Workload):
         from . import simulated
 
-        return simulated.profile(workload)
+        return _faults_named(simulated.profile, workload)
 
 
 # one CPU each (the pool is one per CPU of the cluster), no GPU; no restarts by Ray: the scheduler retries
@@ -135,7 +135,8 @@ class SweepStats:
     errors: int = 0
     skipped: int = 0
     profiles: int = 0
-    actor_restarts: int = 0
+    actor_restarts: int = 0  # device actors replaced
+    profile_worker_restarts: int = 0  # profile workers replaced (died, poisoned)
     seconds: float = 0.0
     devices: dict = field(default_factory=dict)  # type_key -> devices in the fleet (simulated: as asked)
 
@@ -388,12 +389,15 @@ class Sweep:
     def _failed(self, device: int | None, job: int | None, e: Exception, now: float) -> None:
         reason = _reason(e)
         if device is None:  # a CPU-only job on a profile worker
-            if isinstance(e, ray.exceptions.RayTaskError):  # it raised: the workload is broken
+            fault = isinstance(getattr(e, "cause", None), DeviceFault)  # its CUDA context is poisoned
+            if isinstance(e, ray.exceptions.RayTaskError) and not fault:  # it raised: the workload is broken
                 self.cpu_idle.append(self.cpu_busy.pop(job))
                 self.scheduler.failed(job, reason, now)
-            else:  # its process died (crash, OOM-kill, node loss): a new worker, and the job retried
+            else:  # its process died (crash, OOM-kill, node loss) or is poisoned: a new worker, the job retried
                 self._replace_cpu_worker(job)
-                self.scheduler.lost(job, f"profile worker died: {type(e).__name__}", now)
+                self.stats.profile_worker_restarts += 1
+                self.scheduler.lost(job, reason if fault else f"profile worker died: {type(e).__name__}", now,
+                                    faulted=fault)
         elif job is None:  # the actor never reported its device
             self._drop(self.scheduler.start_failed(device, reason, now), node=_node_of(e) or "?")
         elif isinstance(getattr(e, "cause", None), DeviceFault):  # the actor's CUDA context is poisoned

@@ -276,14 +276,16 @@ class Scheduler:
         job.errors.append(error)
         self._fail(job, error, job.attempts)
 
-    def lost(self, job_id: int, reason: str, now: float) -> None:
+    def lost(self, job_id: int, reason: str, now: float, *, faulted: bool = False) -> None:
         """The process running CPU-only job ``job_id`` died (crash, OOM-kill, node loss): the job is queued
-        again, up to ``max_attempts`` in all, then it is an error "...; gave up after N attempts"."""
+        again, up to ``max_attempts`` in all, then it is an error "...; gave up after N attempts".
+        ``faulted``: the process's CUDA context was poisoned under it (a sticky CUDA error): as for a
+        device, retried once only (a second fault is the job's)."""
         job = self._running.pop(job_id, None)
         if job is None:
             return
         job.errors.append(reason)
-        if job.attempts < self.max_attempts:
+        if job.attempts < (min(2, self.max_attempts) if faulted else self.max_attempts):
             self._queue.append(job.id)
         else:
             self._fail(job, f"{reason}; gave up after {job.attempts} attempts", job.attempts)

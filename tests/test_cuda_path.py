@@ -270,9 +270,9 @@ def test_the_answer_is_checked_against_the_budget_recomputed_with_the_most_outsi
 
 
 def test_sticky_cuda_error_replaces_the_actor_and_retries_once(ray_session, tmp_path):
-    """A model whose step hits an illegal memory access poisons its actor's CUDA context (every later
-    step in that process fails too): the actor is replaced and the combination retried once, then it is
-    an error row; the next combination runs on a fresh actor and is ok."""
+    """A model whose step hits an illegal memory access poisons its process's CUDA context (every later
+    step in that process fails too): the process (here the profile worker tracing it) is replaced and the
+    combination retried once, then it is an error row; the next combination runs on a fresh one and is ok."""
     data = {"sweep": {"models": ["tiny_models:tiny_illegal_address", "tiny_models:tiny"], "imgsz": [64],
                       "out": str(tmp_path / "t.csv")},
             "fleet": {"mode": "simulate", "simulate": "T4", "actor_timeout_s": 60, "max_attempts": 3}}
@@ -283,7 +283,7 @@ def test_sticky_cuda_error_replaces_the_actor_and_retries_once(ray_session, tmp_
     assert "DeviceFault: AcceleratorError: CUDA error: an illegal memory access was encountered" in bad["error"]
     assert "gave up after 2 attempts" in bad["error"]
     assert rows["tiny_models:tiny"]["status"] == "ok"
-    assert stats.actor_restarts == 2
+    assert stats.profile_worker_restarts == 2 and stats.actor_restarts == 0
 
 
 class PoisonedCounters(CpuCounters):

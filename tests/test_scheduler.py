@@ -347,3 +347,21 @@ def test_a_soft_profile_that_fails_lets_its_decisions_run_without_it():
     s.finished(d2.job, 96, 2.0)
     assert sorted((o.key, o.value, o.error) for o in s.outcomes()) == [((A100, "w"), 96, ""), ((T4, "w"), 64, "")]
     assert s.done()
+
+
+def test_a_cpu_job_whose_process_is_poisoned_is_retried_once():
+    """A sticky CUDA error under a CPU-only job (its worker is replaced) retries it once, whatever
+    max_attempts allows; a plain death is retried up to max_attempts."""
+    s, _ = fleet(T4, max_attempts=5, cpu_slots=1)
+    j = s.add_job("profile", ("w",), Need(count=0), outcome="p")
+    for t in (0.0, 1.0):
+        [a] = s.assign(t)
+        s.lost(a.job, "DeviceFault: illegal memory access", t + 0.5, faulted=True)
+    [o] = s.outcomes()
+    assert (o.error, o.attempts) == ("DeviceFault: illegal memory access; gave up after 2 attempts", 2)
+    k = s.add_job("profile", ("v",), Need(count=0), outcome="q")
+    for t in (2.0, 3.0):
+        [a] = s.assign(t)
+        s.lost(a.job, "profile worker died: ActorDiedError", t + 0.5)
+    assert s.assign(4.0)[0].job == k  # a third attempt
+    assert s.jobs[j].attempts == 2
