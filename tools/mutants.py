@@ -51,8 +51,8 @@ FAULTS = (
           (("ema = EMA(model) if workload.ema else None", "ema = None"),),
           ("tests/test_step.py",)),
     Fault("optimizer-step", "the training step never runs the optimizer step", "orchestrator/step.py",
-          (("            loss.backward()\n            optimizer.step()\n", "            loss.backward()\n"),
-           ("            scaler.step(optimizer)\n", "")),
+          (("    if scaler is None:\n        optimizer.step()\n    else:\n        scaler.step(optimizer)\n"
+            "        scaler.update()\n    check_stepped(optimizer, scaler, scale, step)\n", ""),),
           ("tests/test_step.py",)),
     Fault("adamw-state", "AdamW's state is dropped (a stateless SGD runs instead)", "orchestrator/step.py",
           (("return torch.optim.AdamW(params, lr=0.001, betas=(0.937, 0.999), weight_decay=0.0005, foreach=True)",
