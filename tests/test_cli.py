@@ -61,12 +61,15 @@ def test_interrupted_sweep_keeps_rows_and_rerun_does_the_rest(tmp_path, sig, cod
     """Interrupt after the first rows land: distinct exit code, a valid table of finished rows,
     and a re-run that measures only what is missing."""
     out = tmp_path / "t.csv"
-    # tiny's rows land within seconds; tiny_slower's profiles take >= 8 s each, three of them on
-    # at most two profile workers (>= 16 s), so the signal arrives while work is in flight
+    # tiny's rows land within seconds; tiny_slower's profiles take >= 8 s each, so the
+    # signal arrives while work is in flight
     models = ["tiny_models:tiny", "tiny_models:tiny_slower"]
-    job = _job(tmp_path, models, [64, 96, 128], out)
+    job = _job(tmp_path, models, [64, 96], out)
+    # SIGINT as at a terminal: a suite started in the background of a non-interactive shell has it
+    # ignored, and a child would inherit that (Python then keeps Ctrl-C ignored)
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "sweep", str(job)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 480  # Ray, 2 profile workers and 2 actors start first: slow on a loaded machine
     while time.monotonic() < deadline and len(table.read(out)) < 2:  # journaled rows count: read sees them
         time.sleep(0.2)
@@ -77,12 +80,12 @@ def test_interrupted_sweep_keeps_rows_and_rerun_does_the_rest(tmp_path, sig, cod
     assert proc.returncode == code, err
     assert time.monotonic() - t0 < 20
     done = pd.read_csv(out)  # a plain CSV reader: the interrupted sweep folded its journal into the CSV
-    assert 2 <= len(done) < 12 and (done["status"] == "ok").all()
+    assert 2 <= len(done) < 8 and (done["status"] == "ok").all()
     assert len(table.read(out)) == len(done) and not table.journal_path(out).exists()
     p = run("sweep", str(job))
     assert p.returncode == 0, p.stderr
     final = pd.read_csv(out)
-    assert len(final) == 12 and (final["status"] == "ok").all()
+    assert len(final) == 8 and (final["status"] == "ok").all()
     assert f"{len(done)} already in the table" in p.stdout
 
 
