@@ -127,10 +127,13 @@ def autobatch(model: str | Workload, imgsz: int = 640, fraction: float = 0.8, *,
     except ValueError as e:  # unknown catalog card
         raise SpecError(str(e)) from None
     profile = None
-    if predict and gpu is None:
+    if predict and gpu is None:  # a prediction only says where the search starts: without one, batch 1
         from . import simulated
 
-        profile = simulated.profile(workload)
+        try:
+            profile = simulated.profile(workload)
+        except Exception as e:  # e.g. a model fake tensors cannot run; a sweep's real fleet does the same
+            log.warning("%s: no prediction (%s: %s); searching from batch 1", workload.label(), type(e).__name__, e)
     return decide_on(backend, workload, fraction, max_batch=max_batch, profile=profile)
 
 
