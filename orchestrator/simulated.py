@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from . import models, step
+from . import fastfake, models, step
 from .spec import Workload
 
 log = logging.getLogger(__name__)
@@ -37,8 +37,11 @@ log = logging.getLogger(__name__)
 class _StorageTracker(TorchDispatchMode):
     """Records storage allocations (size) and frees (index) in order, and phase marks (0)."""
 
-    def __init__(self):
+    def __init__(self, fake: FakeTensorMode | None = None, cache: fastfake.OutputCache | None = None):
         super().__init__()
+        self.fake = fake  # the FakeTensorMode below, for ``cache``'s outputs (None: a real run)
+        # outputs of ops seen before, built from their metadata; with it, ops that cannot allocate are not run
+        self.cache = cache if fake is not None else None
         self.events: list[int] = []  # size > 0: allocation; -(i + 1): free of allocation i; 0: phase mark
         self._live: dict[int, int] = {}  # id(storage) -> allocation index
         self._ignored: set[int] = set()  # id(storage) of stand-ins for tensors already counted
@@ -116,12 +119,51 @@ class _StorageTracker(TorchDispatchMode):
             self.events.append(-(index + 1))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if self._paused:
-            return out
-        for t in tree_flatten(out)[0]:
-            self.track(t)
+        if self.cache is not None and func in _NOTHING_TO_ALLOCATE and _no_data(args[0]):
+            return None  # an in-place foreach op (the optimizer's, the EMA's) on fake tensors: no data, no storage
+        if func is _DEVICE:
+            return func(*args)
+        key = self.cache.key(func, args, kwargs) if self.cache is not None else None
+        out = fastfake.MISS if key is None else self.cache.lookup(key, self.fake)
+        if out is fastfake.MISS:
+            out = func(*args, **(kwargs or {}))
+            if key is not None:
+                self.cache.remember(key, args, out)
+        if self._paused or (getattr(func, "is_view", False) and func is not _LIFT_FRESH):
+            return out  # a view allocates nothing, also where its base was never recorded (the criterion's own)
+        if isinstance(out, torch.Tensor):
+            self.track(out)
+        elif isinstance(out, (tuple, list)):
+            for t in out:
+                if isinstance(t, torch.Tensor):
+                    self.track(t)
+                elif isinstance(t, (tuple, list)):  # e.g. a foreach op's list inside a tuple
+                    for u in tree_flatten(t)[0]:
+                        self.track(u)
         return out
+
+
+def _in_place_foreach_ops() -> frozenset:
+    """Every overload of torch's in-place foreach ops (``_foreach_add_``, ...): they return nothing and write
+    into existing storages, so on fake tensors running them does nothing but cost a dispatch (hashing
+    every tensor in the lists: a sixth of a YOLO trace before they were skipped)."""
+    ops = set()
+    for schema in torch._C._jit_get_all_schemas():
+        name = schema.name.removeprefix("aten::")
+        if name.startswith("_foreach_") and name.endswith("_") and not schema.returns:
+            ops.add(getattr(getattr(torch.ops.aten, name), schema.overload_name or "default"))
+    return frozenset(ops)
+
+
+_NOTHING_TO_ALLOCATE = _in_place_foreach_ops()
+_DEVICE = torch.ops.prim.device.default  # asked of fake tensors all the time; never a storage
+_LIFT_FRESH = torch.ops.aten.lift_fresh.default  # "a view" of ``torch.tensor``'s new data: an allocation
+
+
+def _no_data(tensors) -> bool:
+    """Fake tensors without a value: not real ones (the spliced loss), nor the scalars whose value fake
+    tensors do keep (an optimizer's step counts, which ``.item()`` reads)."""
+    return bool(tensors) and all(isinstance(t, FakeTensor) and t.constant is None for t in tensors)
 
 
 def _fake_copy(module: torch.nn.Module, mode: FakeTensorMode) -> torch.nn.Module:
@@ -134,7 +176,8 @@ def _fake_copy(module: torch.nn.Module, mode: FakeTensorMode) -> torch.nn.Module
 
 
 def trace(built: models.Built, workload: Workload, batch: int, *, fake: bool = True, surrogate: bool | None = None,
-          run_step: Callable = step.train, **step_options) -> list[int]:
+          run_step: Callable = step.train, cache: fastfake.OutputCache | None = None, shortcuts: bool = True,
+          **step_options) -> list[int]:
     """Allocation events of: moving the model to the device, then ``run_step`` (``step.STEPS`` training steps).
 
     ``fake=False`` runs the step for real on the CPU (slow, memory-hungry): the
@@ -145,16 +188,21 @@ def trace(built: models.Built, workload: Workload, batch: int, *, fake: bool = T
     too (``_SplicedLoss``).
     ``run_step`` has ``step.train``'s signature; benchmarks swap in other steps (the
     seed's forward+backward-only probe). ``step_options`` go to ``run_step``.
+    ``cache``: fake ops' outputs seen before (``fastfake``) and the spliced loss's events, shared by
+    the traces of one workload (default: a new one, which the trace's second step already uses).
+    ``shortcuts=False`` runs every op through ``FakeTensorMode`` and the spliced loss once per trace
+    and shape: the reference that tests hold the shortcuts to (the same events).
     """
     surrogate = fake if surrogate is None else surrogate
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
     model = _fake_copy(built.module, mode) if fake else copy.deepcopy(built.module)
     if fake and built.for_fake is not None:
         built.for_fake(model)
-    tracker = _StorageTracker()
+    cache = (cache or fastfake.OutputCache()) if fake and shortcuts else None
+    tracker = _StorageTracker(mode, cache) if fake else _StorageTracker()
     loss = built.loss
     if fake and built.data_dependent_loss:
-        loss = _SplicedLoss(built.loss, tracker)
+        loss = _SplicedLoss(built.loss, tracker, cache.losses if cache is not None else None)
     run = dataclasses.replace(built, module=model, loss=loss)
     with mode:
         for t in list(model.parameters()) + list(model.buffers()):
@@ -197,11 +245,12 @@ class _SplicedLoss:
     scalar, allocated there as the backward would allocate them.
     """
 
-    def __init__(self, loss: models.Loss, tracker: _StorageTracker):
+    def __init__(self, loss: models.Loss, tracker: _StorageTracker, seen: dict | None = None):
         self.loss, self.tracker = loss, tracker
         if hasattr(loss, "setup"):  # the criterion's own tensors exist before any step: not in the trace
             loss.setup(torch.device("cpu"))
-        self._seen: dict[tuple, tuple[list[int], list]] = {}  # inputs' shapes -> (its events, grad shapes)
+        # inputs' shapes -> (its events, grad shapes); shared by a profile's traces (deterministic targets)
+        self._seen: dict[tuple, tuple[list[int], list]] = {} if seen is None else seen
 
     def __call__(self, outputs, workload: Workload, batch: int, surrogate: bool):
         flat, spec = tree_flatten(outputs)
@@ -320,6 +369,7 @@ class Profile:
     run_step: Callable = step.train
     """The step that is traced: the full training step unless a benchmark swaps in another."""
     _built: models.Built | None = field(default=None, repr=False, compare=False)
+    _cache: fastfake.OutputCache | None = field(default=None, repr=False, compare=False)
 
     @property
     def affine(self) -> bool:
@@ -354,7 +404,10 @@ class Profile:
         if self._built is None:
             self._built = models.build(self.workload)
         t0 = time.perf_counter()
-        ev = trace(self._built, self.workload, batch, run_step=self.run_step, accumulate=regime.iterations)
+        if self._cache is None:
+            self._cache = fastfake.OutputCache()
+        ev = trace(self._built, self.workload, batch, run_step=self.run_step, accumulate=regime.iterations,
+                   cache=self._cache)
         self.trace_seconds += time.perf_counter() - t0
         self.traced += 1
         regime.base[batch] = ev
@@ -362,7 +415,7 @@ class Profile:
 
     def __getstate__(self):  # travels between Ray processes without the model
         state = dict(self.__dict__)
-        state["_built"] = None
+        state["_built"] = state["_cache"] = None
         return state
 
 
@@ -385,7 +438,7 @@ def profile(workload: Workload, built: models.Built | None = None, batches=PROFI
     """
     prof = Profile(workload, run_step=run_step, _built=built)
     small = iterations(workload, 1)
-    prof.add_regime(small, batches)
-    if small != 1:
-        prof.add_regime(1, batches[1:])
+    first = prof.add_regime(small, batches)
+    if small != 1:  # at the batches just traced, whose ops are in the cache (``fastfake``); without batch 1
+        prof.add_regime(1, batches if len(first.base) <= 3 else batches[1:])  # where it was not affine
     return prof

@@ -101,14 +101,17 @@ class EMA:
     releases allocated one temporary per tensor, ``v += (1 - d) * msd[k]``).
     """
 
+    @torch.no_grad()
     def __init__(self, model: nn.Module, decay: float = 0.9999):
-        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        # keep_vars: the tensors themselves, not detached views (a view allocates nothing, and each
+        # detach is one more op for a fake trace to dispatch)
+        self.state = {k: v.clone() for k, v in model.state_dict(keep_vars=True).items()}
         self.decay = decay
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        msd = model.state_dict()
-        pairs = [(v, msd[k].detach()) for k, v in self.state.items() if v.dtype.is_floating_point]
+        msd = model.state_dict(keep_vars=True)
+        pairs = [(v, msd[k]) for k, v in self.state.items() if v.dtype.is_floating_point]
         if pairs:
             torch._foreach_lerp_([v for v, _ in pairs], [m for _, m in pairs], 1 - self.decay)
 

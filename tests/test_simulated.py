@@ -1,7 +1,7 @@
 """The simulated device: fake-tensor traces against real runs, synthesis, OOM and decisions."""
 import pytest
 
-from orchestrator import allocator, catalog, models, simulated
+from orchestrator import allocator, catalog, fastfake, models, simulated
 from orchestrator.decision import OutOfMemory, decide
 from orchestrator.devices import SimulatedBackend
 from orchestrator.spec import Workload
@@ -120,3 +120,20 @@ def test_an_affine_step_is_traced_at_three_batches_and_synthesizes_the_fourth():
     prof = simulated.profile(w)
     assert prof.affine and prof.traced == 3 and 4 not in prof.regimes[1].base
     assert prof.events(4) == simulated.trace(models.build(w), w, 4)
+
+
+@pytest.mark.parametrize("model,imgsz,fields", [
+    ("torchvision:resnet18", 64, dict(precision="fp16", optimizer="SGD")),  # batch norm, in-place optimizer
+    ("ultralytics:yolov8n.yaml", 128, dict(precision="bf16", optimizer="AdamW", world_size=2)),  # spliced loss, DDP
+])
+def test_trace_shortcuts_change_no_event(model, imgsz, fields):
+    """The shortcuts that make traces cheap (``fastfake``'s outputs built from metadata seen before, also at
+    another batch; in-place foreach ops skipped; the loss's events reused across traces) give exactly the
+    events of running every op through FakeTensorMode, in both shapes of step, at batches traced in order."""
+    w = Workload(model=model, imgsz=imgsz, **fields)
+    built = models.build(w)
+    cache = fastfake.OutputCache()
+    for batch, accumulate in ((1, 2), (2, 2), (3, 2), (2, 1), (5, 1)):
+        fast = simulated.trace(built, w, batch, accumulate=accumulate, cache=cache)
+        assert fast == simulated.trace(built, w, batch, accumulate=accumulate, shortcuts=False), (batch, accumulate)
+    assert cache.hits > cache.misses  # the shortcuts were taken
