@@ -55,7 +55,7 @@ FOUR_TYPES = "T4, A10G, A100-80GB, H100-80GB"
 CONFIGS = (("in-process", ONE_TYPE), ("ray", ONE_TYPE), ("ray", "T4 x2"),
            ("in-process", FOUR_TYPES), ("ray", FOUR_TYPES))
 COLUMNS = ["runner", "fleet", "actors", "card_types", "combinations", "wall_s", "startup_s", "sweep_s",
-           "s_per_combination", "ray_overhead_s_per_combination", "speedup", "profiles", "same_batches"]
+           "s_per_combination", "ray_overhead_s_per_combination", "speedup", "profiles", "same_batches", "profile_s"]
 
 
 def make_job(grid, fleet_text: str, out: Path) -> job.Job:
@@ -63,13 +63,20 @@ def make_job(grid, fleet_text: str, out: Path) -> job.Job:
                           "fleet": {"mode": "simulate", "simulate": fleet_text}}, "benchmark")
 
 
+PROFILE_SECONDS: list[float] = []
+"""Seconds of each workload's profile in the last ``in_process`` run."""
+
+
 def in_process(j: job.Job) -> tuple[float, dict]:
     """Profile each workload once, decide on each card type: (seconds, {(card, workload): batch})."""
     cards = list(dict.fromkeys(key for key, _ in j.fleet.simulate))
     batches = {}
+    PROFILE_SECONDS.clear()
     t0 = time.perf_counter()
     for w in j.sweep.workloads():
+        t1 = time.perf_counter()
         prof = simulated.profile(w)
+        PROFILE_SECONDS.append(time.perf_counter() - t1)
         for card in cards:
             backend = SimulatedBackend(card)
             backend.add_profile(prof)
@@ -127,6 +134,7 @@ def run(grid=GRID, configs=CONFIGS, warm_up: bool = True) -> list[dict]:
             if runner == "in-process":
                 seconds, batches = in_process(j)
                 wall, profiles = seconds, len(j.sweep.workloads())
+                ps = sorted(PROFILE_SECONDS)
                 baseline[types] = (seconds, batches)
             elif runner == "cli":
                 wall, batches = through_cli(j, Path(tmp))
@@ -145,6 +153,7 @@ def run(grid=GRID, configs=CONFIGS, warm_up: bool = True) -> list[dict]:
                 else round((seconds - ref[0]) / combos, 2),
                 "speedup": None if ref is None else round(ref[0] / seconds, 2), "profiles": profiles,
                 "same_batches": None if ref is None else batches == ref[1],
+                "profile_s": f"{ps[0]:.1f} / {ps[len(ps) // 2]:.1f} / {ps[-1]:.1f}" if runner == "in-process" else None,
             })
             log.info("%s %s: %.1fs (%.1fs sweeping)", runner, fleet_text, wall, seconds)
     return rows
@@ -166,7 +175,8 @@ def markdown(rows: list[dict], command: str, grid, revision: str | None = None) 
         "combinations; negative when the actors' parallelism outweighs Ray's cost.",
         "- **speedup**: in-process sweep_s / this sweep_s, for the same card types.",
         "- **same_batches**: every combination got the same batch size as in-process.",
-        "- **profiles**: workloads traced (once each, whatever the number of card types).",
+        "- **profiles**: workloads traced (once each, whatever the number of card types); **profile_s**: "
+        "min / median / max seconds of one workload's profile (in-process rows).",
     ])
 
 
