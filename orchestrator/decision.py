@@ -321,11 +321,9 @@ def _next_batch(s: _Search, max_batch: int, tolerance: float, prior: Prior | Non
 
 
 def _stalled(s: _Search) -> bool:
-    """True when the last two probes landed on the same side of the limit: interpolation is creeping."""
-    if len(s.probes) < 3:
-        return False
-    a, b = s.probes[-2], s.probes[-1]
-    return s.fits(a) == s.fits(b)
+    """Past the first bracket (three probes or more), the last two landed on the same side of the limit:
+    interpolation is creeping."""
+    return len(s.probes) >= 3 and _same_side(s)
 
 
 def _no_fit_reason(probe: Probe, budget_bytes: int) -> str:

@@ -67,10 +67,15 @@ def decide_on(backend: Backend, workload: Workload, fraction: float, *, max_batc
             raise core.OutOfMemory(seen[batch])
         return seen[batch].reserved_bytes
 
-    def prior(info: DeviceInfo) -> core.Prior | None:  # the prediction for the budget ``info`` gives
-        return prior_of(predict(profile, info, fraction, max_batch)) if profile is not None else None
+    def prediction(info: DeviceInfo) -> core.Decision | None:  # the simulator's, for the budget ``info`` gives
+        return predict(profile, info, fraction, max_batch) if profile is not None else None
 
-    first = prior(info)
+    def prior(info: DeviceInfo) -> core.Prior | None:
+        predicted = prediction(info)
+        return prior_of(predicted) if predicted is not None else None
+
+    predicted = prediction(info)
+    first = prior_of(predicted) if predicted is not None else None
     decision = core.decide(reserved, info.budget_bytes(fraction), max_batch=max_batch, prior=first)
     for _ in range(MAX_REDECISIONS):
         end = backend.info()
@@ -101,8 +106,9 @@ def decide_on(backend: Backend, workload: Workload, fraction: float, *, max_batc
              decision.batch_size, decision.status, decision.measurements, seconds)
     chosen = seen.get(decision.batch_size)
     val = chosen.val_reserved_bytes if isinstance(chosen, Measurement) and chosen.val_reserved_bytes else None
+    # 0: predicted not to fit (a prediction without a slope still says its batch; the search then starts at 1)
     return Result(workload, info, fraction, decision, seconds, measure.setup_seconds, val,
-                  None if profile is None else first.batch if first else 0)
+                  None if predicted is None else predicted.batch_size if predicted.status == "ok" else 0)
 
 
 def autobatch(model: str | Workload, imgsz: int = 640, fraction: float = 0.8, *, gpu: str | None = None,

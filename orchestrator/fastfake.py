@@ -110,10 +110,11 @@ class OutputCache:
             return MISS
         self.hits += 1
         leaves, spec = entry
-        with torch._C._DisableTorchDispatch():
-            outs = [FakeTensor(mode, torch.empty_strided((batch, *shape[1:]) if shape and shape[0] is None else shape, stride,
-                                                         dtype=dtype, device="meta"), device)
-                    for shape, stride, dtype, device in leaves]
+        outs = []
+        with torch._C._DisableTorchDispatch():  # a meta tensor of that metadata, not a fake op
+            for shape, stride, dtype, device in leaves:
+                size = (batch, *shape[1:]) if shape and shape[0] is None else shape
+                outs.append(FakeTensor(mode, torch.empty_strided(size, stride, dtype=dtype, device="meta"), device))
         return tree_unflatten(outs, spec)
 
     def remember(self, key, args, out) -> None:

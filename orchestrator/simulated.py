@@ -424,9 +424,10 @@ def _synthesize(intercept: list[int], slope: list, batch: int) -> list[int]:
 
 
 PROFILE_BATCHES = (1, 2, 3, 4)
-"""Batches traced per shape of step (batch 1 only where it occurs: with accumulation, when nbs > 1;
-batch 4 only where batch 1 is not affine with 2 and 3, e.g. convnext). Small, because YOLO's loss
-runs for real in every trace and its cost grows with the batch."""
+"""Batches traced per shape of step: 1, 2 and 3 (batch 1 runs the shape of small batches; in the other
+shape it is only the check, traced because its ops are then all remembered, see ``profile``); batch 4
+only where batch 1 is not affine with 2 and 3 (e.g. convnext), and then not batch 1 in the other
+shape. Small, because YOLO's loss runs for real and its cost grows with the batch."""
 
 
 def profile(workload: Workload, built: models.Built | None = None, batches=PROFILE_BATCHES,
@@ -434,11 +435,13 @@ def profile(workload: Workload, built: models.Built | None = None, batches=PROFI
     """Trace every shape of step ``workload`` can take (``iterations``) at ``batches``, and fit each.
 
     Batch 1 runs the shape of small batches; large batches never accumulate: with
-    ``nbs`` > 1 both shapes are traced, so that any card replays the profile alone.
+    ``nbs`` > 1 both shapes are traced, so that any card replays the profile alone. The second
+    shape is traced at the batches the first just traced: its ops' outputs are remembered
+    (``fastfake``), so its traces cost a third of the first's.
     """
     prof = Profile(workload, run_step=run_step, _built=built)
     small = iterations(workload, 1)
     first = prof.add_regime(small, batches)
-    if small != 1:  # at the batches just traced, whose ops are in the cache (``fastfake``); without batch 1
-        prof.add_regime(1, batches if len(first.base) <= 3 else batches[1:])  # where it was not affine
+    if small != 1:  # without batch 1 where it was not affine in the first shape
+        prof.add_regime(1, batches if len(first.base) <= 3 else batches[1:])
     return prof

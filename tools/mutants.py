@@ -65,10 +65,11 @@ FAULTS = (
           ("tests/test_decision.py", "tests/test_engine.py::test_decision_quality_on_simulated_cards")),
     Fault("aim-low-engine", "the engine aims 3.5% low (readings inflated) and so stops within 3.5-4.5% of the limit",
           "orchestrator/engine.py",
-          (("decision = core.decide(lambda batch: measure(batch).reserved_bytes, info.budget_bytes(fraction),\n"
-            "                           max_batch=max_batch)",
-            "decision = core.decide(lambda batch: int(measure(batch).reserved_bytes / 0.965), "
-            "info.budget_bytes(fraction),\n                           max_batch=max_batch, tolerance=0.01)"),),
+          (("        return seen[batch].reserved_bytes\n",
+            "        return int(seen[batch].reserved_bytes / 0.965)\n"),
+           ("decision = core.decide(reserved, info.budget_bytes(fraction), max_batch=max_batch, prior=first)",
+            "decision = core.decide(reserved, info.budget_bytes(fraction), max_batch=max_batch, prior=first, "
+            "tolerance=0.01)")),
           ("tests/test_engine.py",)),
     Fault("bracket", "the bracket closes one batch early", "orchestrator/decision.py",
           (("if hi - lo <= max(1, math.floor(tolerance * hi)):", "if hi - lo <= max(1, math.floor(tolerance * hi)) + 1:"),),
@@ -101,6 +102,11 @@ FAULTS = (
     Fault("affine-fallback", "a trace that is not affine is synthesized anyway", "orchestrator/simulated.py",
           (("if _synthesize(intercept, slope, b1) == e1 and _synthesize(intercept, slope, b3) == e3:", "if True:"),),
           ("tests/test_simulated.py::test_trace_that_is_not_affine_is_traced_at_every_batch",)),
+    # ---- issue 15's trace shortcuts: a wrong output is a wrong allocation, silently
+    Fault("shortcut-batch", "an output remembered at one batch is built at that batch for another",
+          "orchestrator/fastfake.py", (("size = (batch, *shape[1:]) if shape and shape[0] is None else shape",
+                                        "size = (2, *shape[1:]) if shape and shape[0] is None else shape"),),
+          ("tests/test_simulated.py::test_trace_shortcuts_change_no_event",)),
 )
 
 IGNORE = shutil.ignore_patterns(".git", ".venv", "__pycache__", ".pytest_cache", "*.egg-info", ".whl", "*.csv.lock")
