@@ -44,8 +44,8 @@ _UNCACHEABLE = None  # an entry for a key whose outputs broke the rule: always t
 
 def _cacheable_op(func) -> bool:
     """Outputs are tensors not declared to alias anything; no dynamic or data-dependent output shape."""
-    if not isinstance(func, torch._ops.OpOverload) or func.is_view:
-        return False
+    if not isinstance(func, torch._ops.OpOverload) or func.is_view or func.namespace != "aten":
+        return False  # (FakeTensorMode does not cache custom ops either: their fake kernels may hold state)
     schema = func._schema
     if not schema.returns or any(r.alias_info is not None for r in schema.returns):
         return False
@@ -93,7 +93,8 @@ class OutputCache:
             return None
         fakes: list = []
         try:
-            key = (func, _key(args, fakes), _key(tuple(sorted(kwargs.items())), fakes) if kwargs else ())
+            key = (func, _key(args, fakes), _key(tuple(sorted(kwargs.items())), fakes) if kwargs else (),
+                   torch.get_default_dtype())  # what some ops on integer tensors return
         except _NotKeyable:
             return None
         # a factory op (no tensor argument) may run outside FakeTensorMode (the spliced loss's real tensors)
@@ -159,7 +160,7 @@ def _batch_outermost(shape: tuple, stride: tuple, batch: int) -> bool:
 def _batch_key(key) -> tuple[int | None, tuple | None]:
     """(the batch, ``key`` without it) for an op of ``BATCH_OPS``; (None, None) where its batch arguments
     disagree or their layout involves the batch."""
-    func, args, kwargs = key
+    func, args, kwargs, default_dtype = key
     positions = BATCH_OPS[func][0]
     batch = None
     general = list(args)
@@ -172,4 +173,4 @@ def _batch_key(key) -> tuple[int | None, tuple | None]:
         if not _batch_outermost(shape, stride, batch):
             return None, None
         general[i] = ((None, *shape[1:]), stride, *rest)
-    return batch, (func, "any batch", tuple(general), kwargs)
+    return batch, (func, "any batch", tuple(general), kwargs, default_dtype)

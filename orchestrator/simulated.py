@@ -129,8 +129,16 @@ class _StorageTracker(TorchDispatchMode):
             out = func(*args, **(kwargs or {}))
             if key is not None:
                 self.cache.remember(key, args, out)
-        if self._paused or (getattr(func, "is_view", False) and func is not _LIFT_FRESH):
-            return out  # a view allocates nothing, also where its base was never recorded (the criterion's own)
+        if self._paused:
+            return out
+        if getattr(func, "is_view", False) and func is not _LIFT_FRESH:
+            # a view allocates nothing, also where its base was never recorded (the criterion's own tensors);
+            # but a composite "view" op (aten.to, reshape, contiguous under inference_mode) may copy
+            ins = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor) and id(t.untyped_storage()) not in ins:
+                    self.track(t)
+            return out
         if isinstance(out, torch.Tensor):
             self.track(out)
         elif isinstance(out, (tuple, list)):

@@ -137,3 +137,16 @@ def test_trace_shortcuts_change_no_event(model, imgsz, fields):
         fast = simulated.trace(built, w, batch, accumulate=accumulate, cache=cache)
         assert fast == simulated.trace(built, w, batch, accumulate=accumulate, shortcuts=False), (batch, accumulate)
     assert cache.hits > cache.misses  # the shortcuts were taken
+
+
+def test_tracker_counts_a_copy_made_by_a_view_op_and_not_a_view():
+    """Under inference_mode aten.to reaches the tracker undecomposed, an op its schema calls a view, and
+    copies: an allocation. A true view (of a tensor the trace never saw) allocates nothing."""
+    import torch
+
+    tracker = simulated._StorageTracker()
+    x = torch.zeros(1000)
+    with torch.inference_mode(), tracker:
+        y = x.to(torch.float16)
+        v = x.view(10, 100)
+    assert tracker.events == [2000] and y.dtype == torch.float16 and v.shape == (10, 100)
