@@ -63,26 +63,22 @@ def make_job(grid, fleet_text: str, out: Path) -> job.Job:
                           "fleet": {"mode": "simulate", "simulate": fleet_text}}, "benchmark")
 
 
-PROFILE_SECONDS: list[float] = []
-"""Seconds of each workload's profile in the last ``in_process`` run."""
-
-
-def in_process(j: job.Job) -> tuple[float, dict]:
-    """Profile each workload once, decide on each card type: (seconds, {(card, workload): batch})."""
+def in_process(j: job.Job) -> tuple[float, dict, list[float]]:
+    """Profile each workload once, decide on each card type: (seconds, {(card, workload): batch},
+    seconds of each profile)."""
     cards = list(dict.fromkeys(key for key, _ in j.fleet.simulate))
-    batches = {}
-    PROFILE_SECONDS.clear()
+    batches, profile_seconds = {}, []
     t0 = time.perf_counter()
     for w in j.sweep.workloads():
         t1 = time.perf_counter()
         prof = simulated.profile(w)
-        PROFILE_SECONDS.append(time.perf_counter() - t1)
+        profile_seconds.append(time.perf_counter() - t1)
         for card in cards:
             backend = SimulatedBackend(card)
             backend.add_profile(prof)
             result = engine.decide_on(backend, w, j.sweep.fraction, max_batch=j.sweep.max_batch)
             batches[(card, w.model, w.imgsz, w.precision)] = result.decision.batch_size
-    return time.perf_counter() - t0, batches
+    return time.perf_counter() - t0, batches, profile_seconds
 
 
 def through_ray(j: job.Job) -> tuple[float, float, dict, int]:
@@ -132,9 +128,8 @@ def run(grid=GRID, configs=CONFIGS, warm_up: bool = True) -> list[dict]:
             types = tuple(dict.fromkeys(key for key, _ in j.fleet.simulate))
             combos = len(j.sweep.workloads()) * len(types)
             if runner == "in-process":
-                seconds, batches = in_process(j)
-                wall, profiles = seconds, len(j.sweep.workloads())
-                ps = sorted(PROFILE_SECONDS)
+                seconds, batches, ps = in_process(j)
+                wall, profiles, ps = seconds, len(j.sweep.workloads()), sorted(ps)
                 baseline[types] = (seconds, batches)
             elif runner == "cli":
                 wall, batches = through_cli(j, Path(tmp))

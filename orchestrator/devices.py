@@ -181,10 +181,10 @@ def predict(prof: simulated.Profile, info: DeviceInfo, fraction: float, max_batc
     return core.decide(lambda b: m(b).reserved_bytes, info.budget_bytes(fraction), max_batch=max_batch)
 
 
-def prior_of(prediction: core.Decision) -> core.Prior | None:
-    """Where a real device's search starts from a prediction; None when it has no slope (a no-fit
-    prediction: the search starts at batch 1, which settles that in one measurement)."""
-    if prediction.status != "ok" or not (prediction.bytes_per_sample or 0) > 0:
+def prior_of(prediction: core.Decision | None) -> core.Prior | None:
+    """Where a real device's search starts from a prediction; None without one, or when it has no slope
+    (a no-fit prediction: the search starts at batch 1, which settles that in one measurement)."""
+    if prediction is None or prediction.status != "ok" or not (prediction.bytes_per_sample or 0) > 0:
         return None
     return core.Prior(prediction.batch_size, prediction.bytes_per_sample)
 

@@ -70,13 +70,8 @@ def decide_on(backend: Backend, workload: Workload, fraction: float, *, max_batc
     def prediction(info: DeviceInfo) -> core.Decision | None:  # the simulator's, for the budget ``info`` gives
         return predict(profile, info, fraction, max_batch) if profile is not None else None
 
-    def prior(info: DeviceInfo) -> core.Prior | None:
-        predicted = prediction(info)
-        return prior_of(predicted) if predicted is not None else None
-
     predicted = prediction(info)
-    first = prior_of(predicted) if predicted is not None else None
-    decision = core.decide(reserved, info.budget_bytes(fraction), max_batch=max_batch, prior=first)
+    decision = core.decide(reserved, info.budget_bytes(fraction), max_batch=max_batch, prior=prior_of(predicted))
     for _ in range(MAX_REDECISIONS):
         end = backend.info()
         outside = max([info.outside_bytes, end.outside_bytes, measure.outside_bytes]
@@ -91,7 +86,7 @@ def decide_on(backend: Backend, workload: Workload, fraction: float, *, max_batc
         if decision.status != "ok" or decision.peak_bytes <= budget:
             decision = dataclasses.replace(decision, budget_bytes=budget)  # the answer fits the smaller budget
             break
-        decision = core.decide(reserved, budget, max_batch=max_batch, prior=prior(info))
+        decision = core.decide(reserved, budget, max_batch=max_batch, prior=prior_of(prediction(info)))
         decision.probes = [core.Probe(b, None, m) if isinstance(m, str) else core.Probe(b, m.reserved_bytes)
                            for b, m in seen.items()]  # every measurement made, in order
     else:

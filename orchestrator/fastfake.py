@@ -75,6 +75,11 @@ def _key(value, fakes: list):
     raise _NotKeyable
 
 
+def storages(tree) -> set[int]:
+    """``id`` of the storage of every tensor in ``tree`` (an op's arguments, say)."""
+    return {id(t.untyped_storage()) for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)}
+
+
 class OutputCache:
     """Output metadata of fake-tensor ops by input metadata, for the traces of one workload."""
 
@@ -118,11 +123,11 @@ class OutputCache:
                 outs.append(FakeTensor(mode, torch.empty_strided(size, stride, dtype=dtype, device="meta"), device))
         return tree_unflatten(outs, spec)
 
-    def remember(self, key, args, out) -> None:
+    def remember(self, key, args, kwargs, out) -> None:
         """Record ``out``'s metadata for ``key`` when it keeps the rule (fresh, distinct, whole storages)."""
         self.misses += 1
         leaves, spec = tree_flatten(out)
-        inputs = {id(t.untyped_storage()) for t in tree_flatten(args)[0] if isinstance(t, torch.Tensor)}
+        inputs = storages((args, kwargs))
         seen, meta = set(), []
         for t in leaves:
             if type(t) is not FakeTensor or t.constant is not None or t.layout is not torch.strided:

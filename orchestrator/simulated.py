@@ -39,9 +39,9 @@ class _StorageTracker(TorchDispatchMode):
 
     def __init__(self, fake: FakeTensorMode | None = None, cache: fastfake.OutputCache | None = None):
         super().__init__()
-        self.fake = fake  # the FakeTensorMode below, for ``cache``'s outputs (None: a real run)
+        self.fake = fake  # the FakeTensorMode below, for ``cache``'s outputs (None: a real run, and no cache)
         # outputs of ops seen before, built from their metadata; with it, ops that cannot allocate are not run
-        self.cache = cache if fake is not None else None
+        self.cache = cache
         self.events: list[int] = []  # size > 0: allocation; -(i + 1): free of allocation i; 0: phase mark
         self._live: dict[int, int] = {}  # id(storage) -> allocation index
         self._ignored: set[int] = set()  # id(storage) of stand-ins for tensors already counted
@@ -128,26 +128,16 @@ class _StorageTracker(TorchDispatchMode):
         if out is fastfake.MISS:
             out = func(*args, **(kwargs or {}))
             if key is not None:
-                self.cache.remember(key, args, out)
+                self.cache.remember(key, args, kwargs, out)
         if self._paused:
             return out
-        if getattr(func, "is_view", False) and func is not _LIFT_FRESH:
-            # a view allocates nothing, also where its base was never recorded (the criterion's own tensors);
-            # but a composite "view" op (aten.to, reshape, contiguous under inference_mode) may copy
-            ins = {id(t.untyped_storage()) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
-            for t in tree_flatten(out)[0]:
-                if isinstance(t, torch.Tensor) and id(t.untyped_storage()) not in ins:
-                    self.track(t)
-            return out
-        if isinstance(out, torch.Tensor):
-            self.track(out)
-        elif isinstance(out, (tuple, list)):
-            for t in out:
-                if isinstance(t, torch.Tensor):
-                    self.track(t)
-                elif isinstance(t, (tuple, list)):  # e.g. a foreach op's list inside a tuple
-                    for u in tree_flatten(t)[0]:
-                        self.track(u)
+        # a view allocates nothing, also where its base was never recorded (the criterion's own tensors);
+        # but a composite "view" op (aten.to, reshape, contiguous under inference_mode) may copy
+        view = getattr(func, "is_view", False) and func is not _LIFT_FRESH
+        shared = fastfake.storages((args, kwargs)) if view else ()
+        for t in tree_flatten(out)[0] if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and id(t.untyped_storage()) not in shared:
+                self.track(t)
         return out
 
 

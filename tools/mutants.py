@@ -67,9 +67,8 @@ FAULTS = (
           "orchestrator/engine.py",
           (("        return seen[batch].reserved_bytes\n",
             "        return int(seen[batch].reserved_bytes / 0.965)\n"),
-           ("decision = core.decide(reserved, info.budget_bytes(fraction), max_batch=max_batch, prior=first)",
-            "decision = core.decide(reserved, info.budget_bytes(fraction), max_batch=max_batch, prior=first, "
-            "tolerance=0.01)")),
+           ("max_batch=max_batch, prior=prior_of(predicted))",
+            "max_batch=max_batch, prior=prior_of(predicted), tolerance=0.01)")),
           ("tests/test_engine.py",)),
     Fault("bracket", "the bracket closes one batch early", "orchestrator/decision.py",
           (("if hi - lo <= max(1, math.floor(tolerance * hi)):", "if hi - lo <= max(1, math.floor(tolerance * hi)) + 1:"),),
