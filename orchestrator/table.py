@@ -307,12 +307,13 @@ def write_rows(path: str | os.PathLike, rows: list[dict]) -> None:
     if not data:
         return
     with locked(path):
+        csv = _stat(path)  # the CSV (None before the table's first fold): its mode, and whether a fold is due
         try:
-            size = _append(journal_path(path), data, _mode_of(path))
+            size = _append(journal_path(path), data, _mode_of(csv))
         except OSError as e:
             raise TableWriteError(f"could not write {path} ({e.strerror or e}); the table on disk is unchanged: "
                                   "free space or choose another --out, then run again") from None
-        if _fold_due(path, size):
+        if _fold_due(csv, size):
             try:
                 _fold_locked(path)
             except TableWriteError as e:  # the rows are safe in the journal; the next fold tries again
@@ -344,14 +345,12 @@ def _fold_locked(path: Path) -> None:
         journal.unlink()
 
 
-def _fold_due(path: Path, journal_bytes: int) -> bool:
-    """At a new table's first rows, when the journal passes ``FOLD_BYTES`` or a quarter of the CSV, or when
-    the CSV is ``FOLD_SECONDS`` old."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
+def _fold_due(csv: os.stat_result | None, journal_bytes: int) -> bool:
+    """At a new table's first rows (no ``csv``), when the journal passes ``FOLD_BYTES`` or a quarter of the
+    CSV, or when the CSV is ``FOLD_SECONDS`` old."""
+    if csv is None:
         return True  # the table's first rows: a CSV for plain readers at once
-    return journal_bytes >= max(FOLD_BYTES, st.st_size // 4) or time.time() - st.st_mtime >= FOLD_SECONDS
+    return journal_bytes >= max(FOLD_BYTES, csv.st_size // 4) or time.time() - csv.st_mtime >= FOLD_SECONDS
 
 
 def _check_row(row: dict) -> None:
@@ -376,13 +375,17 @@ def _check_row(row: dict) -> None:
             raise ValueError(f"a table row's batch_size={batch!r} must be an int") from None
 
 
-def _mode_of(path: Path) -> int:
-    """The table's file mode, for its rewrites and its journal: trainers under other users read both
-    (mkstemp alone makes 0600); a new table is 0644."""
+def _stat(path: Path) -> os.stat_result | None:
     try:
-        return os.stat(path).st_mode & 0o777
+        return os.stat(path)
     except FileNotFoundError:
-        return 0o644
+        return None
+
+
+def _mode_of(csv: os.stat_result | None) -> int:
+    """The table's file mode (``csv``: its stat), for its rewrites and its journal: trainers under other
+    users read both (mkstemp alone makes 0600); a new table is 0644."""
+    return csv.st_mode & 0o777 if csv is not None else 0o644
 
 
 def _append(journal: Path, data: bytes, mode: int) -> int:
@@ -443,7 +446,7 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def _write_atomic(path: Path, df: pd.DataFrame) -> None:
-    mode = _mode_of(path)
+    mode = _mode_of(_stat(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
     try:
         os.fchmod(fd, mode)
