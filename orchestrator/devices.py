@@ -20,7 +20,7 @@ from typing import Protocol
 
 import torch
 
-from . import allocator, catalog, ddp, models, simulated, step
+from . import allocator, catalog, cudacost, ddp, models, simulated, step
 from . import decision as core
 from .decision import OutOfMemory
 from .spec import Workload
@@ -148,13 +148,28 @@ class _SimulatedMeasurer:
         return self.prof.trace_seconds
 
     def __call__(self, batch: int) -> Measurement:
-        # the cuBLAS workspace is allocated through the caching allocator on first matmul
-        try:
-            stats = allocator.replay(self.prof.events(batch), self.capacity, held=[self.card.workspace_bytes])
-        except allocator.AllocatorOutOfMemory as e:
-            raise OutOfMemory(f"simulated {self.card.key}: {e}") from None
-        val = stats.phase_peaks[1] if len(stats.phase_peaks) > 1 else 0
-        return Measurement(stats.peak_reserved, stats.peak_allocated, self.outside_bytes, val)
+        # a profile with CUDA's costs holds its cuBLAS workspaces itself (cudacost); one without gets the card's
+        held = [] if self.prof.cuda_costs else [self.card.workspace_bytes]
+        return replay_run(self.prof, self.prof.events(batch), self.capacity, self.outside_bytes, held, self.card.key)
+
+
+def replay_run(prof: simulated.Profile, events: list[int], capacity: int, outside_bytes: int, held=(),
+               name: str = "card") -> Measurement:
+    """``events`` (a trace of ``prof``) on a card whose allocator may reserve ``capacity``: the peaks a
+    training run shows; OutOfMemory when they exceed it. With CUDA's costs, the reserved peaks are those of
+    a run's many steps (``cudacost.over_a_run``, fitted)."""
+    try:
+        stats = allocator.replay(events, capacity, held=held)
+    except allocator.AllocatorOutOfMemory as e:
+        raise OutOfMemory(f"simulated {name}: {e}") from None
+    val = max(stats.phase_peaks[1::2], default=0)  # phases: training, validation, training, ...
+    reserved = stats.peak_reserved
+    if prof.cuda_costs:
+        reserved, val = cudacost.over_a_run(reserved), cudacost.over_a_run(val)
+        if reserved > capacity:
+            raise OutOfMemory(f"simulated {name}: {reserved} B reserved over a training run "
+                              f"({stats.peak_reserved} B in its simulated steps) of {capacity} B")
+    return Measurement(reserved, stats.peak_allocated, outside_bytes, val)
 
 
 GENERIC_WORKSPACE = {9: 32 * MiB}
@@ -582,19 +597,19 @@ class StepMeasurer:
     def _step(self, batch: int) -> Measurement:
         c = self.counters
         c.reset()
-        train_peaks: list[int] = []
+        phases: list[tuple[int, int]] = []  # (reserved, allocated) peaks: training, validation, training, ...
 
-        def mark():  # training ends, validation starts: keep training's peaks, measure validation's alone
-            train_peaks[:] = c.peaks()
+        def mark():  # a phase ends (the cache was just emptied): keep its peaks, measure the next alone
+            phases.append(c.peaks())
             c.reset_peaks()
 
         with _cleanup_after(lambda: restore(self.built.module, self.initial)):
-            step.train(self.built, self.workload, batch, self.device, mark=mark)
-            reserved, allocated = c.peaks()
+            step.train(self.built, self.workload, batch, self.device, mark=mark,
+                       epochs=step.RUN_EPOCHS if self.workload.val_scale else 1)
+            phases.append(c.peaks())
             outside = c.outside_bytes() + self.extra_outside_bytes
-        val = reserved if train_peaks else 0
-        if train_peaks:
-            reserved, allocated = max(reserved, train_peaks[0]), max(allocated, train_peaks[1])
+        reserved, allocated = max(p[0] for p in phases), max(p[1] for p in phases)
+        val = max((p[0] for p in phases[1::2]), default=0)
         return Measurement(reserved, allocated, outside, val)
 
 

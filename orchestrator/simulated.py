@@ -28,7 +28,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from . import fastfake, models, step
+from . import cudacost, fastfake, models, step
 from .spec import Workload
 
 log = logging.getLogger(__name__)
@@ -37,8 +37,11 @@ log = logging.getLogger(__name__)
 class _StorageTracker(TorchDispatchMode):
     """Records storage allocations (size) and frees (index) in order, and phase marks (0)."""
 
-    def __init__(self, fake: FakeTensorMode | None = None, cache: fastfake.OutputCache | None = None):
+    def __init__(self, fake: FakeTensorMode | None = None, cache: fastfake.OutputCache | None = None,
+                 cuda_costs: bool = False):
         super().__init__()
+        self.cuda_costs = cuda_costs  # add what CUDA kernels allocate inside an op (``cudacost.transients``)
+        self.cublas: set[str] = set()  # cuBLAS handles the step used (``cudacost.cublas_context``)
         self.fake = fake  # the FakeTensorMode below, for ``cache``'s outputs (None: a real run, and no cache)
         # outputs of ops seen before, built from their metadata; with it, ops that cannot allocate are not run
         self.cache = cache
@@ -138,7 +141,20 @@ class _StorageTracker(TorchDispatchMode):
         for t in tree_flatten(out)[0] if isinstance(out, (tuple, list)) else (out,):
             if isinstance(t, torch.Tensor) and id(t.untyped_storage()) not in shared:
                 self.track(t)
+        if self.cuda_costs:
+            self.transient(cudacost.transients(func, args, out))
+            if func in cudacost.CUBLAS_OPS:
+                self.cublas.add(cudacost.cublas_context())
         return out
+
+    def transient(self, sizes: list[int]) -> None:
+        """Blocks allocated together and freed at once inside one op (a CUDA kernel's copies and workspace)."""
+        first = self._count
+        for size in sizes:
+            self.events.append(size)
+            self._count += 1
+        for i in range(first, self._count):
+            self.events.append(-(i + 1))
 
 
 def _in_place_foreach_ops() -> frozenset:
@@ -175,7 +191,7 @@ def _fake_copy(module: torch.nn.Module, mode: FakeTensorMode) -> torch.nn.Module
 
 def trace(built: models.Built, workload: Workload, batch: int, *, fake: bool = True, surrogate: bool | None = None,
           run_step: Callable = step.train, cache: fastfake.OutputCache | None = None, shortcuts: bool = True,
-          **step_options) -> list[int]:
+          cuda_costs: bool = False, **step_options) -> list[int]:
     """Allocation events of: moving the model to the device, then ``run_step`` (``step.STEPS`` training steps).
 
     ``fake=False`` runs the step for real on the CPU (slow, memory-hungry): the
@@ -190,14 +206,20 @@ def trace(built: models.Built, workload: Workload, batch: int, *, fake: bool = T
     the traces of one workload (default: a new one, which the trace's second step already uses).
     ``shortcuts=False`` runs every op through ``FakeTensorMode`` and the spliced loss once per trace
     and shape: the reference that tests hold the shortcuts to (the same events).
+    ``cuda_costs``: trace what a CUDA run holds beyond one epoch's tensors: what kernels allocate inside
+    ops (``cudacost``: cuDNN's contiguous copies, cuBLAS workspaces) and, with validation, the next
+    epoch's steps on the layout validation leaves (``step.RUN_EPOCHS``); off, the trace is what a real
+    CPU run of the step is checked against, to the byte.
     """
     surrogate = fake if surrogate is None else surrogate
+    if cuda_costs and run_step is step.train and workload.val_scale:  # a run: the epoch after a validation too
+        step_options.setdefault("epochs", step.RUN_EPOCHS)
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
     model = _fake_copy(built.module, mode) if fake else copy.deepcopy(built.module)
     if fake and built.for_fake is not None:
         built.for_fake(model)
     cache = (cache or fastfake.OutputCache()) if fake and shortcuts else None
-    tracker = _StorageTracker(mode, cache) if fake else _StorageTracker()
+    tracker = _StorageTracker(mode, cache, cuda_costs) if fake else _StorageTracker(cuda_costs=cuda_costs)
     loss = built.loss
     if fake and built.data_dependent_loss:
         loss = _SplicedLoss(built.loss, tracker, cache.losses if cache is not None else None)
@@ -208,7 +230,17 @@ def trace(built: models.Built, workload: Workload, batch: int, *, fake: bool = T
         with tracker:
             run_step(run, workload, batch, torch.device("cpu"), surrogate=surrogate, mark=tracker.mark, **step_options)
     del model, run
-    return _canonical(tracker.events)
+    events = tracker.events
+    if cuda_costs:  # each cuBLAS handle's workspace: allocated at its first matmul, kept for the process's life
+        workspace = cudacost.cublas_workspace_bytes(workload.deterministic)
+        events = _held_first([workspace] * len(tracker.cublas), events)
+    return _canonical(events)
+
+
+def _held_first(sizes: list[int], events: list[int]) -> list[int]:
+    """``events`` after allocations of ``sizes`` that are never freed (they shift the indices of frees)."""
+    k = len(sizes)
+    return list(sizes) + [ev - k if ev < 0 else ev for ev in events]
 
 
 def tensor_peak(events: list[int]) -> int:
@@ -247,8 +279,8 @@ class _SplicedLoss:
         self.loss, self.tracker = loss, tracker
         if hasattr(loss, "setup"):  # the criterion's own tensors exist before any step: not in the trace
             loss.setup(torch.device("cpu"))
-        # inputs' shapes -> (its events, grad shapes); shared by a profile's traces (deterministic targets)
-        self._seen: dict[tuple, tuple[list[int], list]] = {} if seen is None else seen
+        # inputs' shapes -> (its events, grad shapes, cuBLAS handles it used); shared by a profile's traces
+        self._seen: dict[tuple, tuple[list[int], list, frozenset]] = {} if seen is None else seen
 
     def __call__(self, outputs, workload: Workload, batch: int, surrogate: bool):
         flat, spec = tree_flatten(outputs)
@@ -256,14 +288,15 @@ class _SplicedLoss:
         wants = [t for t in tensors if t.requires_grad]
         key = (tuple((t.shape, t.dtype, t.requires_grad) for t in tensors), torch.is_grad_enabled())
         if key in self._seen:  # the same loss on the same shapes allocates the same: replay it, don't rerun it
-            events, shapes = self._seen[key]
+            events, shapes, cublas = self._seen[key]
             self.tracker.replay(events)
+            self.tracker.cublas |= cublas
         else:
-            start, first = len(self.tracker.events), self.tracker.allocations
+            start, first, before = len(self.tracker.events), self.tracker.allocations, set(self.tracker.cublas)
             shapes = self._run(flat, spec, tensors, wants, workload, batch)
             events = self.tracker.local(start, first)
             if events is not None:
-                self._seen[key] = (events, shapes)
+                self._seen[key] = (events, shapes, frozenset(self.tracker.cublas - before))
         if not shapes:
             return tensors[0].new_zeros(())
         return _GradsInto.apply(shapes, *wants)
@@ -366,6 +399,8 @@ class Profile:
     traced: int = 0
     run_step: Callable = step.train
     """The step that is traced: the full training step unless a benchmark swaps in another."""
+    cuda_costs: bool = True
+    """Traces include what CUDA kernels allocate inside ops (``cudacost``); False: the tensors alone."""
     _built: models.Built | None = field(default=None, repr=False, compare=False)
     _cache: fastfake.OutputCache | None = field(default=None, repr=False, compare=False)
 
@@ -405,7 +440,7 @@ class Profile:
         if self._cache is None:
             self._cache = fastfake.OutputCache()
         ev = trace(self._built, self.workload, batch, run_step=self.run_step, accumulate=regime.iterations,
-                   cache=self._cache)
+                   cache=self._cache, cuda_costs=self.cuda_costs)
         self.trace_seconds += time.perf_counter() - t0
         self.traced += 1
         regime.base[batch] = ev
@@ -429,7 +464,7 @@ shape. Small, because YOLO's loss runs for real and its cost grows with the batc
 
 
 def profile(workload: Workload, built: models.Built | None = None, batches=PROFILE_BATCHES,
-            run_step: Callable = step.train) -> Profile:
+            run_step: Callable = step.train, cuda_costs: bool = True) -> Profile:
     """Trace every shape of step ``workload`` can take (``iterations``) at ``batches``, and fit each.
 
     Batch 1 runs the shape of small batches; large batches never accumulate: with
@@ -437,7 +472,7 @@ def profile(workload: Workload, built: models.Built | None = None, batches=PROFI
     shape is traced at the batches the first just traced: its ops' outputs are remembered
     (``fastfake``), so its traces cost a third of the first's.
     """
-    prof = Profile(workload, run_step=run_step, _built=built)
+    prof = Profile(workload, run_step=run_step, cuda_costs=cuda_costs, _built=built)
     small = iterations(workload, 1)
     first = prof.add_regime(small, batches)
     if small != 1:  # without batch 1 where it was not affine in the first shape

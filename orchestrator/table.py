@@ -31,7 +31,7 @@ from typing import Iterable
 
 import pandas as pd
 
-from . import spec
+from . import calibration, spec
 from .catalog import NEIGHBOUR_WARN_BYTES
 from .spec import SpecError
 
@@ -47,6 +47,7 @@ COLUMNS = KEY + [
     "neighbour_bytes",
     "bytes_per_sample", "fixed_bytes", "r2", "clamped", "probes", "probe_peak_bytes", "measurements",
     "device_batches", "backend", "seconds", "profile_seconds", "attempts", "error", "host", "torch", "cuda", "driver", "orchestrator", "time",
+    "calibration", "sim_error",
 ]
 STATUSES = ("ok", "no-fit", "error")
 FOLD_BYTES = 1 << 20
@@ -505,4 +506,7 @@ def _base_row(workload, device, fraction: float, gpu_count: int, attempts: int, 
         "attempts": attempts, "host": device.host, "torch": device.torch, "cuda": device.cuda,
         "driver": device.driver, "orchestrator": __version__,
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        # a simulated answer: which calibration against real GPUs it carries, and how far it was off there
+        **({"calibration": calibration.VERSION, "sim_error": calibration.expected_error(workload.model)}
+           if device.backend == "simulated" else {"calibration": "", "sim_error": ""}),
     }

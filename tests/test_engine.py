@@ -37,8 +37,10 @@ def test_decision_quality_on_simulated_cards(profiles):
     within the README's 2% of it; median cost <= 8 measurements.
 
     The true limit is found independently of the decision (``true_limit``), so the decision can be
-    wrong in either direction here. (Where allocator segments make the peak non-monotonic near the
-    limit, a bisection can land on either side of a failing batch; none of these cases does.)
+    wrong in either direction here. Where allocator segments make the peak non-monotonic near the
+    limit (mobilenet_v3_small at 320 px on the A10G: 847 fits, 848 does not, 849 and 850 fit), a
+    bisection can land on either side of a failing batch: a decision above the bisection's limit
+    must then fit (checked) and be within 2 % of it.
     """
     steps, ratios = [], []
     for model, sizes in GRID_MODELS:
@@ -54,7 +56,7 @@ def test_decision_quality_on_simulated_cards(profiles):
                 assert d.status == "ok"
                 assert d.peak_bytes <= d.budget_bytes
                 assert backend.measurer(w)(d.batch_size).reserved_bytes <= d.budget_bytes
-                assert 0.98 * truth <= d.batch_size <= truth, (w.label(), card, d.batch_size, truth)
+                assert 0.98 * truth <= d.batch_size <= 1.02 * truth, (w.label(), card, d.batch_size, truth)
                 steps.append(d.measurements)
                 ratios.append(d.batch_size / truth)
     print(f"\nmeasurements per decision: median {statistics.median(steps)}, max {max(steps)}; "
@@ -116,7 +118,7 @@ def test_prediction_first_on_a_card_unlike_its_simulation(profiles):
                 d = r.decision
                 truth = true_limit(real.measurer(w), d.budget_bytes)
                 assert d.status == "ok" and d.peak_bytes <= d.budget_bytes
-                assert 0.98 * truth <= d.batch_size <= truth, (w.label(), card, d.batch_size, truth)
+                assert 0.98 * truth <= d.batch_size <= 1.02 * truth, (w.label(), card, d.batch_size, truth)
                 assert r.predicted_batch > 0
                 steps.append(d.measurements)
                 same = SimulatedBackend(card)
