@@ -49,7 +49,7 @@ from torch.utils._pytree import tree_flatten
 
 from orchestrator import allocator, catalog, models, simulated, step
 from orchestrator.decision import OutOfMemory, decide
-from orchestrator.devices import DeviceInfo, SimulatedBackend
+from orchestrator.devices import DeviceInfo, SimulatedBackend, replay_run
 from orchestrator.spec import Workload
 
 from orchestrator.units import GiB
@@ -151,8 +151,9 @@ class Testbed:
         """``memory_reserved()`` after the seed's forward+backward probe; None when it ran out of memory."""
         card = self.backend.card
         events = self.traces.probe.events(batch)
+        held = [] if self.traces.probe.cuda_costs else [card.workspace_bytes]  # else the trace holds cuBLAS's
         try:
-            return allocator.replay(events, card.total_bytes - card.context_bytes, held=[card.workspace_bytes]).reserved
+            return allocator.replay(events, card.total_bytes - card.context_bytes, held=held).reserved
         except allocator.AllocatorOutOfMemory:
             return None
 
@@ -178,6 +179,7 @@ class PerturbedCard:
         rng = random.Random(zlib.crc32(seed_text.encode()))
         self.per_sample, self.context, self.workspace = factors or (1 + rng.uniform(-spread, spread) for _ in range(3))
         c = catalog.card(card)
+        self.card_key = card
         self.total_bytes = c.total_bytes
         self.context_bytes = round(c.context_bytes * self.context)
         self.workspace_bytes = round(c.workspace_bytes * self.workspace)
@@ -206,12 +208,17 @@ class PerturbedCard:
         return [round(e * self.per_sample) if e > 0 else e for e in events]
 
     def peak(self, batch: int) -> int | None:
-        """Peak reserved bytes of the full step at ``batch`` on this card; None when it runs out of memory."""
+        """Peak reserved bytes of the full step at ``batch`` on this card, as the simulated card reads it
+        (``devices.replay_run``); None when it runs out of memory. A profile that holds its own cuBLAS
+        workspaces (``cuda_costs``) gets the workspace's perturbation as a held block where it is larger."""
         if batch not in self._peaks:
+            card = catalog.card(self.card_key)
+            held = ([max(self.workspace_bytes - card.workspace_bytes, 0)] if self.profile.cuda_costs
+                    else [self.workspace_bytes])
             try:
-                self._peaks[batch] = allocator.replay(self.events(batch), self.total_bytes - self.context_bytes,
-                                                      held=[self.workspace_bytes]).peak_reserved
-            except allocator.AllocatorOutOfMemory:
+                self._peaks[batch] = replay_run(self.profile, self.events(batch), self.total_bytes - self.context_bytes,
+                                                self.context_bytes, [h for h in held if h]).reserved_bytes
+            except OutOfMemory:
                 self._peaks[batch] = None
         return self._peaks[batch]
 

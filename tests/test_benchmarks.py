@@ -197,3 +197,31 @@ def test_prediction_cost_on_a_tiny_workload(profiles):
     assert exact["predicted (catalog)"] == exact["predicted (device)"] == 2 < exact["from batch 1"]
     summary = prediction_cost.summarize(rows)
     assert {s["group"] for s in summary} == set(kinds) and all(s["cases"] == 1 for s in summary)
+
+
+def test_calibration_reads_each_epoch_as_its_release_does():
+    """Epochs of a trace (training, validation, training, validation): epoch 1 is the first training phase;
+    a release that empties the cache at each epoch's end reads the second epoch's training after keeping
+    validation's cache; one that never empties it reads the high water of both epochs and validation."""
+    from benchmarks import calibration
+
+    mib = 2**20
+    # weights 30 MiB; epoch 1 uses 40 MiB; validation 60 MiB; epoch 2 uses 40 MiB again
+    events = [30 * mib, 40 * mib, -2, 0, 60 * mib, -3, 0, 40 * mib, -4, 0, 60 * mib, -5]
+    assert calibration.read_training(events, "epoch1", [], raw=True) == 70 * mib
+    # emptied at the epoch's end: epoch 2 starts from the weights' segment alone
+    assert calibration.read_training(events, "epochN", [], raw=True) == 70 * mib
+    # never emptied: validation's 60 MiB does not fit the cached 40 MiB segment, so both stay reserved
+    assert calibration.read_training(events, "epochN_keep", [], raw=True) == 130 * mib
+    assert calibration.read_training(events, "epochN_keep", [], raw=False) >= 130 * mib
+
+
+def test_calibration_simulates_a_published_probe_reading():
+    """One AutoBatch profile row (GTX 1080 Ti, yolov8n at 640 px, batch 4: 0.581 GB) simulated as 8.0.x ran
+    it: within 10 % of what the card printed, and the table written with it."""
+    from benchmarks import calibration
+
+    point = [p for p in calibration.load() if p["id"] == "1080Ti-8n-p4"]
+    (row,) = calibration.run(point)
+    assert row["real"] == 0.581 and 0.9 < row["ratio"] < 1.1
+    assert set(calibration.COLUMNS) <= set(row)
