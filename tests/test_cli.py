@@ -152,3 +152,29 @@ def test_failed_table_write_stops_the_sweep_with_exit_1(ray_session, in_process_
     assert len(errors) == 1 and "could not write" in errors[0] and "No space left on device" in errors[0], errors
     assert table.read_text() == EXISTING
     assert sorted(os.listdir(tmp_path)) == ["t.csv", "t.csv.lock"]
+
+
+# -- bad input that used to slip through (issue 22): one line naming the value, the constraint and the fix,
+# exit 2, nothing written, and nothing large allocated before the check
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--model", "torchvision:resnet18", "--classes", "10000000"], "classes=10000000 must be at most 100000"),
+    (["--model", "ultralytics:yolov8n.yaml", "--objects", "1000000000000"],
+     "objects=1000000000000 must be at most 10000"),
+])
+def test_huge_classes_or_objects_are_refused_before_any_model_is_built(args, needle):
+    """resnet18 with 10,000,000 classes would be a 20 GB head, built in host memory before anything is faked:
+    the field's bound refuses it first. The command runs with its address space capped 2 GiB above what
+    importing torch took (a build that came back would fail, not swap) and its peak memory is read."""
+    script = ("import resource, sys\nimport orchestrator.engine\nfrom orchestrator import cli\n"
+              "vm = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()\n"
+              "resource.setrlimit(resource.RLIMIT_AS, (vm + 2 * 2**30, resource.RLIM_INFINITY))\n"
+              "code = cli.main(sys.argv[1:])\n"
+              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\nsys.exit(code)\n")
+    p = subprocess.run([sys.executable, "-c", script, "autobatch", "--imgsz", "64", "--gpu", "T4", *args],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and needle in lines[0] and "--data" in lines[0], p.stderr
+    assert int(p.stdout) < 1024 * 1024, f"peak RSS {int(p.stdout) / 1024:.0f} MiB: something was built"
+
