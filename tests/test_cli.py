@@ -178,3 +178,26 @@ def test_huge_classes_or_objects_are_refused_before_any_model_is_built(args, nee
     assert p.returncode == 2 and len(lines) == 1 and needle in lines[0] and "--data" in lines[0], p.stderr
     assert int(p.stdout) < 1024 * 1024, f"peak RSS {int(p.stdout) / 1024:.0f} MiB: something was built"
 
+
+def test_a_job_with_only_a_fleet(ray_session, in_process_cli, tmp_path, capsys):
+    """`devices` lists the fleet of a job file that has only [fleet]; `sweep` on it without --models says
+    where to name them, before Ray or the table is touched."""
+    path = tmp_path / "fleet.toml"
+    path.write_text('[fleet]\nmode = "simulate"\nsimulate = "T4 x2"\n')
+    assert in_process_cli(["devices", str(path)]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "simulated fleet: 2 devices in 1 types"
+    assert in_process_cli(["sweep", str(path), "--out", str(tmp_path / "t.csv")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"error: {path}: [sweep] names no models: add models = [\"torchvision:resnet50\"] " \
+                                 "(or [[sweep.grid]] entries) to it, or pass --models\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fleet.toml"]
+
+
+def test_data_that_is_not_yaml_is_one_line(in_process_cli, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [images\nnames: {\n")
+    assert in_process_cli(["autobatch", "--model", "ultralytics:yolov8n.yaml", "--gpu", "T4", "--data", str(bad)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1 and f"--data='{bad}' is not valid YAML" in err, err
+    assert "at line 2, column" in err
+
