@@ -201,3 +201,56 @@ def test_data_that_is_not_yaml_is_one_line(in_process_cli, tmp_path, capsys):
     assert out == "" and len(err.splitlines()) == 1 and f"--data='{bad}' is not valid YAML" in err, err
     assert "at line 2, column" in err
 
+
+def _report_table(folder) -> Path:
+    from orchestrator.devices import SimulatedBackend
+    from orchestrator.spec import Workload
+
+    path = folder / "t.csv"
+    table.write_rows(path, [table.error_row(Workload(model="tiny_models:tiny", imgsz=32),
+                                            SimulatedBackend("T4").info(), 0.8, "RuntimeError: boom")])
+    return path
+
+
+def test_report_out_that_cannot_take_the_report_is_one_line(in_process_cli, tmp_path, capsys):
+    """`report --out` on a file, or on a folder whose TABLE.md is not a report: exit 2, one line with the fix,
+    nothing written or changed."""
+    path = _report_table(tmp_path)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine\n")
+    mine = tmp_path / "docs"
+    mine.mkdir()
+    (mine / "t.md").write_text("# my notes\n")
+    for out, needle in ((notes, f"report --out '{notes}' is a file, not a folder: name a folder"),
+                        (mine, f"'{mine / 't.md'}' exists and is not a report of ours; move it or choose another")):
+        before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+        assert in_process_cli(["report", str(path), "--out", str(out)]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and len(captured.err.splitlines()) == 1 and needle in captured.err, captured.err
+        assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def _without_root_override():
+    """In a child about to exec: drop the capabilities that let root write anywhere (CAP_DAC_OVERRIDE,
+    CAP_DAC_READ_SEARCH) from its bounding set, so that permission bits hold for it as for a user."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def test_report_out_in_a_read_only_folder_is_one_line(tmp_path):
+    """A folder the user cannot write: exit 2, one line with the fix, nothing written (run as root, the
+    command runs without root's permission override)."""
+    path = _report_table(tmp_path)
+    shut = tmp_path / "shut"
+    shut.mkdir(mode=0o555)
+    p = subprocess.run([sys.executable, "-m", "orchestrator", "report", str(path), "--out", str(shut / "r")],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT,
+                       preexec_fn=_without_root_override if os.geteuid() == 0 else None)
+    assert p.returncode == 2 and p.stdout == "", p.stderr
+    assert p.stderr == (f"error: report --out '{shut / 'r'}': folder '{shut}' is not writable; fix its "
+                        "permissions or choose another --out\n")
+    assert list(shut.iterdir()) == []
