@@ -185,6 +185,12 @@ def lookup_ranks(table: str | os.PathLike | pd.DataFrame, model: str | Workload,
     if given is not None and given != total:
         raise SpecError(f"world_size={given} but gpus={gpus!r} holds {total} ranks: drop --world-size (it is the "
                         f"total) or give every rank's card")
+    df, _ = _load(table)
+    for name, count in items:  # an unknown card first: the lookups below would blame the world size
+        try:
+            resolve_gpu(name, df, memory_hint=f"as the entry, e.g. '24 x{count}' for a 24 GB card")
+        except SpecError as e:
+            raise type(e)(f"gpus={gpus!r}: {e}") from None
     if isinstance(model, Workload):
         workload = replace(model, world_size=total)
     else:
@@ -249,8 +255,10 @@ def _pick_fraction(fraction: float | None, rows: pd.DataFrame, w: Workload) -> f
 # -- which card
 
 
-def resolve_gpu(gpu: str | int | float | None, df: pd.DataFrame) -> Target:
-    """The card ``gpu`` names (see ``lookup``); SpecError lists what it could have been."""
+def resolve_gpu(gpu: str | int | float | None, df: pd.DataFrame, memory_hint: str = "(--gpu-memory 24, gpu=24.0)"
+                ) -> Target:
+    """The card ``gpu`` names (see ``lookup``); SpecError lists what it could have been, and how to give a card
+    by its memory (``memory_hint``)."""
     if gpu is None:
         return current_device()
     if isinstance(gpu, bool):
@@ -262,10 +270,10 @@ def resolve_gpu(gpu: str | int | float | None, df: pd.DataFrame) -> Target:
         return Target(int(gpu))
     if isinstance(gpu, numbers.Real):
         return _from_gib(float(gpu), repr(gpu))
-    return _from_name(str(gpu).strip(), df)
+    return _from_name(str(gpu).strip(), df, memory_hint)
 
 
-def _from_name(name: str, df: pd.DataFrame) -> Target:
+def _from_name(name: str, df: pd.DataFrame, memory_hint: str) -> Target:
     try:
         return _from_catalog(catalog.card(name))
     except ValueError:
@@ -281,7 +289,7 @@ def _from_name(name: str, df: pd.DataFrame) -> Target:
     measured = nearest(name, sorted(set(df["gpu_name"])))
     raise NoAnswer(f"gpu={name!r} is not a catalog card ({nearest(name, list(catalog.CATALOG))}) nor a device "
                    f"in the table ({measured}): name one of those, or give its memory in GiB "
-                   "(--gpu-memory 24, gpu=24.0)")
+                   f"{memory_hint}")
 
 
 def _is_number(text: str) -> bool:

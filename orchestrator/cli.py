@@ -64,6 +64,7 @@ def cmd_sweep(args) -> int:
         address=args.address, out=args.out, max_batch=args.max_batch, every_device=args.every_device or None,
         real=args.real, data=args.data, **spec.overrides_from_args(args),
     )
+    jobs.require_models(job)  # a job file may hold only [fleet]: then --models names them
     bars = []
 
     def progress(total: int):

@@ -370,15 +370,29 @@ class CudaBackend:
         Under DDP (``world_size`` > 1) the step runs under the real DistributedDataParallel on a one-rank
         NCCL group (``one_rank_group``): the reducer's buckets are measured, and the communicator's own
         memory with them; the receive buffers for the other ranks, which one process cannot make, are
-        added from the model (``ddp.peer_bytes``, with the catalog's channels for this card)."""
-        extra = 0
-        if workload.world_size > 1:
-            one_rank_group(self.device)
-            props = torch.cuda.get_device_properties(self.device)
-            card = catalog.by_device_name(props.name, props.total_memory)
-            channels = card.nccl_channels if card else max(c.nccl_channels for c in catalog.CATALOG.values())
-            extra = ddp.peer_bytes(workload.world_size, channels)
-        return StepMeasurer(self.device, workload, CudaCounters(self.device), extra_outside_bytes=extra)
+        added from the model (``other_ranks_bytes``, with the catalog's channels for this card)."""
+        props = torch.cuda.get_device_properties(self.device)
+        return step_measurer(self.device, workload, CudaCounters(self.device), props.name, props.total_memory)
+
+
+def other_ranks_bytes(workload: Workload, name: str, total_bytes: int) -> int:
+    """Device memory NCCL holds for the other ranks of ``workload``'s DDP job, which one process cannot make:
+    their receive buffers (``ddp.peer_bytes``) with the catalog's channels for the card that reports ``name``
+    and ``total_bytes`` (the catalog's most for a card it does not know); 0 without DDP."""
+    if workload.world_size == 1:
+        return 0
+    card = catalog.by_device_name(name, total_bytes)
+    channels = card.nccl_channels if card else max(c.nccl_channels for c in catalog.CATALOG.values())
+    return ddp.peer_bytes(workload.world_size, channels)
+
+
+def step_measurer(device: torch.device, workload: Workload, counters, name: str, total_bytes: int) -> StepMeasurer:
+    """The measurer of ``workload`` on the real ``device`` (a card reporting ``name`` and ``total_bytes``),
+    reading ``counters`` (``CudaCounters`` on a GPU): under DDP, on the one-rank group (``one_rank_group``),
+    with the other ranks' buffers (``other_ranks_bytes``) added to what the device shows."""
+    if workload.world_size > 1:
+        one_rank_group(device)
+    return StepMeasurer(device, workload, counters, extra_outside_bytes=other_ranks_bytes(workload, name, total_bytes))
 
 
 def one_rank_group(device: torch.device) -> None:

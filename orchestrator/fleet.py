@@ -663,6 +663,9 @@ def run_sweep(job, *, force: bool = False, progress=None) -> tuple[SweepStats, "
     sweep ends (and when it is interrupted, as far as it can); an interrupted or killed sweep
     keeps every finished row and a re-run skips them (unless ``force``).
     """
+    from .job import require_models
+
+    require_models(job)
     table.check_writable(job.sweep.out)
     validate_models(job.sweep)
     try:

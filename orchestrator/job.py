@@ -103,7 +103,7 @@ def parse_fleet(text: str, where: str = "--simulate") -> tuple[tuple[str, int], 
     items = text if isinstance(text, list) else [s for s in re.split(r"[,;]", str(text)) if s.strip()]
     out = []
     for item in items:
-        m = re.fullmatch(r"\s*([A-Za-z0-9_.\-]+)\s*(?:[x*]\s*(\d+))?\s*", str(item))
+        m = re.fullmatch(r"\s*([A-Za-z0-9_.\-]+)\s*(?:[x*]\s*(-?\d+))?\s*", str(item))
         if not m:
             raise SpecError(f"{where}: {item!r} must be CARD or CARD xN, e.g. 'T4 x2, A100-80GB'")
         try:
@@ -112,7 +112,7 @@ def parse_fleet(text: str, where: str = "--simulate") -> tuple[tuple[str, int], 
             raise SpecError(f"{where}: {e}") from None
         count = int(m.group(2) or 1)
         if count < 1:
-            raise SpecError(f"{where}: {item!r} count must be >= 1")
+            raise SpecError(f"{where}: {item!r} count must be >= 1, e.g. '{key} x2'")
         out.append((key, count))
     if not out:
         raise SpecError(f"{where}: empty fleet; name catalog cards, e.g. 'T4 x2, A100-80GB'")
@@ -129,16 +129,27 @@ def load(path: str | os.PathLike | None = None) -> Job:
         data = tomllib.loads(p.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise SpecError(f"{src}: not valid TOML ({e}); fix the file") from None
-    return from_dict(data, src)
+    return from_dict(data, src, base=p.parent)
 
 
-def from_dict(data: dict, src: str = "<dict>") -> Job:
+def from_dict(data: dict, src: str = "<dict>", base: str | os.PathLike | None = None) -> Job:
+    """The job ``data`` (a parsed job file named ``src``) holds; ``base``: the folder relative paths in it
+    (``data``) are read from (None: the current directory). ``[sweep]`` may name no models: a job for
+    ``devices``, or for ``sweep --models`` (``require_models``)."""
     _check_keys(data, {"sweep", "fleet"}, src, "")
     sweep_d = data.get("sweep", {})
     fleet_d = data.get("fleet", {})
     _check_keys(sweep_d, _ALLOWED["sweep"], src, "[sweep] ")
     _check_keys(fleet_d, _ALLOWED["fleet"], src, "[fleet] ")
-    return Job(_sweep(sweep_d, src), _fleet(fleet_d, src), src)
+    return Job(_sweep(sweep_d, src, base), _fleet(fleet_d, src), src)
+
+
+def require_models(job: Job) -> Job:
+    """``job``, once its sweep names models (from the file or ``--models``); SpecError saying where to name them."""
+    if not any(g.models for g in job.sweep.grid):
+        raise SpecError(f"{job.source}: [sweep] names no models: add models = [\"torchvision:resnet50\"] (or "
+                        "[[sweep.grid]] entries) to it, or pass --models")
+    return job
 
 
 def _check_keys(d, allowed, src, section):
@@ -176,13 +187,17 @@ def _grid(entries, src) -> tuple[GridEntry, ...]:
         sec = f"[[sweep.grid]] #{i + 1} "
         _check_keys(g, _ALLOWED["grid"], src, sec)
         models = _list(g, "models", str, src, sec, None)
-        sizes = _list(g, "imgsz", int, src, sec, None)
         for m in models:
             spec.check_model(m)
-        for size in sizes:
-            spec.check_value("imgsz", size, f"{src}: {sec}")
-        out.append(GridEntry(models, sizes))
+        out.append(GridEntry(models, _sizes(g, src, sec)))
     return tuple(out)
+
+
+def _sizes(d, src, section, default=None) -> tuple[int, ...]:
+    sizes = _list(d, "imgsz", int, src, section, default)
+    for size in sizes:
+        spec.check_value("imgsz", size, f"{src}: {section}")
+    return sizes
 
 
 def _axes(d: dict, where: str) -> tuple[tuple[str, tuple], ...]:
@@ -199,7 +214,7 @@ def _axes(d: dict, where: str) -> tuple[tuple[str, tuple], ...]:
     return tuple(out)
 
 
-def _sweep(d, src) -> SweepConfig:
+def _sweep(d, src, base=None) -> SweepConfig:
     sec = "[sweep] "
     if "grid" in d and ("models" in d or "imgsz" in d):
         raise SpecError(f"{src}: {sec}use either models/imgsz or [[sweep.grid]] entries, not both")
@@ -207,11 +222,13 @@ def _sweep(d, src) -> SweepConfig:
         if not isinstance(d["grid"], list) or not d["grid"]:
             raise SpecError(f"{src}: {sec}grid must be one or more [[sweep.grid]] tables")
         grid = _grid(d["grid"], src)
-    else:
-        grid = _grid([{"models": d.get("models", []), "imgsz": d.get("imgsz", [spec.DEFAULTS["imgsz"]])}], src)
+    elif "models" in d:
+        grid = _grid([{"models": d["models"], "imgsz": d.get("imgsz", [spec.DEFAULTS["imgsz"]])}], src)
+    else:  # no models yet (``require_models``): the sizes wait for --models
+        grid = (GridEntry((), _sizes(d, src, sec, [spec.DEFAULTS["imgsz"]])),)
     fraction = check_fraction(_typed(d, "fraction", (int, float), src, sec, 0.8), f"{src}: {sec}fraction")
     if "data" in d:
-        d = with_data(d, _typed(d, "data", str, src, sec, ""), f"{src}: {sec}")
+        d = with_data(d, _typed(d, "data", str, src, sec, ""), f"{src}: {sec}", base=base)
     return SweepConfig(
         grid=grid, axes=_axes(d, f"{src}: {sec}"), fraction=fraction,
         max_batch=check_max_batch(_typed(d, "max_batch", int, src, sec, 1024), f"{src}: {sec}max_batch"),
@@ -256,7 +273,7 @@ def with_overrides(job: Job, *, models=None, imgsz=None, fraction=None, simulate
         sizes = tuple(imgsz) if imgsz is not None else tuple(dict.fromkeys(x for g in grid for x in g.imgsz))
         grid = _grid([{"models": list(models), "imgsz": list(sizes)}], "--models")
     elif imgsz is not None:
-        grid = tuple(_grid([{"models": list(g.models), "imgsz": list(imgsz)}], "--imgsz")[0] for g in grid)
+        grid = tuple(GridEntry(g.models, _sizes({"imgsz": list(imgsz)}, "--imgsz", "")) for g in grid)
     given = {k: v for k, v in workload_values.items() if v is not None}
     if data is not None:
         given = with_data(given, data, "--")

@@ -115,13 +115,35 @@ def write(table_path: str | os.PathLike, out_dir: str | os.PathLike | None = Non
         raise SpecError(f"{table_path} has no rows (missing or empty): build it with "
                         f"`python -m orchestrator sweep --out {table_path}`")
     out = Path(out_dir) if out_dir is not None else table_path.parent / "report"
-    out.mkdir(parents=True, exist_ok=True)
     md_path, png_path = out / f"{table_path.stem}.md", out / f"{table_path.stem}.png"
+    check_writable(out, md_path, png_path)
+    out.mkdir(parents=True, exist_ok=True)
     fractions = ", ".join(f"{f:g}" for f in sorted(df["fraction"].unique()))
     heatmap(df, png_path, f"Largest training batch within fraction {fractions} of each GPU ({table_path.name})")
     md_path.write_text(markdown(df, str(table_path), png_path.name))
     log.info("report for %s: %s, %s", table_path, md_path, png_path)
     return md_path, png_path
+
+
+def check_writable(out: Path, md_path: Path, png_path: Path) -> None:
+    """Fail before anything is written when the report cannot go to folder ``out``, or would replace a file
+    that is not one of ours: SpecError naming the path and what to do."""
+    if out.exists() and not out.is_dir():
+        raise SpecError(f"report --out {str(out)!r} is a file, not a folder: name a folder for "
+                        f"{md_path.name} and {png_path.name}, e.g. --out {out.parent / 'report'}")
+    folder = out
+    while not folder.exists() and folder != folder.parent:  # the folder mkdir will create its missing parts in
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise SpecError(f"report --out {str(out)!r}: folder {str(folder)!r} is not writable; fix its "
+                        "permissions or choose another --out")
+    for path in (md_path, png_path):
+        if path.is_dir() or (path.exists() and not os.access(path, os.W_OK)):
+            raise SpecError(f"report --out {str(out)!r}: {str(path)!r} cannot be replaced (a folder, or "
+                            "read-only); move it or choose another --out")
+    if md_path.is_file() and not md_path.read_bytes().startswith(b"# Batch sizes: "):
+        raise SpecError(f"report --out {str(out)!r}: {str(md_path)!r} exists and is not a report of ours; move it "
+                        "or choose another --out (it was not changed)")
 
 
 def register(subparsers, common=()) -> None:

@@ -42,17 +42,19 @@ def check_max_batch(max_batch, name: str = "max_batch") -> int:
     return max_batch
 
 
-def knob(default=MISSING, *, help: str, choices=None, minimum: int | None = None, grid: bool = False,
-         families: tuple[str, ...] = (), legacy=MISSING):
+def knob(default=MISSING, *, help: str, choices=None, minimum: int | None = None, maximum: int | None = None,
+         over: str = "", grid: bool = False, families: tuple[str, ...] = (), legacy=MISSING):
     """A workload field with what the rest of the code derives from it.
 
-    ``help``: one line for flags and docs. ``choices``: allowed values. ``minimum``:
-    for ints. ``grid``: swept through ``[[sweep.grid]]`` cross products (model, imgsz)
+    ``help``: one line for flags and docs. ``choices``: allowed values. ``minimum``,
+    ``maximum``: for ints, ``over`` saying why a value above ``maximum`` is a mistake
+    (checked before anything is built: a huge value would be allocated). ``grid``: swept through ``[[sweep.grid]]`` cross products (model, imgsz)
     rather than as a ``[sweep]`` key of its own. ``families``: model sources the
     field applies to (empty: all). ``legacy``: what rows of a table written before
     the field existed were measured with (default: ``default``).
     """
-    meta = {"help": help, "choices": tuple(choices) if choices else None, "minimum": minimum, "grid": grid,
+    meta = {"help": help, "choices": tuple(choices) if choices else None, "minimum": minimum, "maximum": maximum,
+            "over": over, "grid": grid,
             "families": families, "legacy": default if legacy is MISSING else legacy}
     return field(default=default, metadata=meta)
 
@@ -61,6 +63,12 @@ DEFAULT_OBJECTS = 400
 """Most boxes on one training image when no data set is named: ultralytics' AutoBatch rule
 (4 x the most labels on one image, for mosaic) for COCO-like data, whose busiest images
 carry about 100 labels. Name your ``data`` yaml to measure with your own data's figure."""
+MAX_CLASSES = 100_000
+"""More classes than any public data set has (ImageNet-21k: 21,843): a larger ``classes`` is a typo, and the
+model would be built with it in host memory first (resnet18's head alone: 2 KiB per class)."""
+MAX_OBJECTS = 10_000
+"""4 x 2,500 boxes on one image, beyond the densest detection data sets (SKU-110K: about 700): a larger
+``objects`` is a typo, and YOLO's loss runs on real host tensors of (batch x objects x anchors)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,10 +91,12 @@ class Workload:
                                           "measured on real GPUs only (the simulated step's memory is the same "
                                           "either way)", legacy=False)
     classes: int = knob(0, help="class count: YOLO's nc, a classifier's outputs; 0 = the model's own (80 for "
-                                "YOLO yamls, 1000 for torchvision/timm)", minimum=0)
+                                "YOLO yamls, 1000 for torchvision/timm)", minimum=0, maximum=MAX_CLASSES,
+                        over="more classes than any data set has: ImageNet-21k has 21843")
     objects: int = knob(DEFAULT_OBJECTS, help="most boxes on one training image after augmentation (YOLO only; "
                                               f"default {DEFAULT_OBJECTS}: 4 x ~100 for mosaic on COCO-like data; "
                                               "a data yaml gives 4 x its own most)", minimum=1,
+                        maximum=MAX_OBJECTS, over="4 x 2500 boxes on one image, more than any data set has",
                         families=("ultralytics",), legacy=8)
     nbs: int = knob(64, help="nominal batch: gradients accumulate over round(nbs / batch) steps, alive through "
                              "the next forward (YOLO's 64; 1 = no accumulation)", minimum=1, legacy=1)
@@ -153,6 +163,9 @@ def check_value(name: str, value, where: str = ""):
             what = "a positive integer" if meta["minimum"] == 1 else f"an integer >= {meta['minimum']}"
             example = f", e.g. {DEFAULTS[name]}" if name in DEFAULTS else ""
             raise SpecError(f"{shown} must be {what}{example}")
+        if meta["maximum"] is not None and value > meta["maximum"]:
+            raise SpecError(f"{shown} must be at most {meta['maximum']} ({meta['over']}): give your data set's "
+                            "figure, or read it from its yaml (--data, data =)")
     elif not isinstance(value, str):
         raise SpecError(f"{shown} must be a string")
     if meta["choices"] and value not in meta["choices"]:

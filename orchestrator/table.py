@@ -133,6 +133,10 @@ def _read_csv(path: Path) -> pd.DataFrame:
     if df[KEY].isna().any(axis=None) or not df["status"].isin(STATUSES).all():
         raise TableError(f"{path} has rows with empty keys or unknown status: restore it or choose another --out; "
                          "it was not changed")
+    bad = [b for b in df["batch_size"].dropna().tolist() if not _is_batch(b)]
+    if bad:
+        raise TableError(f"{path} has a row with batch_size={bad[0]!r}, which must be an integer >= 0: restore it "
+                         "or choose another --out; it was not changed")
     try:
         return _normalize(df)
     except (TypeError, ValueError) as e:
@@ -182,6 +186,11 @@ def _journal_rows(journal: Path) -> list[dict]:
     for n, line in enumerate(lines, 1):
         row = _decode(line)
         if row is not None:
+            try:  # whole, but written by something else than write_rows: checked as write_rows checks a row
+                _check_row(row)
+            except ValueError as e:
+                raise TableError(f"{journal} line {n} is not a valid table row ({e}): restore it or remove it "
+                                 "(its rows are lost); it was not changed") from None
             rows.append(row)
         elif n == len(lines) and not tail:
             log.warning("%s: ignoring its last line, which is not whole (a write cut short)", journal)
@@ -369,11 +378,16 @@ def _check_row(row: dict) -> None:
     if row.get("status") not in STATUSES:
         raise ValueError(f"a table row's status={row.get('status')!r} must be one of {', '.join(STATUSES)}")
     batch = row.get("batch_size")
-    if batch is not None and batch == batch:
-        try:
-            int(batch)
-        except (TypeError, ValueError, OverflowError):
-            raise ValueError(f"a table row's batch_size={batch!r} must be an int") from None
+    if batch is not None and batch == batch and not _is_batch(batch):
+        raise ValueError(f"a table row's batch_size={batch!r} must be an integer >= 0")
+
+
+def _is_batch(v) -> bool:
+    """A batch size: a whole number >= 0 (an int, or a float such as a CSV column with gaps holds)."""
+    try:
+        return not isinstance(v, (bool, str)) and int(v) == v and v >= 0
+    except (TypeError, ValueError, OverflowError):
+        return False
 
 
 def _stat(path: Path) -> os.stat_result | None:

@@ -83,3 +83,13 @@ def test_free_returns_the_block_for_reuse():
     for _ in range(50):
         a.free(a.malloc(15 * MiB))
     assert (a.stats.allocated, a.stats.reserved, a.stats.segments) == (0, 16 * MiB, 1)
+
+
+def test_a_request_of_exactly_1_mib_is_small():
+    """<= 1 MiB is the small pool: two 1 MiB requests share one 2 MiB segment. In the large pool the first
+    would take a segment whole (a 1 MiB remainder is not split there) and the second a new one; with
+    1 MiB sized as a large request, a 20 MiB segment. One byte more is large: a 20 MiB segment of its own."""
+    st = replay([MiB, MiB])
+    assert (st.peak_reserved, st.segments, st.peak_allocated) == (2 * MiB, 1, 2 * MiB)
+    st = replay([MiB, MiB + 1])
+    assert (st.peak_reserved, st.segments) == (22 * MiB, 2)

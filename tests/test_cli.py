@@ -152,3 +152,105 @@ def test_failed_table_write_stops_the_sweep_with_exit_1(ray_session, in_process_
     assert len(errors) == 1 and "could not write" in errors[0] and "No space left on device" in errors[0], errors
     assert table.read_text() == EXISTING
     assert sorted(os.listdir(tmp_path)) == ["t.csv", "t.csv.lock"]
+
+
+# -- bad input that used to slip through (issue 22): one line naming the value, the constraint and the fix,
+# exit 2, nothing written, and nothing large allocated before the check
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--model", "torchvision:resnet18", "--classes", "10000000"], "classes=10000000 must be at most 100000"),
+    (["--model", "ultralytics:yolov8n.yaml", "--objects", "1000000000000"],
+     "objects=1000000000000 must be at most 10000"),
+])
+def test_huge_classes_or_objects_are_refused_before_any_model_is_built(args, needle):
+    """resnet18 with 10,000,000 classes would be a 20 GB head, built in host memory before anything is faked:
+    the field's bound refuses it first. The command runs with its address space capped 2 GiB above what
+    importing torch took (a build that came back would fail, not swap) and its peak memory is read."""
+    script = ("import resource, sys\nimport orchestrator.engine\nfrom orchestrator import cli\n"
+              "vm = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()\n"
+              "resource.setrlimit(resource.RLIMIT_AS, (vm + 2 * 2**30, resource.RLIM_INFINITY))\n"
+              "code = cli.main(sys.argv[1:])\n"
+              "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\nsys.exit(code)\n")
+    p = subprocess.run([sys.executable, "-c", script, "autobatch", "--imgsz", "64", "--gpu", "T4", *args],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and needle in lines[0] and "--data" in lines[0], p.stderr
+    assert int(p.stdout) < 1024 * 1024, f"peak RSS {int(p.stdout) / 1024:.0f} MiB: something was built"
+
+
+def test_a_job_with_only_a_fleet(ray_session, in_process_cli, tmp_path, capsys):
+    """`devices` lists the fleet of a job file that has only [fleet]; `sweep` on it without --models says
+    where to name them, before Ray or the table is touched."""
+    path = tmp_path / "fleet.toml"
+    path.write_text('[fleet]\nmode = "simulate"\nsimulate = "T4 x2"\n')
+    assert in_process_cli(["devices", str(path)]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == "simulated fleet: 2 devices in 1 types"
+    assert in_process_cli(["sweep", str(path), "--out", str(tmp_path / "t.csv")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"error: {path}: [sweep] names no models: add models = [\"torchvision:resnet50\"] " \
+                                 "(or [[sweep.grid]] entries) to it, or pass --models\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fleet.toml"]
+
+
+def test_data_that_is_not_yaml_is_one_line(in_process_cli, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [images\nnames: {\n")
+    assert in_process_cli(["autobatch", "--model", "ultralytics:yolov8n.yaml", "--gpu", "T4", "--data", str(bad)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1 and f"--data='{bad}' is not valid YAML" in err, err
+    assert "at line 2, column" in err
+
+
+def _report_table(folder) -> Path:
+    from orchestrator.devices import SimulatedBackend
+    from orchestrator.spec import Workload
+
+    path = folder / "t.csv"
+    table.write_rows(path, [table.error_row(Workload(model="tiny_models:tiny", imgsz=32),
+                                            SimulatedBackend("T4").info(), 0.8, "RuntimeError: boom")])
+    return path
+
+
+def test_report_out_that_cannot_take_the_report_is_one_line(in_process_cli, tmp_path, capsys):
+    """`report --out` on a file, or on a folder whose TABLE.md is not a report: exit 2, one line with the fix,
+    nothing written or changed."""
+    path = _report_table(tmp_path)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine\n")
+    mine = tmp_path / "docs"
+    mine.mkdir()
+    (mine / "t.md").write_text("# my notes\n")
+    for out, needle in ((notes, f"report --out '{notes}' is a file, not a folder: name a folder"),
+                        (mine, f"'{mine / 't.md'}' exists and is not a report of ours; move it or choose another")):
+        before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+        assert in_process_cli(["report", str(path), "--out", str(out)]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and len(captured.err.splitlines()) == 1 and needle in captured.err, captured.err
+        assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def _without_root_override():
+    """In a child about to exec: drop the capabilities that let root write anywhere (CAP_DAC_OVERRIDE,
+    CAP_DAC_READ_SEARCH) from its bounding set, so that permission bits hold for it as for a user."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def test_report_out_in_a_read_only_folder_is_one_line(tmp_path):
+    """A folder the user cannot write: exit 2, one line with the fix, nothing written (run as root, the
+    command runs without root's permission override)."""
+    path = _report_table(tmp_path)
+    shut = tmp_path / "shut"
+    shut.mkdir(mode=0o555)
+    p = subprocess.run([sys.executable, "-m", "orchestrator", "report", str(path), "--out", str(shut / "r")],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT,
+                       preexec_fn=_without_root_override if os.geteuid() == 0 else None)
+    assert p.returncode == 2 and p.stdout == "", p.stderr
+    assert p.stderr == (f"error: report --out '{shut / 'r'}': folder '{shut}' is not writable; fix its "
+                        "permissions or choose another --out\n")
+    assert list(shut.iterdir()) == []

@@ -104,23 +104,42 @@ def test_ddp_answer_is_below_the_single_process_one_by_the_overhead(profiles):
     assert drop > 0 and abs(drop - expected_drop) <= 0.1 * expected_drop + 2, (drop, expected_drop)
 
 
+def test_the_other_ranks_buffers_are_the_cards_nccl_channels_for_the_other_ranks():
+    """What the CUDA path adds for the ranks one process cannot see: none without DDP; the catalog's channels
+    for a known card (found by the name and total it reports), the catalog's most for an unknown one."""
+    t4 = catalog.card("T4")
+    w8 = Workload(model="tiny_models:tiny", imgsz=32, world_size=8)
+    assert devices.other_ranks_bytes(Workload(model="tiny_models:tiny", imgsz=32), t4.name, t4.total_bytes) == 0
+    assert devices.other_ranks_bytes(w8, t4.name, t4.total_bytes) == ddp.peer_bytes(8, t4.nccl_channels) > 0
+    most = max(c.nccl_channels for c in catalog.CATALOG.values())
+    assert devices.other_ranks_bytes(w8, "NVIDIA B200", 190 * 2**30) == ddp.peer_bytes(8, most)
+    assert most > t4.nccl_channels
+
+
 def test_the_real_device_measurer_runs_real_ddp_and_adds_the_other_ranks_buffers():
-    """The CUDA path's measurer (``StepMeasurer``, here on the CPU with the fake counters of test_cuda_path)
-    on the one-rank group the CUDA backend makes: the real DDP step runs, and memory outside the allocator
-    is what the device shows plus NCCL's receive buffers for the other 7 ranks."""
+    """The CUDA path's measurer as ``CudaBackend.measurer`` makes it (``step_measurer``, here on the CPU with
+    the fake counters of test_cuda_path, for a device reporting itself as a T4): on the one-rank group it
+    makes, the real DDP step runs, and memory outside the allocator is what the device shows plus NCCL's
+    receive buffers for the other 7 ranks."""
+    import inspect
+
     from test_cuda_path import CpuCounters
 
     w = Workload(model="tiny_models:tiny", imgsz=32, world_size=8)
-    extra = ddp.peer_bytes(8, catalog.card("T4").nccl_channels)
-    devices.one_rank_group(torch.device("cpu"))
+    t4 = catalog.card("T4")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            m = devices.StepMeasurer(torch.device("cpu"), w, CpuCounters(), extra_outside_bytes=extra)
+            m = devices.step_measurer(torch.device("cpu"), w, CpuCounters(), t4.name, t4.total_bytes)
             measured = m(4)
     finally:
         dist.destroy_process_group()
+    extra = ddp.peer_bytes(8, t4.nccl_channels)
     assert measured.outside_bytes == m.outside_bytes == extra == 4 * 3 * 10 * 2**20
+    # the GPU-only lines that hand the card's name and memory to it: read here, run on a GPU
+    source = inspect.getsource(devices.CudaBackend.measurer)
+    assert "return step_measurer(self.device, workload, CudaCounters(self.device), props.name, " \
+           "props.total_memory)" in source
     with pytest.raises(RuntimeError, match="needs a process group"):  # its step is the real DDP's: no group, no step
         devices.StepMeasurer(torch.device("cpu"), w, CpuCounters(), extra_outside_bytes=extra)
 

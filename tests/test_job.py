@@ -59,3 +59,37 @@ def test_flags_override_the_file():
                            simulate="T4 x2", out="x.csv")
     assert [(w.model, w.imgsz) for w in j.sweep.workloads()] == [("torchvision:resnet18", 128)]
     assert (j.sweep.fraction, j.sweep.out, j.fleet.mode, j.fleet.simulate) == (0.5, "x.csv", "simulate", (("T4", 2),))
+
+
+def test_a_job_with_only_a_fleet_serves_devices_and_sweep_with_models(tmp_path):
+    """`devices` needs only [fleet]; `sweep` takes its models (and sizes) from the flags: the job loads, and
+    only a sweep left without models is refused (``require_models``, which the CLI and run_sweep call)."""
+    path = write(tmp_path, '[fleet]\nmode = "simulate"\nsimulate = "T4 x2"\n')
+    j = job.load(path)
+    assert j.fleet.simulate == (("T4", 2),) and j.sweep.workloads() == []
+    with pytest.raises(SpecError, match=r"j.toml: \[sweep\] names no models: .*or pass --models"):
+        job.require_models(j)
+    flagged = job.require_models(job.with_overrides(j, models=["tiny_models:tiny"]))
+    assert [(w.model, w.imgsz) for w in flagged.sweep.workloads()] == [("tiny_models:tiny", 640)]
+    sized = job.with_overrides(job.load(write(tmp_path, '[sweep]\nimgsz = [320]\n[fleet]\nmode = "simulate"\n')),
+                               models=["tiny_models:tiny"])
+    assert [w.imgsz for w in sized.sweep.workloads()] == [320]
+    with pytest.raises(SpecError, match=r"j.toml: \[fleet\] simulate: 'T4 x-1' count must be >= 1"):
+        job.load(write(tmp_path, '[fleet]\nsimulate = "T4 x-1"\n'))
+
+
+def test_data_in_a_job_file_is_read_from_its_folder_and_errors_name_the_file(tmp_path, monkeypatch):
+    """``data`` relative to the job file's folder, whatever the current directory; a missing one names the
+    job file, [sweep] and where it was looked for."""
+    from test_trainer_step import make_dataset
+
+    folder = tmp_path / "jobs"
+    folder.mkdir()
+    make_dataset(folder / "ds", [2, 5], ["a", "b"])
+    (folder / "j.toml").write_text('[sweep]\nmodels = ["ultralytics:yolov8n.yaml"]\ndata = "ds/data.yaml"\n')
+    monkeypatch.chdir(tmp_path)  # not the job file's folder
+    assert [(w.objects, w.classes) for w in job.load("jobs/j.toml").sweep.workloads()] == [(20, 2)]
+    (folder / "j.toml").write_text('[sweep]\nmodels = ["ultralytics:yolov8n.yaml"]\ndata = "no_such_data.yaml"\n')
+    with pytest.raises(SpecError, match=r"^jobs/j.toml: \[sweep\] data='no_such_data.yaml' \(read from '"
+                                        + str(folder / "no_such_data.yaml") + r"'\) does not exist"):
+        job.load("jobs/j.toml")

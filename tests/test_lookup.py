@@ -197,6 +197,17 @@ def test_cli_missing_key_is_one_line_and_exit_2(swept, flags, missing, existing)
     assert len(lines) == 1 and missing in lines[0] and existing in lines[0], done.stderr
 
 
+def test_cli_gpus_names_an_unknown_card(swept, capsys):
+    """`--gpus "NoSuchCard x2"`: the one line names the card and how to give one, not the world size
+    (2, from the count) the user never typed."""
+    code = cli.main(["lookup", str(swept), "--model", WORKLOADS["yolo"].model, "--imgsz", "320",
+                     "--gpus", "NoSuchCard x2"])
+    out, err = capsys.readouterr()
+    assert (code, out, len(err.splitlines())) == (2, "", 1), err
+    assert err.startswith("error: gpus='NoSuchCard x2': gpu='NoSuchCard' is not a catalog card") and "'24 x2'" in err
+    assert "world_size" not in err
+
+
 def test_lookup_returns_every_ok_row_of_the_default_sweep(default_table):
     """The table the shipped default job makes: lookup gives back each ok row's batch size, exactly."""
     _, _, df = default_table

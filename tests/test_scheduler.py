@@ -128,6 +128,28 @@ def test_actor_death_retries_on_another_device_then_gives_up():
     assert s.jobs[j].errors == ["actor died: ActorDiedError"] * 2 and s.done()
 
 
+@pytest.mark.parametrize("max_attempts", [3, 4])
+def test_actor_deaths_are_retried_exactly_as_many_times_as_max_attempts_allows(max_attempts):
+    """Every death under the job re-queues it on the replacement device, until it has run max_attempts
+    times: then it is an error with that count (a cap of 2, or one attempt short, fails here)."""
+    s, (d,) = fleet(T4, max_attempts=max_attempts)
+    s.add_job("decide", ("w",), Need(type_key=T4), outcome=(T4, "w"), label="w@64")
+    runs = 0
+    for t in range(10):
+        assigned = s.assign(float(t))
+        if not assigned:
+            break
+        [a] = assigned
+        runs += 1
+        assert s.outcomes() == []
+        drop = s.died(a.devices[0], "actor died: ActorDiedError", t + 0.5)
+        s.started(drop.replacement, T4, f"T4#{drop.replacement}", t + 0.6)
+    assert runs == max_attempts
+    [o] = s.outcomes()
+    assert (o.error, o.attempts) == (f"actor died: ActorDiedError; gave up after {max_attempts} attempts", max_attempts)
+    assert s.done()
+
+
 def test_poisoned_device_is_replaced_and_its_job_retried_once():
     """A sticky CUDA error (the device's process can no longer use it) replaces the device like a death,
     but retries the job only once, whatever max_attempts allows: a second fault is the job's."""

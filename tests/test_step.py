@@ -144,3 +144,35 @@ def test_fake_grad_scaler_matches_gradscaler():
     print(f"\nGradScaler {own} B, fake scaler {stand_in} B: {stand_in - own:+d} B")
     assert abs(stand_in - own) <= 2048
 
+
+
+def test_with_accumulation_the_first_iteration_s_gradients_live_through_the_second_forward():
+    """nbs = 2 x batch: the second optimizer step runs two iterations, and the second forward starts with
+    the first's gradients alive (the optimizer steps, and zero_grad frees them, only after it): entering
+    it, exactly one copy of the weights more is live than entering the first iteration's forward."""
+    weights, _, _ = sizes()
+    w = Workload(model=MODEL, imgsz=IMGSZ, precision="fp32", optimizer="SGD", ema=False, nbs=2 * BATCH, val_scale=0)
+    hook = built().module.register_forward_pre_hook(_mark)
+    try:
+        marks, _ = read_marks(simulated.trace(built(), w, BATCH))
+    finally:
+        hook.remove()
+    assert len(marks) == 3, f"forwards: step 1, then step 2's two iterations; got {len(marks)}"
+    assert marks[2] - marks[1] == weights, marks
+
+
+def _validation_rise(val_scale: int, batch: int) -> int:
+    """Peak live bytes the validation pass adds over what the training left alive (fp32, no EMA, the model's
+    own weights; no cap, no allocator: tensor bytes alone)."""
+    w = Workload(model="tiny_models:tiny", imgsz=IMGSZ, precision="fp32", ema=False, nbs=1, val_scale=val_scale)
+    events = simulated.trace(models.build(w), w, batch)
+    peaks = simulated.phase_tensor_peaks(events)
+    live_at_mark = simulated.phase_tensor_peaks(events[:events.index(0) + 1])[-1]
+    return peaks[1] - live_at_mark
+
+
+def test_validation_runs_at_val_scale_times_the_batch():
+    """Validation at val_scale 2 and batch b is validation at 2b: it adds what val_scale 1 at batch 2b adds,
+    nearly twice what val_scale 1 at batch b does."""
+    assert _validation_rise(2, 8) == _validation_rise(1, 16)
+    assert _validation_rise(2, 8) > 1.8 * _validation_rise(1, 8) > 0

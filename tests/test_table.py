@@ -1,6 +1,7 @@
 """The table's journal: a row is durable at one append, read sees CSV and journal merged (newest row for a key
 wins), a fold writes what the read-merge-rewrite of every row would, and a killed writer loses nothing."""
 import logging
+import re
 import signal
 import subprocess
 import sys
@@ -93,6 +94,39 @@ def test_damaged_journal_line_is_refused_and_left_as_it_is(tmp_path, rows):
     with pytest.raises(table.TableError, match="line 1 is damaged"):
         table.check_writable(out)
     assert journal.read_bytes() == damaged
+
+
+@pytest.mark.parametrize("change,needle", [({"status": "bogus", "batch_size": 999}, "status='bogus' must be one of"),
+                                           ({"batch_size": -5}, "batch_size=-5 must be an integer >= 0")])
+def test_a_whole_journal_line_that_is_not_a_row_is_refused_as_a_csv_row_is(tmp_path, rows, change, needle, capsys):
+    """A checksummed journal line that write_rows would have refused (unknown status, negative batch) is not
+    answered: read raises, `lookup` exits 2 with one line, and neither file changes."""
+    from orchestrator import cli
+
+    out = tmp_path / "t.csv"
+    table.write_rows(out, rows(1))
+    row = dict(rows(1, start=1)[0], **change)
+    journal = table.journal_path(out)
+    journal.write_bytes(table._encode(row))  # whole: its checksum matches
+    before = (out.read_bytes(), journal.read_bytes())
+    with pytest.raises(table.TableError, match=rf"journal line 1 is not a valid table row \(.*{re.escape(needle)}"):
+        table.read(out)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        code = cli.main(["lookup", str(out), "--model", row["model"], "--imgsz", str(row["imgsz"]), "--gpu", "T4"])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    stdout, err = capsys.readouterr()
+    assert (code, stdout, len(err.splitlines())) == (2, "", 1) and needle in err, err
+    assert (out.read_bytes(), journal.read_bytes()) == before
+
+
+def test_a_negative_batch_size_in_the_csv_is_refused(tmp_path):
+    out = tmp_path / "t.csv"
+    out.write_text("gpu_name,gpu_total_bytes,model,imgsz,fraction,batch_size,status\n"
+                   "Tesla T4,15835594752,tiny_models:tiny,64,0.8,-5,ok\n")
+    with pytest.raises(table.TableError, match="batch_size=-5, which must be an integer >= 0"):
+        table.read(out)
 
 
 def test_bad_row_is_refused_before_anything_is_written(tmp_path, rows):

@@ -84,3 +84,46 @@ def test_dataset_gives_four_times_the_busiest_image_and_its_classes(tmp_path):
         job.from_dict({"sweep": {"models": [YOLO], "data": str(data), "objects": 5}}, "j.toml")
     with pytest.raises(SpecError, match="does not exist"):
         fields_from(tmp_path / "nope.yaml")
+
+
+def test_a_data_yaml_that_is_not_yaml_is_one_line_with_the_file_and_the_position(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [images\nnames: {\n")
+    with pytest.raises(SpecError) as e:
+        fields_from(bad)
+    assert "\n" not in str(e.value), str(e.value)
+    assert str(e.value).startswith(f"data='{bad}' is not valid YAML (") and "at line 2, column" in str(e.value)
+
+
+LABEL_CASES = {  # label file text -> does ultralytics' loader keep the image (else: drops it as corrupt)
+    "0 0.5 0.5 0.1 0.1\n1 0.2 0.2 0.1 0.1\n": True,
+    "0 0.1 0.1 0.3 0.1 0.3 0.3 0.1 0.3\n": True,  # a polygon (segment data): one box
+    "0 0.5 oops 0.1 0.1\n": False,
+    "0 0.5 0.5 0.1 0.1 7\n": False,  # 6 columns
+    "2 0.5 0.5 0.1 0.1\n": False,  # class 2 of 2 names
+    "0 1.5 0.5 0.1 0.1\n": False,  # not normalized
+    "0 0.5 0.5 -0.1 0.1\n": False,
+    "0.5 0.5 0.5 0.1 0.1\n": False,  # class not an integer
+    "0 0.5 0.5 0.1 0.1\n0 0.1 0.1 0.3 0.1 0.3 0.3 0.1 0.3\n": False,  # boxes and polygons mixed
+}
+
+
+@pytest.mark.parametrize("text", list(LABEL_CASES), ids=range(len(LABEL_CASES)))
+def test_a_label_file_ultralytics_drops_as_corrupt_counts_nothing_and_is_named(tmp_path, caplog, text):
+    """Each label file is judged as ultralytics' own loader (``verify_image_label``, run here on the same
+    file) judges it: kept, its lines count; dropped as corrupt, it counts 0 and a warning names it."""
+    from PIL import Image
+    from ultralytics.data.utils import verify_image_label
+
+    data = make_dataset(tmp_path, [1, 1], ["cat", "dog"])
+    image, label = tmp_path / "images" / "train" / "0.jpg", tmp_path / "labels" / "train" / "0.txt"
+    Image.new("RGB", (32, 32)).save(image)
+    label.write_text(text * 3)  # more lines than the other image's one: counted, they would set objects
+    corrupt = verify_image_label((str(image), str(label), "", False, 2, 0, 0, False))[8]
+    assert corrupt == (not LABEL_CASES[text])  # the table above is what ultralytics does
+    with caplog.at_level("WARNING", logger="orchestrator.datasets"):
+        fields = fields_from(data)
+    lines = 3 * len(text.splitlines())
+    assert fields == {"objects": 4 * (1 if corrupt else lines), "classes": 2}
+    named = [r.getMessage() for r in caplog.records if str(label) in r.getMessage()]
+    assert len(named) == corrupt and all("corrupt" in m for m in named), caplog.text

@@ -106,6 +106,30 @@ FAULTS = (
           "orchestrator/fastfake.py", (("size = (batch, *shape[1:]) if shape and shape[0] is None else shape",
                                         "size = (2, *shape[1:]) if shape and shape[0] is None else shape"),),
           ("tests/test_simulated.py::test_trace_shortcuts_change_no_event",)),
+    # ---- issue 22: slips that passed the tests covering their code
+    Fault("accumulate-frees-grads", "with accumulation, the first iteration's gradients are freed before the second "
+          "forward", "orchestrator/step.py",
+          (("            images = None  # the loader's next batch replaces the last one\n",
+            "            optimizer.zero_grad(set_to_none=True)\n"
+            "            images = None  # the loader's next batch replaces the last one\n"),),
+          ("tests/test_step.py",)),
+    Fault("small-threshold", "the allocator model's small pool takes requests < 1 MiB, not <= 1 MiB",
+          "orchestrator/allocator.py", (("        small = size <= SMALL_SIZE\n", "        small = size < SMALL_SIZE\n"),),
+          ("tests/test_allocator.py",)),
+    Fault("ddp-peer-buffers", "the real card's measurer under DDP is not given the other ranks' NCCL buffers",
+          "orchestrator/devices.py",
+          (("    return StepMeasurer(device, workload, counters, extra_outside_bytes=other_ranks_bytes(workload, name, "
+            "total_bytes))\n", "    return StepMeasurer(device, workload, counters)\n"),),
+          ("tests/test_ddp.py", "-k", "other_ranks or measurer")),
+    Fault("val-at-1x", "validation runs at 1 x the batch whatever val_scale says", "orchestrator/step.py",
+          (("validate(built, workload, batch * workload.val_scale, device, ema, surrogate)",
+            "validate(built, workload, batch, device, ema, surrogate)"),),
+          ("tests/test_step.py",)),
+    Fault("death-retries", "an actor death is retried at most twice whatever max_attempts allows",
+          "orchestrator/scheduler.py",
+          (("        return self._lost(device, reason, now, self.max_attempts)\n",
+            "        return self._lost(device, reason, now, min(2, self.max_attempts))\n"),),
+          ("tests/test_scheduler.py",)),
 )
 
 IGNORE = shutil.ignore_patterns(".git", ".venv", "__pycache__", ".pytest_cache", "*.egg-info", ".whl", "*.csv.lock")
