@@ -222,9 +222,10 @@ def main(argv=None) -> None:
     name = args.name or ("calibration_raw" if args.raw else "calibration")
     sums = summaries(rows)
     worst = sorted(rows, key=lambda r: abs(r["ratio"] - 1), reverse=True)[:5]
-    title = (f"Simulated / real GPU memory, {'without' if args.raw else 'with'} the CUDA-side costs "
-             f"(calibration {calibration.VERSION}, factor {calibration.HISTORY_FACTOR}): {len(rows)} points, "
-             f"{time.perf_counter() - t0:.0f} s")
+    what = ("without the CUDA-side costs, the second epoch or the fitted factor (the simulator before issue 21)"
+            if args.raw else f"calibration {calibration.VERSION}: CUDA-side costs, second epoch, factor "
+                             f"{calibration.HISTORY_FACTOR}")
+    title = f"Simulated / real GPU memory, {what}: {len(rows)} points, {time.perf_counter() - t0:.0f} s"
     parts = [f"# {title}", f"{report.machine()}; orchestrator {report.revision()}; {report.now()}"]
     for k, v in sums.items():
         parts.append(f"## By {k}\n\n" + report.markdown_table(v, list(v[0])))

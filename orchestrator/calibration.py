@@ -20,7 +20,9 @@ validation between them holds more than two identical steps do (published logs r
 first epoch). Fitted on the ``fit`` training readings' steady state (the readings after the first epoch),
 so that an answer is safe for the whole run, not only its first epoch."""
 
-EXPECTED_ERROR: dict[str, tuple[float, float]] = {"yolo-detect": (-0.12, 0.03), "yolo-segment": (0.17, 0.19)}
+# yolo-segment: its one run (L4, yolo11s-seg) reads -5 % with 10 objects per image assumed, +19 % with 40;
+# the log's label counts allow both, and segmentation's memory follows the objects closely
+EXPECTED_ERROR: dict[str, tuple[float, float]] = {"yolo-detect": (-0.12, 0.03), "yolo-segment": (-0.05, 0.19)}
 """Simulated / real - 1, as the (lowest, highest) seen over the calibration's training readings after the
 correction, by the kind of workload (``kind_of``); a kind without published readings has none."""
 
