@@ -40,7 +40,8 @@ def cmd_autobatch(args) -> int:
                           "batch_size": d.batch_size, "status": d.status, "peak_bytes": d.peak_bytes,
                           "budget_bytes": d.budget_bytes, "bytes_per_sample": d.bytes_per_sample,
                           "fixed_bytes": d.fixed_bytes, "r2": d.r2, "clamped": d.clamped, "reason": d.reason,
-                          "probes": [[p.batch, p.peak_bytes] for p in d.probes], "seconds": r.seconds}))
+                          "probes": [[p.batch, p.peak_bytes] for p in d.probes], "seconds": r.seconds,
+                          **_calibration(r.workload.model, dev.backend)}))
         return 0
     print(f"{r.workload.label()} on {dev.name} ({dev.backend}, {gib(dev.total_bytes)} total, "
           f"{gib(dev.outside_bytes)} outside the allocator)")
@@ -51,7 +52,23 @@ def cmd_autobatch(args) -> int:
         print(f"  fit         {mib(d.bytes_per_sample)}/sample + {mib(d.fixed_bytes)} fixed  R^2 {d.r2:.4f}")
     probes = "  ".join(f"{p.batch}:{'OOM' if p.oom else gib(p.peak_bytes, unit=False)}" for p in d.probes)
     print(f"  probes      {probes}  (GiB; {d.measurements} measurements, {r.seconds:.1f} s)")
+    if dev.backend == "simulated":
+        from . import calibration
+
+        error = calibration.expected_error(r.workload.model)
+        print(f"  simulated   against published real-GPU readings of {calibration.kind_of(r.workload.model)} "
+              f"workloads: {error if error != 'unknown' else 'none published; verify on a card'} "
+              f"(calibration {calibration.VERSION})")
     return 0
+
+
+def _calibration(model: str, backend: str) -> dict:
+    """A simulated answer's calibration and error band, as the table's row records them."""
+    if backend != "simulated":
+        return {}
+    from . import calibration
+
+    return {"calibration": calibration.VERSION, "sim_error": calibration.expected_error(model)}
 
 
 def cmd_sweep(args) -> int:
