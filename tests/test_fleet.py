@@ -8,7 +8,7 @@ import time
 import psutil
 import pytest
 
-from orchestrator import fleet, job, table
+from orchestrator import calibration, fleet, job, table
 
 TINY = "tiny_models:tiny"
 
@@ -38,6 +38,11 @@ def test_default_job_rows_all_ok_and_ordered(default_table):
         g = g.sort_values("imgsz")
         assert g["batch_size"].is_monotonic_decreasing, (model, gpu)
     assert (df["peak_bytes"] <= df["budget_bytes"]).all()
+    # every simulated row says which calibration against real GPUs it carries, and its error band
+    assert (df["calibration"] == calibration.VERSION).all()
+    yolo = df["model"].str.startswith("ultralytics:")
+    assert (df.loc[yolo, "sim_error"] == calibration.expected_error("ultralytics:yolov8n.yaml")).all()
+    assert (df.loc[~yolo, "sim_error"] == "unknown").all()
 
 
 def test_one_actor_per_simulated_card_type_counts_as_data(ray_session, tmp_path):
