@@ -186,7 +186,9 @@ class Sweep:
         # workloads, and at most MAX_PROFILE_WORKERS on a big real cluster
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         n = min(cpus, len(self.sweep.workloads()), cpus if self.simulated else MAX_PROFILE_WORKERS)
-        workers = [RemoteProfileWorker.remote() for _ in range(n)]
+        # ready() asked now, not after the devices: a device that takes all of actor_timeout_s to fail (never
+        # placed) must not leave the workers, up long since, no time to answer
+        workers = {w.ready.remote(): w for w in (RemoteProfileWorker.remote() for _ in range(n))}
         self._starting = True
         try:
             while self.scheduler.starting():
@@ -205,9 +207,10 @@ class Sweep:
         for key, n in self.stats.devices.items():
             log.info("device type %s x%d", key, n)
 
-    def _start_cpu_workers(self, workers: list, deadline: float) -> None:
-        """Keep the profile workers that are up by ``deadline``; none at all is an error naming the cause."""
-        ready = {w.ready.remote(): w for w in workers}
+    def _start_cpu_workers(self, ready: dict, deadline: float) -> None:
+        """Keep the profile workers (``ready()`` ref -> worker) that are up by ``deadline``; none at all is an
+        error naming the cause."""
+        workers = list(ready.values())
         done, late = ray.wait(list(ready), num_returns=len(ready), timeout=max(0.0, deadline - time.monotonic()))
         errors = []
         for ref in done:
