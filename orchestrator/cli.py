@@ -19,7 +19,8 @@ from .units import gib, mib
 log = logging.getLogger("orchestrator")
 
 EXIT_ERROR_ROWS = 3
-"""``sweep`` finished, but some rows are ``error``: a script can tell (``ok`` and ``no-fit`` rows exit 0)."""
+"""``sweep`` finished, but some rows are ``error`` (those of a card type asked for and never measured included):
+a script can tell (``ok`` and ``no-fit`` rows exit 0)."""
 
 
 def _add_decision_flags(p: argparse.ArgumentParser) -> None:
@@ -97,12 +98,17 @@ def cmd_sweep(args) -> int:
     mine = df[df["fraction"].round(6) == round(job.sweep.fraction, 6)]
     mine = mine[mine["model"].isin({w.model for w in job.sweep.workloads()})]
     print(summary.pivot(mine).to_string())
-    print(f"\n{stats.rows} rows written ({stats.ok} ok, {stats.no_fit} no-fit, {stats.errors} error), "
-          f"{stats.skipped} already in the table, {stats.actor_restarts} actor restarts, {stats.seconds:.1f} s")
+    print(f"\n{stats.rows} rows written ({stats.ok} ok, {stats.no_fit} no-fit, {stats.errors} error"
+          + (f", of which {stats.not_measured_rows} not measured" if stats.not_measured_rows else "")
+          + f"), {stats.skipped} already in the table, {stats.actor_restarts} actor restarts, {stats.seconds:.1f} s")
+    for card, why in stats.not_measured.items():
+        print(f"not measured: {card} (asked for; its device actor did not start: {why})")
     print(f"table: {job.sweep.out}")
     if stats.errors:
-        print(f"error: {stats.errors} rows are `error` (see their `error` column, or `python -m orchestrator "
-              f"report {job.sweep.out}`); fix the cause and run again with --force", file=sys.stderr)
+        not_measured = f" ({', '.join(stats.not_measured)} not measured)" if stats.not_measured else ""
+        print(f"error: {stats.errors} rows are `error`{not_measured} (see their `error` column, or `python -m "
+              f"orchestrator report {job.sweep.out}`); fix the cause and run again: `error` rows are measured "
+              "again, `ok` rows kept", file=sys.stderr)
         return EXIT_ERROR_ROWS
     return 0
 

@@ -135,10 +135,14 @@ class SweepStats:
     errors: int = 0
     skipped: int = 0
     profiles: int = 0
-    actor_restarts: int = 0  # device actors replaced
+    actor_restarts: int = 0  # device actors replaced (those that died while starting included)
     profile_worker_restarts: int = 0  # profile workers replaced (died, poisoned)
     seconds: float = 0.0
     devices: dict = field(default_factory=dict)  # type_key -> devices in the fleet (simulated: as asked)
+    not_measured_rows: int = 0  # of ``errors``: combinations of a card type that never started
+    not_measured: dict = field(default_factory=dict)
+    """Simulated card types asked for whose device actor never started: card -> why. Their combinations are
+    ``error`` rows "not measured: ..." (counted in ``errors``), which a re-run measures again."""
 
 
 class Sweep:
@@ -162,10 +166,12 @@ class Sweep:
         self.stats = SweepStats()
         self.simulated = False
         self.start_failures: list[tuple[str, str]] = []  # (node address, "" when never placed; why)
+        self.not_started: dict[str, str] = {}  # simulated card -> why its actor did not start (the last reason)
         self._starting = False  # starting the fleet: start failures are reported per node at the end
         self.cpu_idle: list = []  # ProfileWorker actors free for a CPU-only job
         self.cpu_busy: dict = {}  # job id -> the ProfileWorker running it
         self.cpu_starting: dict = {}  # ready() ref -> (a replacement ProfileWorker, give-up time)
+        self._unmeasured: list[dict] = []  # "not measured" rows of card types that never started, to write
 
     # ---- devices ----------------------------------------------------------------
     def _spawn(self, device: int, slot: Slot) -> None:
@@ -186,7 +192,9 @@ class Sweep:
         # workloads, and at most MAX_PROFILE_WORKERS on a big real cluster
         cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
         n = min(cpus, len(self.sweep.workloads()), cpus if self.simulated else MAX_PROFILE_WORKERS)
-        workers = [RemoteProfileWorker.remote() for _ in range(n)]
+        # ready() asked now, not after the devices: a device that takes all of actor_timeout_s to fail (never
+        # placed) must not leave the workers, up long since, no time to answer
+        workers = {w.ready.remote(): w for w in (RemoteProfileWorker.remote() for _ in range(n))}
         self._starting = True
         try:
             while self.scheduler.starting():
@@ -202,12 +210,15 @@ class Sweep:
         self.stats.devices = collections.Counter()
         for d in live:
             self.stats.devices[d.type_key] += self.slots[d.id].spec.count
+        started = {self.slots[d.id].spec.card for d in live}
+        self.stats.not_measured = {card: why for card, why in self.not_started.items() if card not in started}
         for key, n in self.stats.devices.items():
             log.info("device type %s x%d", key, n)
 
-    def _start_cpu_workers(self, workers: list, deadline: float) -> None:
-        """Keep the profile workers that are up by ``deadline``; none at all is an error naming the cause."""
-        ready = {w.ready.remote(): w for w in workers}
+    def _start_cpu_workers(self, ready: dict, deadline: float) -> None:
+        """Keep the profile workers (``ready()`` ref -> worker) that are up by ``deadline``; none at all is an
+        error naming the cause."""
+        workers = list(ready.values())
         done, late = ray.wait(list(ready), num_returns=len(ready), timeout=max(0.0, deadline - time.monotonic()))
         errors = []
         for ref in done:
@@ -286,9 +297,15 @@ class Sweep:
             del self.pending[ref]
         with contextlib.suppress(Exception):  # already gone
             ray.kill(slot.actor, no_restart=True)
-        if dropped.starting:
+        retried = dropped.starting and dropped.replacement is not None
+        if dropped.starting and not retried:
             self.start_failures.append((node, dropped.reason))
-        if not (dropped.starting and self._starting):
+            if slot.spec.card is not None:
+                self.not_started[slot.spec.card] = dropped.reason
+        if retried:
+            log.warning("device actor for %s died: %s; starting it again", slot.spec.card or "a real GPU",
+                        dropped.reason)
+        elif not (dropped.starting and self._starting):
             info = self.scheduler.devices[dropped.device].info
             log.warning("device %s dropped: %s", info.name if info else slot.spec.card or "(real GPU)",
                         dropped.reason)
@@ -299,7 +316,7 @@ class Sweep:
     # ---- work -------------------------------------------------------------------
     def _plan(self) -> int:
         """Queue a decision for every (device type x workload) not already in the table; returns the
-        number of rows to come."""
+        number of rows to come (a card type that never started: its rows "not measured", in the count)."""
         done = set() if self.force else table.done_keys(table.read(self.sweep.out))
         work = []
         for key in dict.fromkeys(d.type_key for d in self.scheduler.live()):
@@ -309,14 +326,37 @@ class Sweep:
                     self.stats.skipped += 1
                 else:
                     work.append((key, w))
+        self._unmeasured = self._not_measured_rows(done)  # written once the progress bar is up
         every_device = self.sweep.every_device
         if every_device and self.simulated:
             log.warning("--every-device on a simulated fleet: identical simulated cards give identical answers, "
                         "so each card type is measured once (one actor per type; device_batches stays empty)")
             every_device = False
-        return scheduler.plan_sweep(self.scheduler, work, decide_args=(self.sweep.fraction, self.sweep.max_batch),
-                                    every_device=every_device, shared_profiles=bool(self.cpu_idle),
-                                    soft_profiles=not self.simulated, label=Workload.label)
+        planned = scheduler.plan_sweep(self.scheduler, work, decide_args=(self.sweep.fraction, self.sweep.max_batch),
+                                       every_device=every_device, shared_profiles=bool(self.cpu_idle),
+                                       soft_profiles=not self.simulated, label=Workload.label)
+        return planned + len(self._unmeasured)
+
+    def _not_measured_rows(self, done: set) -> list[dict]:
+        """An ``error`` row "not measured: ..." for each combination of a card type asked for whose actor never
+        started (not one already in the table): the table accounts for every combination, a re-run redoes it."""
+        from .devices import make_backend
+
+        rows = []
+        for card, why in self.stats.not_measured.items():
+            try:
+                info = make_backend(card).info()  # a catalog card: what its actor would have reported
+            except ValueError:  # not a catalog card (resolve_devices refuses those): no row key to give
+                continue
+            count = sum(s.spec.count for s in self.slots.values() if s.spec.card == card)
+            for w in self.sweep.workloads():
+                if self._row_key(info, w) in done:
+                    self.stats.skipped += 1
+                else:
+                    rows.append(table.error_row(w, info, self.sweep.fraction,
+                                                f"not measured: device actor for {card} did not start: {why}",
+                                                gpu_count=count, attempts=0))
+        return rows
 
     def _row_key(self, info: DeviceInfo, w: Workload) -> tuple:
         return table.row_key(info, w, self.sweep.fraction)
@@ -326,6 +366,7 @@ class Sweep:
         total = self._plan()
         if self.progress is not None:  # a factory: no bar before there is work to show
             self.progress = self.progress(total)
+        self._write_rows(self._unmeasured)
         while True:
             for a in self.scheduler.assign(time.monotonic()):
                 self._submit(a)
@@ -398,8 +439,9 @@ class Sweep:
                 self.stats.profile_worker_restarts += 1
                 self.scheduler.lost(job, reason if fault else f"profile worker died: {type(e).__name__}", now,
                                     faulted=fault)
-        elif job is None:  # the actor never reported its device
-            self._drop(self.scheduler.start_failed(device, reason, now), node=_node_of(e) or "?")
+        elif job is None:  # the actor never reported its device: its constructor raised, or its process died
+            died = not (isinstance(e, ray.exceptions.RayActorError) and _constructor_error(e))
+            self._drop(self.scheduler.start_failed(device, reason, now, died=died), node=_node_of(e) or "?")
         elif isinstance(getattr(e, "cause", None), DeviceFault):  # the actor's CUDA context is poisoned
             self._drop(self.scheduler.faulted(device, reason, now))
         elif isinstance(e, ray.exceptions.RayTaskError):  # a Python error: the combination is broken, not the actor
@@ -409,7 +451,9 @@ class Sweep:
 
     # ---- rows -------------------------------------------------------------------
     def _write(self, outcomes: list[scheduler.Outcome]) -> None:
-        rows = [self._row(o) for o in outcomes]
+        self._write_rows([self._row(o) for o in outcomes])
+
+    def _write_rows(self, rows: list[dict]) -> None:
         if not rows:
             return
         table.write_rows(self.sweep.out, rows)
@@ -418,6 +462,7 @@ class Sweep:
             self.stats.ok += row["status"] == "ok"
             self.stats.no_fit += row["status"] == "no-fit"
             self.stats.errors += row["status"] == "error"
+            self.stats.not_measured_rows += str(row.get("error") or "").startswith("not measured: ")
         if self.progress is not None:
             self.progress.update(len(rows))
 
@@ -476,9 +521,19 @@ def _reason(e: Exception) -> str:
         cause = e.cause if getattr(e, "cause", None) is not None else e
         return f"{type(cause).__name__}: {cause}"
     if isinstance(e, ray.exceptions.RayActorError):
-        return _constructor_error(e) or f"actor died: {type(e).__name__}"
+        return _constructor_error(e) or f"actor died: {type(e).__name__}{_death_cause(e)}"
     # lost object, dead node, Ray's memory monitor: the actor is dropped and the work retried elsewhere
     return f"ray failure: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+
+
+def _death_cause(e: ray.exceptions.RayActorError) -> str:
+    """" (<why>)" from Ray's "The actor is dead because <why>" line (killed by ray.kill, its worker process
+    died and how, its node died), without Ray's list of common causes; "" when it gives none."""
+    for line in str(e).splitlines():
+        if line.startswith("The actor is dead because "):
+            why = line[len("The actor is dead because "):].split(" Some common causes")[0].strip()
+            return f" ({why[:200]})" if why else ""
+    return ""
 
 
 def _constructor_error(e: ray.exceptions.RayActorError) -> str | None:

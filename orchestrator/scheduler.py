@@ -5,7 +5,7 @@ seconds), no files, no torch. The driver (``fleet.Sweep``) feeds in what Ray
 reports and carries out what comes back:
 
     add_device(now) -> id              spawn an actor for the device
-    started / start_failed(device)     the actor reported its device / could not start
+    started / start_failed(device)     the actor reported its device / could not start (died: started again)
     assign(now) -> [Assignment]        submit ``call(*args)`` on the assigned device(s)
     finished / failed(job)             the call returned / raised a Python error (not retried)
     died(device) -> Dropped            the actor died under a job: retried elsewhere, device replaced
@@ -69,6 +69,7 @@ class Device:
     since_s: float = 0.0  # when it entered its state
     job: int | None = None  # BUSY: the job it runs
     reason: str = ""  # DEAD: why
+    starts: int = 1  # tries at starting it: a start that died is tried again in its place, counting on
 
 
 @dataclass
@@ -173,9 +174,21 @@ class Scheduler:
         if dev.state is State.STARTING:
             dev.type_key, dev.info, dev.state, dev.since_s = type_key, info, State.IDLE, now
 
-    def start_failed(self, device: int, reason: str, now: float) -> Dropped:
-        """The device could not start (constructor error, not placed): dead, not replaced."""
-        self._kill(self.devices[device], reason, now)
+    def start_failed(self, device: int, reason: str, now: float, *, died: bool = False) -> Dropped:
+        """The device could not start. Its constructor raised or it was not placed within ``start_timeout_s``:
+        dead, not replaced (it would raise again; the cluster lacks the resources). Its process ``died``
+        while starting (killed, crashed, node lost): as for a busy actor's death, it is started again, up to
+        ``max_attempts`` starts in all, then dead with "...; gave up after N attempts"."""
+        dev = self.devices[device]
+        if died and dev.starts < self.max_attempts:
+            self._kill(dev, reason, now)
+            new = self._replace(dev, now)
+            self.devices[new].starts = dev.starts + 1
+            return Dropped(device, f"{reason} while starting (attempt {dev.starts} of {self.max_attempts})", new,
+                           starting=True)
+        if died:
+            reason = f"{reason}; gave up after {dev.starts} attempts"
+        self._kill(dev, reason, now)
         return Dropped(device, reason, starting=True)
 
     def died(self, device: int, reason: str, now: float) -> Dropped:

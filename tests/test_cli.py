@@ -256,3 +256,53 @@ def test_report_out_in_a_read_only_folder_is_one_line(tmp_path):
     assert p.stderr == (f"error: report --out '{shut / 'r'}': folder '{shut}' is not writable; fix its "
                         "permissions or choose another --out\n")
     assert list(shut.iterdir()) == []
+
+
+def test_card_type_that_cannot_be_placed_is_named_and_exits_3_then_a_rerun_measures_it(
+        ray_session, in_process_cli, tmp_path, capsys):
+    """Three of the cluster's four GPUs held elsewhere: of `T4, L4` one card type's actor is never placed.
+    Its combination is an `error` row "not measured" with the reason, stdout names the card, the summary
+    counts it, the exit status is 3; with the GPUs free again a re-run measures exactly that combination."""
+    import ray
+
+    hold = ray.remote(num_gpus=1, num_cpus=0)(_Hold)
+    holders = [hold.remote() for _ in range(3)]
+    ray.get([h.ready.remote() for h in holders], timeout=60)
+    out_csv = tmp_path / "t.csv"
+    path = tmp_path / "job.toml"
+    job = (f'[sweep]\nmodels = ["tiny_models:tiny"]\nimgsz = [64]\nout = "{out_csv}"\n'
+           '[fleet]\nmode = "simulate"\nsimulate = "T4, L4"\nactor_timeout_s = {}\n')
+    path.write_text(job.format(15))  # the card type that is placed, and the profile worker, start in less
+    try:
+        code = in_process_cli(["sweep", str(path)])
+    finally:
+        for h in holders:
+            ray.kill(h, no_restart=True)
+    out, err = capsys.readouterr()
+    assert code == 3, (out, err)
+    named = [line for line in out.splitlines() if line.startswith("not measured: ")]
+    assert len(named) == 1, out
+    card = named[0].split()[2]
+    assert card in ("T4", "L4") and named[0] == (f"not measured: {card} (asked for; its device actor did not "
+                                                 "start: actor not placed within 15s)")
+    assert "2 rows written (1 ok, 0 no-fit, 1 error, of which 1 not measured)" in out
+    assert f"1 rows are `error` ({card} not measured)" in err
+    df = table.read(out_csv)
+    row = df[df["card"] == card].iloc[0]
+    assert row["status"] == "error"
+    assert row["error"] == f"not measured: device actor for {card} did not start: actor not placed within 15s"
+
+    path.write_text(job.format(60))  # the same job (the timeout is no part of a row's key), on a loaded machine
+    assert in_process_cli(["sweep", str(path)]) == 0
+    out, _ = capsys.readouterr()
+    assert "1 rows written (1 ok, 0 no-fit, 0 error), 1 already in the table" in out
+    assert "not measured" not in out
+    df = table.read(out_csv)
+    assert len(df) == 2 and (df["status"] == "ok").all()
+
+
+class _Hold:
+    """Holds a logical GPU of the session's cluster."""
+
+    def ready(self):
+        return True

@@ -8,7 +8,7 @@ import time
 import psutil
 import pytest
 
-from orchestrator import calibration, fleet, job, table
+from orchestrator import calibration, fleet, job, scheduler, table
 
 TINY = "tiny_models:tiny"
 
@@ -221,3 +221,101 @@ def test_no_actor_started_names_the_cause_and_the_fixes(ray_session, tmp_path):
             sweep.start([fleet.DeviceSpec("GTX-1080")])
     finally:
         sweep.shutdown()
+
+
+def _kill_while_starting(sweep, card, kills, times=None):
+    """A thread that kills ``card``'s device actor with ray.kill each time one is starting (its process is
+    killed; the start sees ActorDiedError), ``times`` times at most (None: every time). ``kills`` collects
+    the killed actors."""
+    import ray
+
+    stop = threading.Event()
+
+    def run():
+        while not stop.is_set() and (times is None or len(kills) < times):
+            try:
+                slots = list(sweep.slots.items())
+                starting = [slot.actor for d, slot in slots if slot.spec.card == card and
+                            sweep.scheduler.devices[d].state is scheduler.State.STARTING]
+            except RuntimeError:  # the fleet's dicts changed under us: look again
+                continue
+            for actor in starting:
+                if all(actor is not k for k in kills):
+                    ray.kill(actor, no_restart=True)
+                    kills.append(actor)
+            time.sleep(0.01)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return stop
+
+
+def test_card_type_whose_actor_dies_at_every_start_is_rows_not_measured_then_a_rerun_measures_them(
+        ray_session, tmp_path, caplog):
+    """The L4's actor is killed every time it starts: it is started max_attempts times in all, then its
+    combinations are `error` rows saying they were not measured and why (the cause Ray gives, the count);
+    the T4 is measured. A re-run without the fault measures exactly the L4's combinations."""
+    j = make_job(tmp_path, [TINY], [64], "T4, L4")
+    sweep, kills = fleet.Sweep(j), []
+    stop = _kill_while_starting(sweep, "L4", kills)
+    try:
+        with caplog.at_level(logging.WARNING, logger="orchestrator.fleet"):
+            sweep.start(fleet.resolve_devices(j.fleet)[0])
+        stop.set()
+        stats = sweep.run()
+    finally:
+        stop.set()
+        sweep.shutdown()
+    table.fold(j.sweep.out)
+    assert len(kills) == 3 and stats.actor_restarts == 2
+    assert list(stats.not_measured) == ["L4"] and "gave up after 3 attempts" in stats.not_measured["L4"]
+    df = table.read(j.sweep.out)
+    assert len(df) == 2 and len(set(keys(df))) == 2
+    l4 = df[df["card"] == "L4"]
+    assert (l4["status"] == "error").all() and (df[df["card"] == "T4"]["status"] == "ok").all()
+    for err in l4["error"]:
+        assert err.startswith("not measured: device actor for L4 did not start: actor died: ActorDiedError "
+                              "(it was killed by `ray.kill`"), err
+        assert err.endswith("; gave up after 3 attempts"), err
+    assert (stats.rows, stats.errors, stats.not_measured_rows) == (2, 1, 1)
+    retries = [r.getMessage() for r in caplog.records if "starting it again" in r.getMessage()]
+    assert len(retries) == 2 and "(attempt 1 of 3)" in retries[0], retries
+
+    stats, df = fleet.run_sweep(j)  # the fault gone
+    assert (stats.skipped, stats.rows, stats.ok, stats.actor_restarts) == (1, 1, 1, 0)
+    assert keys(df[df["card"] == "L4"]) == keys(l4)  # exactly the combinations not measured
+    assert len(df) == 2 and (df["status"] == "ok").all() and not stats.not_measured
+
+
+def _starting_device_actors():
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if any("DeviceActor.__init__" in part for part in p.cmdline()):
+                out.append(p)
+        except psutil.Error:
+            continue
+    return out
+
+
+def test_device_actor_killed_once_while_starting_is_started_again_and_measured(ray_session, tmp_path):
+    """SIGKILL of the device actor's process while it starts (importing torch): a new one is started and
+    the card type is measured; no row is lost or an error."""
+    j = make_job(tmp_path, [TINY], [64], "A10G")
+    killed = []
+
+    def killer():
+        deadline = time.monotonic() + 30
+        while not killed and time.monotonic() < deadline:
+            for p in _starting_device_actors():
+                p.kill()
+                killed.append(p.pid)
+            time.sleep(0.01)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    stats, df = fleet.run_sweep(j)
+    t.join(timeout=5)
+    assert len(killed) == 1
+    assert stats.actor_restarts == 1 and not stats.not_measured
+    assert len(df) == 1 and (df["status"] == "ok").all() and df["card"].tolist() == ["A10G"]

@@ -193,6 +193,49 @@ def test_device_that_never_reports_is_dropped_at_the_start_timeout():
     assert s.devices[d].state is State.DEAD and not s.starting() and s.expire(500.0) == []
 
 
+@pytest.mark.parametrize("max_attempts", [2, 3, 4])
+def test_device_that_dies_while_starting_is_started_again_up_to_max_attempts(max_attempts):
+    """A process that dies before its device reports is started again in its place, each start with its own
+    start_timeout_s, until max_attempts starts have died: then it is dead with the cause and the count. Its
+    type's work waits meanwhile and runs on the start that succeeds."""
+    s = Scheduler(max_attempts=max_attempts, start_timeout_s=60.0)
+    d = s.add_device(0.0)
+    starts = 1
+    for t in range(1, 10):
+        drop = s.start_failed(d, "actor died: ActorDiedError: killed", float(t), died=True)
+        assert drop.starting and s.devices[d].state is State.DEAD
+        if drop.replacement is None:
+            break
+        assert drop.reason == f"actor died: ActorDiedError: killed while starting (attempt {starts} of {max_attempts})"
+        d, starts = drop.replacement, starts + 1
+        assert s.starting() and s.next_deadline_s() == t + 60.0
+    assert starts == max_attempts
+    assert drop.reason == f"actor died: ActorDiedError: killed; gave up after {max_attempts} attempts"
+    assert not s.starting()
+
+
+def test_device_that_dies_once_while_starting_takes_its_work():
+    """The start that succeeds in place of one that died is its type's device: the work runs there."""
+    s = Scheduler(max_attempts=3)
+    d = s.add_device(0.0)
+    drop = s.start_failed(d, "actor died", 1.0, died=True)
+    s.started(drop.replacement, T4, "T4", 2.0)
+    plan_sweep(s, [(T4, "w")])
+    [a] = s.assign(2.0)
+    assert a.devices == (drop.replacement,)
+
+
+def test_constructor_error_or_no_placement_is_not_started_again():
+    """A constructor that raised would raise again, and an actor not placed lacks the resources: both dead at
+    once, not replaced."""
+    s = Scheduler(max_attempts=3, start_timeout_s=5.0)
+    raised, unplaced = s.add_device(0.0), s.add_device(0.0)
+    drop = s.start_failed(raised, "ValueError: unknown GPU", 1.0)
+    assert (drop.replacement, drop.reason) == (None, "ValueError: unknown GPU")
+    [drop] = s.expire(6.0)
+    assert (drop.device, drop.replacement) == (unplaced, None) and not s.starting()
+
+
 def test_hang_is_cancelled_not_retried_with_its_real_attempts():
     """A job past task_timeout_s becomes an error with the attempts it had (1 on a first try, 2 after one
     death), its device dropped and replaced; a late answer from it is ignored."""
