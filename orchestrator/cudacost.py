@@ -23,7 +23,7 @@ with where it comes from:
   fit into the cache that the step's own frees leave, except at the very peak. So no
   fraction could be fitted from published readings; ``benchmarks/calibrate_cuda.py`` on
   a real card is what will measure it.
-- **cuBLAS workspaces** (``Stack.cublas_workspace_bytes``). One workspace per (handle,
+- **cuBLAS workspaces** (``cublas_workspace_bytes``). One workspace per (handle,
   stream), allocated through the caching allocator at a handle's first use and kept
   (aten/src/ATen/cuda/CublasHandlePool.cpp, ``getNewWorkspace``). Its size:
   ``CUBLAS_WORKSPACE_CONFIG`` (``:SIZE:COUNT`` pairs, SIZE in KiB; ultralytics'
@@ -38,8 +38,6 @@ objects per batch, kernels this model does not know) is one fitted factor on the
 simulated peak (``over_a_run``, ``calibration.HISTORY_FACTOR``): see ``calibration``.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
@@ -65,7 +63,7 @@ CUBLAS_OPS = frozenset(getattr(torch.ops.aten, name).default for name in (
 """Ops whose CUDA kernels are cuBLAS calls (``at::cuda::blas``): a handle's first one allocates its workspace."""
 
 
-def transients(func, args, out) -> list[int]:
+def transients(func, args) -> list[int]:
     """Sizes of the blocks a CUDA kernel for ``func`` allocates and frees inside the call (all alive at
     once), beyond the op's own outputs: cuDNN's contiguous copies of its inputs; [] for other ops."""
     if func is _CONV:

@@ -618,8 +618,7 @@ class StepMeasurer:
             c.reset_peaks()
 
         with _cleanup_after(lambda: restore(self.built.module, self.initial)):
-            step.train(self.built, self.workload, batch, self.device, mark=mark,
-                       epochs=step.RUN_EPOCHS if self.workload.val_scale else 1)
+            step.train(self.built, self.workload, batch, self.device, mark=mark, epochs=step.run_epochs(self.workload))
             phases.append(c.peaks())
             outside = c.outside_bytes() + self.extra_outside_bytes
         reserved, allocated = max(p[0] for p in phases), max(p[1] for p in phases)

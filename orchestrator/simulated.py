@@ -142,7 +142,7 @@ class _StorageTracker(TorchDispatchMode):
             if isinstance(t, torch.Tensor) and id(t.untyped_storage()) not in shared:
                 self.track(t)
         if self.cuda_costs:
-            self.transient(cudacost.transients(func, args, out))
+            self.transient(cudacost.transients(func, args))
             if func in cudacost.CUBLAS_OPS:
                 self.cublas.add(cudacost.cublas_context())
         return out
@@ -212,8 +212,8 @@ def trace(built: models.Built, workload: Workload, batch: int, *, fake: bool = T
     CPU run of the step is checked against, to the byte.
     """
     surrogate = fake if surrogate is None else surrogate
-    if cuda_costs and run_step is step.train and workload.val_scale:  # a run: the epoch after a validation too
-        step_options.setdefault("epochs", step.RUN_EPOCHS)
+    if cuda_costs and run_step is step.train:  # a run: the epoch after a validation too
+        step_options.setdefault("epochs", step.run_epochs(workload))
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
     model = _fake_copy(built.module, mode) if fake else copy.deepcopy(built.module)
     if fake and built.for_fake is not None:
@@ -400,7 +400,8 @@ class Profile:
     run_step: Callable = step.train
     """The step that is traced: the full training step unless a benchmark swaps in another."""
     cuda_costs: bool = True
-    """Traces include what CUDA kernels allocate inside ops (``cudacost``); False: the tensors alone."""
+    """Traces are of a CUDA run (``trace``'s ``cuda_costs``: kernels' copies, cuBLAS workspaces, the epoch
+    after validation); False: the tensors of one epoch alone, as a real CPU run checks them."""
     _built: models.Built | None = field(default=None, repr=False, compare=False)
     _cache: fastfake.OutputCache | None = field(default=None, repr=False, compare=False)
 

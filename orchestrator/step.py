@@ -23,6 +23,12 @@ RUN_EPOCHS = 2
 re-allocates the EMA's weights (half and back), and the second epoch's steps run on the allocator layout
 that leaves; its reserved peak is higher than the first's, as real logs show."""
 
+
+def run_epochs(workload: Workload) -> int:
+    """Epochs that model ``workload``'s training run: ``RUN_EPOCHS`` with validation, else 1 (without a
+    validation the next epoch repeats the first exactly)."""
+    return RUN_EPOCHS if workload.val_scale else 1
+
 # Substrings (lower case) of messages that mean "the device ran out of memory", with where each
 # comes from. cuBLAS and cuDNN wrap their status in PyTorch's text: TORCH_CUDABLAS_CHECK gives
 # "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`", AT_CUDNN_CHECK
@@ -262,10 +268,7 @@ def train(built: Built, workload: Workload, batch: int, device: torch.device, *,
         if stopped:
             break
         if epoch:  # the trainer empties the cache at every epoch end (ultralytics: above 50 % reserved)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            if mark is not None:
-                mark()
+            _new_phase(device, mark)
         first = done
         while done - first < steps:
             for _ in range(iterations if done else 1):
@@ -284,13 +287,18 @@ def train(built: Built, workload: Workload, batch: int, device: torch.device, *,
         if workload.val_scale:
             # ultralytics empties the cache before validating when more than half the card is reserved
             # ("prevent VRAM spike"), which near the answer it always is; mark() tells the tracer so
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            if mark is not None:
-                mark()
+            _new_phase(device, mark)
             validate(built, workload, batch * workload.val_scale, device, ema, surrogate)
     del optimizer, ema, scaler, images, loss, wrapped
     return done
+
+
+def _new_phase(device: torch.device, mark: Callable[[], None] | None) -> None:
+    """The trainer empties the cache (a phase boundary: ``mark()`` tells a caller recording phases)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if mark is not None:
+        mark()
 
 
 def _optimizer_step(model: nn.Module, optimizer, scaler, ema: "EMA | None", step: int) -> None:

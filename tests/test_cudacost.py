@@ -1,6 +1,5 @@
 """What CUDA costs beyond the traced tensors (cudacost), and the calibration against real GPUs."""
 import pytest
-import torch
 from torch import nn
 
 from orchestrator import allocator, calibration, cudacost, models, simulated
