@@ -49,7 +49,8 @@ from torch.utils._pytree import tree_flatten
 
 from orchestrator import allocator, catalog, models, simulated, step
 from orchestrator.decision import OutOfMemory, decide
-from orchestrator.devices import DeviceInfo, SimulatedBackend, replay_run
+from orchestrator.devicetypes import DeviceInfo
+from orchestrator.simdevice import SimulatedBackend, replay_run
 from orchestrator.spec import Workload
 
 from orchestrator.units import GiB
@@ -209,7 +210,7 @@ class PerturbedCard:
 
     def peak(self, batch: int) -> int | None:
         """Peak reserved bytes of the full step at ``batch`` on this card, as the simulated card reads it
-        (``devices.replay_run``); None when it runs out of memory. A profile that holds its own cuBLAS
+        (``simdevice.replay_run``); None when it runs out of memory. A profile that holds its own cuBLAS
         workspaces (``cuda_costs``) gets the workspace's perturbation as a held block where it is larger."""
         if batch not in self._peaks:
             card = catalog.card(self.card_key)

@@ -295,7 +295,7 @@ def simulate_row(card, prof, batch: int) -> dict:
 
 
 def _sim_backend(card):
-    from orchestrator.devices import SimulatedBackend
+    from orchestrator.simdevice import SimulatedBackend
 
     backend = SimulatedBackend("T4")  # any key; the card is replaced (it may be an ad-hoc, uncatalogued card)
     backend.card = card
@@ -360,10 +360,10 @@ def card_info(torch, args) -> dict:
     dev = torch.device("cuda", torch.cuda.current_device())  # the device a trainer's rank would use
     props = torch.cuda.get_device_properties(dev)
     # NVML numbers devices its own way (CUDA_VISIBLE_DEVICES and MIG renumber them): match by UUID
-    from orchestrator import devices
+    from orchestrator import nvml
 
-    uuid = devices.nvml_uuid(props)
-    info.update(uuid=uuid, mig=devices.parse_mig(props.name) is not None, driver=devices.driver_version())
+    uuid = nvml.nvml_uuid(props)
+    info.update(uuid=uuid, mig=nvml.parse_mig(props.name) is not None, driver=nvml.driver_version())
     if isinstance(nvml_before, str):
         info["nvml_error"] = nvml_before
     elif uuid in nvml_before:
@@ -446,7 +446,7 @@ def train_steps(torch, workload, batch: int, steps: int, fraction: float, deadli
     max(sampled used, max_memory_reserved + outside bytes before/after).
     """
     from orchestrator import step
-    from orchestrator.devices import trainer_settings
+    from orchestrator.cuda import trainer_settings
     from orchestrator.models import build
 
     out = {"steps": steps, "steps_done": 0}
@@ -921,7 +921,7 @@ def run_simulate_only(args, clock, card, models, configs, decisions, jobs, out_d
 
 def run_cuda(args, clock, torch, sim, models, configs, decisions, reserve, out_dir) -> int:
     from orchestrator import catalog, engine
-    from orchestrator.devices import CudaBackend
+    from orchestrator.cuda import CudaBackend
     from orchestrator.spec import Workload
 
     info = card_info(torch, args)

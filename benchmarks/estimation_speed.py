@@ -30,7 +30,7 @@ os.environ.setdefault("YOLO_VERBOSE", "False")
 
 from orchestrator import allocator, models, simulated  # noqa: E402
 from orchestrator.decision import OutOfMemory  # noqa: E402
-from orchestrator.devices import SimulatedBackend  # noqa: E402
+from orchestrator.simdevice import SimulatedBackend  # noqa: E402
 from orchestrator.spec import Workload  # noqa: E402
 
 from . import report  # noqa: E402

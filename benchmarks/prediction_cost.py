@@ -13,7 +13,7 @@ perturbed card:
 - ``predicted (catalog)``: the prior is the catalog card's simulated answer, which knows
   neither the context nor the per-sample bytes of this device (the harder case);
 - ``predicted (device)``: the prior is the simulation replayed with this device's own
-  total and outside-the-allocator memory (``devices.predict`` on what the device reports),
+  total and outside-the-allocator memory (``engine.predict`` on what the device reports),
   as a sweep or ``autobatch`` on a real card does; it still misses the per-sample bytes
   and the workspace.
 
@@ -37,9 +37,9 @@ from pathlib import Path
 os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_VERBOSE", "False")
 
-from orchestrator import devices, simulated  # noqa: E402
+from orchestrator import engine, simulated  # noqa: E402
 from orchestrator.decision import OutOfMemory, decide  # noqa: E402
-from orchestrator.devices import SimulatedBackend  # noqa: E402
+from orchestrator.simdevice import SimulatedBackend  # noqa: E402
 from orchestrator.spec import Workload  # noqa: E402
 
 from . import report  # noqa: E402
@@ -106,11 +106,11 @@ def run_case(prof: simulated.Profile, card: str, group: str, label: str, factors
     truth = true_limit(real)
     device_info = dataclasses.replace(sim.info(), outside_bytes=real.context_bytes)
     priors = {"from batch 1": None,
-              "predicted (catalog)": devices.predict(prof, sim.info(), FRACTION, MAX_BATCH),
-              "predicted (device)": devices.predict(prof, device_info, FRACTION, MAX_BATCH)}
+              "predicted (catalog)": engine.predict(prof, sim.info(), FRACTION, MAX_BATCH),
+              "predicted (device)": engine.predict(prof, device_info, FRACTION, MAX_BATCH)}
     rows = []
     for algorithm, prediction in priors.items():
-        prior = devices.prior_of(prediction) if prediction is not None else None
+        prior = engine.prior_of(prediction) if prediction is not None else None
         d = decide(measure, budget, max_batch=MAX_BATCH, prior=prior)
         rows.append({"model": prof.workload.model, "imgsz": prof.workload.imgsz, "card": card, "group": group,
                      "perturbation": label, "true_batch": truth, "algorithm": algorithm,

@@ -20,7 +20,7 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_VERBOSE", "False")
 
 from orchestrator import spec  # noqa: E402
-from orchestrator.devices import SimulatedBackend  # noqa: E402
+from orchestrator.simdevice import SimulatedBackend  # noqa: E402
 from orchestrator.engine import decide_on  # noqa: E402
 from orchestrator.spec import Workload  # noqa: E402
 

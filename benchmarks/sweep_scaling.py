@@ -36,7 +36,7 @@ os.environ.setdefault("YOLO_VERBOSE", "False")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from orchestrator import engine, fleet, job, simulated  # noqa: E402
-from orchestrator.devices import SimulatedBackend  # noqa: E402
+from orchestrator.simdevice import SimulatedBackend  # noqa: E402
 
 from . import report  # noqa: E402
 

@@ -9,7 +9,7 @@ import logging
 import os
 from pathlib import Path
 
-from .spec import SpecError
+from .errors import SpecError
 
 log = logging.getLogger(__name__)
 

@@ -6,17 +6,53 @@ import logging
 import time
 from dataclasses import dataclass
 
+from . import catalog, simulated, spec
 from . import decision as core
-from . import spec
-from .devices import Backend, DeviceInfo, Measurement, cuda_count, make_backend, predict, prior_of
-from .spec import SpecError, Workload, check_fraction, check_max_batch
 from .catalog import NEIGHBOUR_WARN_BYTES
-from .units import gib
+from .cuda import cuda_count
+from .devices import make_backend
+from .devicetypes import Backend, DeviceInfo, Measurement
+from .errors import SpecError
+from .simdevice import SimulatedMeasurer
+from .spec import Workload, check_fraction, check_max_batch
+from .units import MiB, gib
 
 log = logging.getLogger(__name__)
 
 MAX_REDECISIONS = 4
 """Times the answer is re-checked as memory outside the allocator keeps growing (each check can re-decide)."""
+
+
+GENERIC_WORKSPACE = {9: 32 * MiB}
+"""cuBLAS workspace by compute capability's major version, for a card not in the catalog (else 8 MiB)."""
+
+
+def stand_in(info: DeviceInfo) -> catalog.Card:
+    """The card the simulator replays a profile on for a device that reports ``info``: its own total and
+    memory outside the allocator, and its catalog entry's workspace (a generic one for an unknown card)."""
+    known = catalog.CATALOG.get(info.card) or catalog.by_device_name(info.name, info.total_bytes)
+    major = int(info.capability.split(".")[0]) if info.capability[:1].isdigit() else 0
+    workspace = known.workspace_bytes if known else GENERIC_WORKSPACE.get(major, 8 * MiB)
+    capability = known.capability if known else (major, 0)
+    return catalog.Card(key=info.card or info.name, name=info.name, total_bytes=info.total_bytes,
+                        capability=capability, context_bytes=info.outside_bytes, workspace_bytes=workspace,
+                        sold_gb=known.sold_gb if known else 0,
+                        nccl_channels=known.nccl_channels if known else catalog.Card.nccl_channels)
+
+
+def predict(prof: simulated.Profile, info: DeviceInfo, fraction: float, max_batch: int) -> core.Decision:
+    """The simulator's decision for the device that reports ``info`` (see ``stand_in``): milliseconds of
+    replays of a profile traced on the CPU, which a real device then verifies (``core.Prior``)."""
+    m = SimulatedMeasurer(prof, stand_in(info), outside_bytes=info.outside_bytes)
+    return core.decide(lambda b: m(b).reserved_bytes, info.budget_bytes(fraction), max_batch=max_batch)
+
+
+def prior_of(prediction: core.Decision | None) -> core.Prior | None:
+    """Where a real device's search starts from a prediction; None without one, or when it has no slope
+    (a no-fit prediction: the search starts at batch 1, which settles that in one measurement)."""
+    if prediction is None or prediction.status != "ok" or not (prediction.bytes_per_sample or 0) > 0:
+        return None
+    return core.Prior(prediction.batch_size, prediction.bytes_per_sample)
 
 
 @dataclass
@@ -36,7 +72,7 @@ class Result:
     """The simulator's answer for this device, where the search started (None: searched from batch 1)."""
 
 
-def decide_on(backend: Backend, workload: Workload, fraction: float, *, max_batch: int = 1024,
+def decide_on(backend: Backend, workload: Workload, fraction: float, *, max_batch: int = core.MAX_BATCH,
               profile=None) -> Result:
     """Run the decision for ``workload`` on ``backend``'s device; SpecError for a bad fraction or max_batch.
 
@@ -106,8 +142,8 @@ def decide_on(backend: Backend, workload: Workload, fraction: float, *, max_batc
                   None if predicted is None else predicted.batch_size if predicted.status == "ok" else 0)
 
 
-def autobatch(model: str | Workload, imgsz: int = 640, fraction: float = 0.8, *, gpu: str | None = None,
-              max_batch: int = 1024, predict: bool = True, **fields) -> Result:
+def autobatch(model: str | Workload, imgsz: int = 640, fraction: float = core.FRACTION, *, gpu: str | None = None,
+              max_batch: int = core.MAX_BATCH, predict: bool = True, **fields) -> Result:
     """The largest training batch for ``model`` at ``imgsz`` within ``fraction`` of one device.
 
     ``fields``: the other workload fields (``spec.Workload``: precision, optimizer,
@@ -129,8 +165,6 @@ def autobatch(model: str | Workload, imgsz: int = 640, fraction: float = 0.8, *,
         raise SpecError(str(e)) from None
     profile = None
     if predict and gpu is None:  # a prediction only says where the search starts: without one, batch 1
-        from . import simulated
-
         try:
             profile = simulated.profile(workload)
         except Exception as e:  # e.g. a model fake tensors cannot run; a sweep's real fleet does the same

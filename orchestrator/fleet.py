@@ -34,8 +34,10 @@ from dataclasses import dataclass, field
 import ray
 
 from . import catalog, engine, scheduler, table
-from .devices import DeviceFault, DeviceInfo, device_fault
-from .spec import SpecError, Workload
+from .cuda import device_fault
+from .devicetypes import DeviceInfo
+from .errors import DeviceFault, SpecError
+from .spec import Workload
 from .units import gib
 
 log = logging.getLogger(__name__)
@@ -601,7 +603,7 @@ def connect(fleet, simulated_gpus: int) -> bool:
 def _local_simulated_gpus(fleet) -> int:
     """Logical GPUs for a local Ray: one per simulated card type when the fleet will be simulated (each
     type's actor asks for one, whatever its count), else 0 (Ray counts the real GPUs itself)."""
-    from .devices import cuda_count
+    from .cuda import cuda_count
 
     remote = fleet.address or os.environ.get("RAY_ADDRESS")
     simulate = fleet.mode == "simulate" or (fleet.mode == "auto" and not remote and cuda_count() == 0)
@@ -639,7 +641,7 @@ def resolve_devices(fleet) -> tuple[list[DeviceSpec], bool]:
         if fleet.address or os.environ.get("RAY_ADDRESS"):
             mode = "real" if ray.cluster_resources().get("GPU", 0) >= 1 else "simulate"
         else:
-            from .devices import cuda_count
+            from .cuda import cuda_count
 
             mode = "real" if cuda_count() else "simulate"
     resources = ray.cluster_resources()

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .spec import SpecError, Workload
+from .errors import SpecError
+from .spec import Workload
 
 SOURCES = ("torchvision", "timm", "ultralytics", "package.module:callable")
 

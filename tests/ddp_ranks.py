@@ -10,20 +10,20 @@ import torch.distributed as dist
 def rank_peaks(rank: int, world: int, store_path: str, out_dir: str, cases: list) -> None:
     """For each (model, imgsz, precision, optimizer, world_size, batch) in ``cases``: the peak live tensor bytes
     of ``step.train`` on real CPU tensors under the real DDP, written to ``out_dir/rank{rank}.json`` with what
-    ``devices.one_rank_group`` said when asked for a group of its own inside the job. A one-rank job makes its
-    group as the CUDA backend does (``devices.one_rank_group``)."""
+    ``cuda.one_rank_group`` said when asked for a group of its own inside the job. A one-rank job makes its
+    group as the CUDA backend does (``cuda.one_rank_group``)."""
     torch.set_num_threads(1)
     os.environ.setdefault("YOLO_OFFLINE", "1")
-    from orchestrator import devices, models, simulated
+    from orchestrator import cuda, models, simulated
     from orchestrator.spec import Workload
 
     refused = ""
     if world == 1:
-        devices.one_rank_group(torch.device("cpu"))
+        cuda.one_rank_group(torch.device("cpu"))
     else:
         dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
         try:  # a rank of a real job must not make (or use) a group of its own for measuring
-            devices.one_rank_group(torch.device("cpu"))
+            cuda.one_rank_group(torch.device("cpu"))
         except RuntimeError as e:
             refused = str(e)
     try:

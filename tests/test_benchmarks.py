@@ -76,7 +76,7 @@ def test_ours_on_cuda_adds_the_warm_up_measurement():
 def test_perturbed_card_without_perturbation_is_the_simulated_card(profiles):
     """A perturbed card with 0 spread peaks exactly where the simulated card does (batch 1 is traced, the rest
     synthesized); with per-sample bytes raised, a large batch needs more."""
-    from orchestrator.devices import SimulatedBackend
+    from orchestrator.simdevice import SimulatedBackend
     from orchestrator.spec import Workload
 
     w = Workload(model="torchvision:mobilenet_v3_small", imgsz=224)

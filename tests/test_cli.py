@@ -205,7 +205,7 @@ def test_data_that_is_not_yaml_is_one_line(in_process_cli, tmp_path, capsys):
 
 
 def _report_table(folder) -> Path:
-    from orchestrator.devices import SimulatedBackend
+    from orchestrator.simdevice import SimulatedBackend
     from orchestrator.spec import Workload
 
     path = folder / "t.csv"

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from orchestrator import answers, catalog, ddp, devices, models, simulated, step
+from orchestrator import answers, catalog, cuda, ddp, models, simdevice, simulated, step
 from orchestrator.engine import decide_on
 from orchestrator.spec import Workload
 
@@ -18,7 +18,7 @@ CASES = [("tiny_models:tiny", 32, "fp32", "SGD", 2, 4), ("tiny_models:tiny_wide"
 
 def _real_peaks(tmp_path, world: int) -> list[list[int]]:
     """Each rank's peak live tensor bytes of every case, run under a real ``world``-rank gloo DDP job: one rank
-    in this process, on the CUDA backend's one-rank group (``devices.one_rank_group``, gone afterwards); more
+    in this process, on the CUDA backend's one-rank group (``cuda.one_rank_group``, gone afterwards); more
     in processes of their own (tests/ddp_ranks.py)."""
     import ddp_ranks
 
@@ -90,7 +90,7 @@ def test_ddp_answer_is_below_the_single_process_one_by_the_overhead(profiles):
     card = catalog.card("T4")
     results = {}
     for w in (one, eight):
-        backend = devices.SimulatedBackend("T4")
+        backend = simdevice.SimulatedBackend("T4")
         backend.add_profile(profiles(w))
         results[w.world_size] = decide_on(backend, w, 0.8)
     r1, r8 = results[1], results[8]
@@ -109,10 +109,10 @@ def test_the_other_ranks_buffers_are_the_cards_nccl_channels_for_the_other_ranks
     for a known card (found by the name and total it reports), the catalog's most for an unknown one."""
     t4 = catalog.card("T4")
     w8 = Workload(model="tiny_models:tiny", imgsz=32, world_size=8)
-    assert devices.other_ranks_bytes(Workload(model="tiny_models:tiny", imgsz=32), t4.name, t4.total_bytes) == 0
-    assert devices.other_ranks_bytes(w8, t4.name, t4.total_bytes) == ddp.peer_bytes(8, t4.nccl_channels) > 0
+    assert cuda.other_ranks_bytes(Workload(model="tiny_models:tiny", imgsz=32), t4.name, t4.total_bytes) == 0
+    assert cuda.other_ranks_bytes(w8, t4.name, t4.total_bytes) == ddp.peer_bytes(8, t4.nccl_channels) > 0
     most = max(c.nccl_channels for c in catalog.CATALOG.values())
-    assert devices.other_ranks_bytes(w8, "NVIDIA B200", 190 * 2**30) == ddp.peer_bytes(8, most)
+    assert cuda.other_ranks_bytes(w8, "NVIDIA B200", 190 * 2**30) == ddp.peer_bytes(8, most)
     assert most > t4.nccl_channels
 
 
@@ -130,18 +130,18 @@ def test_the_real_device_measurer_runs_real_ddp_and_adds_the_other_ranks_buffers
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            m = devices.step_measurer(torch.device("cpu"), w, CpuCounters(), t4.name, t4.total_bytes)
+            m = cuda.step_measurer(torch.device("cpu"), w, CpuCounters(), t4.name, t4.total_bytes)
             measured = m(4)
     finally:
         dist.destroy_process_group()
     extra = ddp.peer_bytes(8, t4.nccl_channels)
     assert measured.outside_bytes == m.outside_bytes == extra == 4 * 3 * 10 * 2**20
     # the GPU-only lines that hand the card's name and memory to it: read here, run on a GPU
-    source = inspect.getsource(devices.CudaBackend.measurer)
+    source = inspect.getsource(cuda.CudaBackend.measurer)
     assert "return step_measurer(self.device, workload, CudaCounters(self.device), props.name, " \
            "props.total_memory)" in source
     with pytest.raises(RuntimeError, match="needs a process group"):  # its step is the real DDP's: no group, no step
-        devices.StepMeasurer(torch.device("cpu"), w, CpuCounters(), extra_outside_bytes=extra)
+        cuda.StepMeasurer(torch.device("cpu"), w, CpuCounters(), extra_outside_bytes=extra)
 
 
 def test_real_ddp_without_a_process_group_says_how_to_get_one():
@@ -167,7 +167,7 @@ def ddp_table(tmp_path_factory, profiles):
     for ws in (1, 8):
         w = Workload(model=DDP_MODEL, imgsz=DDP_IMGSZ, precision="fp32", world_size=ws)
         for card in MEASURED:
-            backend = devices.SimulatedBackend(card)
+            backend = simdevice.SimulatedBackend(card)
             backend.add_profile(profiles(w))
             rows.append(table.decision_row(decide_on(backend, w, 0.8)))
     path = tmp_path_factory.mktemp("ddp") / "batch_table.csv"
@@ -195,7 +195,7 @@ def test_extrapolated_ddp_answer_counts_nccl_and_stays_safe(ddp_table, profiles)
     a = _ask(ddp_table, gpu="L4", world_size=8)
     assert a.extrapolated and "NCCL buffers for 8 ranks" in a.explanation
     w = Workload(model=DDP_MODEL, imgsz=DDP_IMGSZ, precision="fp32", world_size=8)
-    backend = devices.SimulatedBackend("L4")
+    backend = simdevice.SimulatedBackend("L4")
     backend.add_profile(profiles(w))
     assert 0 < a.batch_size <= decide_on(backend, w, 0.8).decision.batch_size
 

@@ -5,7 +5,7 @@ import pytest
 
 import orchestrator
 from orchestrator.decision import OutOfMemory
-from orchestrator.devices import SimulatedBackend
+from orchestrator.simdevice import SimulatedBackend
 from orchestrator.engine import decide_on
 from orchestrator.spec import SpecError, Workload
 
@@ -133,23 +133,23 @@ def test_prediction_first_on_a_card_unlike_its_simulation(profiles):
 
 
 def test_prediction_replays_the_profile_for_the_devices_own_memory(profiles):
-    """``devices.predict`` for what a device reports: on a catalog card, exactly the simulated decision;
+    """``engine.predict`` for what a device reports: on a catalog card, exactly the simulated decision;
     a card not in the catalog gets its total and outside memory from the device and a generic cuBLAS
     workspace by compute capability (Hopper's 32 MiB, 8 MiB before)."""
     import dataclasses
 
-    from orchestrator import devices
+    from orchestrator import engine
     from orchestrator.units import GiB, MiB
 
     w = Workload(model="tiny_models:tiny", imgsz=64, deterministic=False)
     prof = profiles(w)
     t4 = SimulatedBackend("T4")
     t4.add_profile(prof)
-    assert devices.predict(prof, t4.info(), 0.8, 1024).batch_size == decide_on(t4, w, 0.8).decision.batch_size
+    assert engine.predict(prof, t4.info(), 0.8, 1024).batch_size == decide_on(t4, w, 0.8).decision.batch_size
     unknown = dataclasses.replace(t4.info(), name="NVIDIA H20", card="", total_bytes=96 * GiB,
                                   outside_bytes=600 * MiB, capability="9.0")
-    card = devices.stand_in(unknown)
+    card = engine.stand_in(unknown)
     assert (card.total_bytes, card.context_bytes, card.workspace_bytes) == (96 * GiB, 600 * MiB, 32 * MiB)
-    assert devices.stand_in(dataclasses.replace(unknown, capability="8.6")).workspace_bytes == 8 * MiB
+    assert engine.stand_in(dataclasses.replace(unknown, capability="8.6")).workspace_bytes == 8 * MiB
     a10g = dataclasses.replace(unknown, name="NVIDIA A10G", total_bytes=22_491 * MiB, capability="8.6")
-    assert devices.stand_in(a10g).workspace_bytes == 8 * MiB and devices.stand_in(a10g).sold_gb == 24
+    assert engine.stand_in(a10g).workspace_bytes == 8 * MiB and engine.stand_in(a10g).sold_gb == 24

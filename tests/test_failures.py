@@ -11,7 +11,7 @@ import pytest
 
 from orchestrator import fleet, job, table
 from orchestrator.spec import SpecError
-from orchestrator.devices import cuda_count
+from orchestrator.cuda import cuda_count
 
 ROOT = Path(__file__).resolve().parent.parent
 EXISTING = ("gpu_name,gpu_total_bytes,model,imgsz,precision,optimizer,ema,cudnn_benchmark,fraction,batch_size,status\n"

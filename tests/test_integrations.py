@@ -10,7 +10,7 @@ import pytest
 from orchestrator import table
 from orchestrator.answers import NoAnswer
 from orchestrator.datasets import fields_from
-from orchestrator.devices import SimulatedBackend
+from orchestrator.simdevice import SimulatedBackend
 from orchestrator.engine import decide_on
 from orchestrator.integrations import min_over_ranks, per_rank_batch
 from orchestrator.spec import SpecError, Workload

@@ -5,7 +5,8 @@ import sys
 import pytest
 
 from orchestrator import cli, table
-from orchestrator.devices import SimulatedBackend, cuda_count
+from orchestrator.simdevice import SimulatedBackend
+from orchestrator.cuda import cuda_count
 from orchestrator.engine import decide_on
 from orchestrator import lookup
 from orchestrator.answers import NoAnswer

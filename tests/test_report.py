@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from orchestrator import report, table
-from orchestrator.devices import SimulatedBackend
+from orchestrator.simdevice import SimulatedBackend
 from orchestrator.engine import decide_on
 from orchestrator.spec import SpecError, Workload
 

@@ -3,7 +3,7 @@ import pytest
 
 from orchestrator import allocator, catalog, cudacost, fastfake, models, simulated
 from orchestrator.decision import OutOfMemory, decide
-from orchestrator.devices import SimulatedBackend
+from orchestrator.simdevice import SimulatedBackend
 from orchestrator.spec import Workload
 
 

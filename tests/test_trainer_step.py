@@ -4,7 +4,7 @@ import pytest
 
 from orchestrator import job, models, simulated, table
 from orchestrator.datasets import fields_from
-from orchestrator.devices import SimulatedBackend
+from orchestrator.simdevice import SimulatedBackend
 from orchestrator.engine import decide_on
 from orchestrator.spec import SpecError, Workload
 
