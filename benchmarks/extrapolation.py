@@ -30,9 +30,9 @@ from pathlib import Path
 os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_VERBOSE", "False")
 
-from orchestrator import answers, catalog, lookup, simulated, table  # noqa: E402
+from orchestrator import answers, catalog, lookup, simulated, table, targets  # noqa: E402
 from orchestrator.decision import OutOfMemory, fit_line  # noqa: E402
-from orchestrator.devices import SimulatedBackend  # noqa: E402
+from orchestrator.simdevice import SimulatedBackend  # noqa: E402
 from orchestrator.engine import decide_on  # noqa: E402
 from orchestrator.spec import Workload  # noqa: E402
 
@@ -83,7 +83,7 @@ def _peak(backend: SimulatedBackend, w: Workload, batch: int) -> int | None:
         return None
 
 
-def lsq_batch(rows, target: answers.Target, fraction: float, max_batch: int) -> int:
+def lsq_batch(rows, target: targets.Target, fraction: float, max_batch: int) -> int:
     """``answers.extrapolate`` with the plain least-squares slope instead of the upper line (diagnostic)."""
     fit = fit_line(answers.probe_points(rows[rows["status"] == "ok"]))
     budget = int(fraction * target.total_bytes) - target.outside_bytes
@@ -112,7 +112,7 @@ def run(setup: Setup = Setup(), profile=simulated.profile) -> tuple[list[dict], 
             mine = answers.workload_rows(df, w, str(path))
             for card in setup.targets:
                 backend = _backend(card, profiles[w])
-                target = answers.resolve_gpu(card, df)
+                target = targets.resolve_gpu(card, df)
                 for fraction in setup.fractions:
                     a = lookup(df, w, gpu=card, fraction=fraction, max_batch=setup.max_batch)
                     engine = decide_on(backend, w, fraction, max_batch=setup.max_batch).decision

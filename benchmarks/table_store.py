@@ -30,8 +30,8 @@ import textwrap
 import time
 from pathlib import Path
 
-from orchestrator import table
-from orchestrator.devices import SimulatedBackend
+from orchestrator import journal, table
+from orchestrator.simdevice import SimulatedBackend
 from orchestrator.engine import decide_on
 from orchestrator.spec import Workload
 
@@ -146,9 +146,9 @@ def run(n: int, before: str = BEFORE, repeats: int = 5) -> tuple[list[dict], dic
     sizes = [s for s in SIZES if s < n] + [n]
     log.info("journal: %d single-row writes", n)
     with tempfile.TemporaryDirectory() as tmp:
-        floor_before = fsync_floor(Path(tmp), len(table._encode(rows[0])))
+        floor_before = fsync_floor(Path(tmp), len(journal.encode(rows[0], table.COLUMNS)))
         after = journal_run(rows, Path(tmp))
-        floor_after = fsync_floor(Path(tmp), len(table._encode(rows[0])))
+        floor_after = fsync_floor(Path(tmp), len(journal.encode(rows[0], table.COLUMNS)))
     log.info("rewrite (%s): %d writes at each of %s rows", before, repeats, sizes)
     rewrite = rewrite_run(rows, sizes, before, repeats)
     out = []

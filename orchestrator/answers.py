@@ -33,34 +33,26 @@ one line naming what is missing and the nearest keys the table does have.
 """
 from __future__ import annotations
 
-import argparse
-import difflib
 import logging
 import math
-import numbers
 import os
-import sys
 from dataclasses import dataclass, replace
 
-import re
 
 import pandas as pd
 
 from . import catalog, ddp, spec, table as tables
+from . import decision as core
 from .decision import fit_line, near_limit
-from .spec import SpecError, Workload, check_fraction, check_max_batch
-from .units import GiB, gib, mib
+from .errors import NoAnswer, SpecError
+from .targets import Target, nearest, resolve_gpu, same_card
+from .spec import Workload, check_fraction, check_max_batch
+from .units import gib, mib
 
 log = logging.getLogger(__name__)
 
 HELD_BACK = 0.02
 """Share of an extrapolated budget left unused: covers allocator steps between the probes."""
-MAX_BATCH = 1024
-"""Cap on extrapolated answers: the sweep's default ``max_batch`` (YOLO's autobatch cap)."""
-
-
-class NoAnswer(SpecError):
-    """The table cannot answer: the message names what is missing and what the table has."""
 
 
 @dataclass(frozen=True)
@@ -78,26 +70,8 @@ class Answer:
     explanation: str
 
 
-@dataclass(frozen=True)
-class Target:
-    """The card asked about: name and card key may be unknown (a bare memory size)."""
-
-    total_bytes: int
-    outside_bytes: int | None = None
-    """Used outside the allocator; None when unknown (the table's rows stand in)."""
-    name: str = ""
-    card: str = ""
-    outside_from: str = ""
-    """Where ``outside_bytes`` comes from, for the explanation."""
-    nccl_channels: int | None = None
-    """NCCL's channels between such cards (DDP), when the catalog knows the card; None: the catalog's most."""
-
-    def label(self) -> str:
-        return f"{self.card or self.name or 'a card'} ({gib(self.total_bytes)})"
-
-
 def lookup(table: str | os.PathLike | pd.DataFrame, model: str | Workload, imgsz: int = 640,
-           gpu: str | int | float | None = None, *, fraction: float | None = None, max_batch: int = MAX_BATCH,
+           gpu: str | int | float | None = None, *, fraction: float | None = None, max_batch: int = core.MAX_BATCH,
            measured_only: bool = False, **fields) -> Answer:
     """The batch size for ``model`` at ``imgsz`` on ``gpu``, from the table at ``table``.
 
@@ -116,7 +90,7 @@ def lookup(table: str | os.PathLike | pd.DataFrame, model: str | Workload, imgsz
     workload = model if isinstance(model, Workload) else spec.make(model=model, imgsz=imgsz, **fields)
     rows = workload_rows(df, workload, source)
     target = resolve_gpu(gpu, df)
-    mine = rows[[_same_card(r, target) for _, r in rows.iterrows()]]
+    mine = rows[[same_card(r, target) for _, r in rows.iterrows()]]
     fraction = _pick_fraction(fraction, mine if len(mine) else rows, workload)
     exact = mine[mine["fraction"].round(6) == round(fraction, 6)]
     if len(exact):  # the nearest in total memory, should the table hold the card twice (simulated and real)
@@ -157,12 +131,7 @@ class RanksAnswer:
 def parse_gpus(text: str) -> list[tuple[str, int]]:
     """``"A10G x4, T4 x4"`` -> [("A10G", 4), ("T4", 4)]; a name may be a catalog key or a device name
     ("Tesla T4 x2"); SpecError for anything else."""
-    out = []
-    for item in (s.strip() for s in str(text).split(",")):
-        m = re.fullmatch(r"(.+?)(?:\s*[x*]\s*(\d+))?", item)
-        if not item or not m or (m.group(2) is not None and int(m.group(2)) < 1):
-            raise SpecError(f"gpus={text!r}: {item!r} must be CARD or CARD xN with N >= 1, e.g. 'A10G x4, T4 x4'")
-        out.append((m.group(1).strip(), int(m.group(2) or 1)))
+    out = catalog.parse_counts(text, f"gpus={text!r}", "A10G x4, T4 x4")
     names = [n.lower() for n, _ in out]
     if len(set(names)) < len(names):
         raise SpecError(f"gpus={text!r} names a card twice: give each card once with its count, e.g. 'T4 x8'")
@@ -171,7 +140,7 @@ def parse_gpus(text: str) -> list[tuple[str, int]]:
 
 def lookup_ranks(table: str | os.PathLike | pd.DataFrame, model: str | Workload, imgsz: int = 640, *,
                  gpus: str | list[tuple[str, int]], world_size: int | None = None, fraction: float | None = None,
-                 max_batch: int = MAX_BATCH, measured_only: bool = False, **fields) -> RanksAnswer:
+                 max_batch: int = core.MAX_BATCH, measured_only: bool = False, **fields) -> RanksAnswer:
     """The per-rank batch of a DDP job with ranks on ``gpus`` (``"A10G x4, T4 x4"`` or [(card, count)]):
     each card answered by ``lookup`` for the job's total ranks, and the smallest taken. ``world_size`` None
     (or the workload's 1) is the total count; another value than the total is a SpecError. Any card the
@@ -229,18 +198,6 @@ def workload_rows(df: pd.DataFrame, w: Workload, source: str) -> pd.DataFrame:
     return df
 
 
-def nearest(value, options: list, limit: int = 8) -> str:
-    """``options`` as text, the nearest to ``value`` first (numbers by distance, text by similarity)."""
-    if all(isinstance(o, (int, float)) and not isinstance(o, bool) for o in options + [value]):
-        ordered = sorted(options, key=lambda o: (abs(o - value), o))
-    else:
-        text = [str(o) for o in options]
-        close = difflib.get_close_matches(str(value), text, n=len(text), cutoff=0)
-        ordered = close + sorted(set(text) - set(close))
-    shown = ", ".join(str(o) for o in ordered[:limit])
-    return shown + (f" (and {len(ordered) - limit} more)" if len(ordered) > limit else "")
-
-
 def _pick_fraction(fraction: float | None, rows: pd.DataFrame, w: Workload) -> float:
     if fraction is not None:
         check_fraction(fraction)
@@ -250,107 +207,6 @@ def _pick_fraction(fraction: float | None, rows: pd.DataFrame, w: Workload) -> f
         raise NoAnswer(f"fraction is ambiguous for {w.label()}: the table has {', '.join(map(str, there))}; "
                        "pass one (fraction=, --fraction)")
     return float(there[0])
-
-
-# -- which card
-
-
-def resolve_gpu(gpu: str | int | float | None, df: pd.DataFrame, memory_hint: str = "(--gpu-memory 24, gpu=24.0)"
-                ) -> Target:
-    """The card ``gpu`` names (see ``lookup``); SpecError lists what it could have been, and how to give a card
-    by its memory (``memory_hint``)."""
-    if gpu is None:
-        return current_device()
-    if isinstance(gpu, bool):
-        raise SpecError(f"gpu={gpu!r} must be a card name or a memory size, e.g. gpu='T4' or gpu=24.0 (GiB)")
-    if isinstance(gpu, numbers.Integral):
-        if gpu < GiB:
-            raise SpecError(f"gpu={gpu} is read as bytes (an int) and is under 1 GiB: pass GiB as a float or "
-                            f"string (gpu={float(gpu)} or '{gpu}') or the total in bytes")
-        return Target(int(gpu))
-    if isinstance(gpu, numbers.Real):
-        return _from_gib(float(gpu), repr(gpu))
-    return _from_name(str(gpu).strip(), df, memory_hint)
-
-
-def _from_name(name: str, df: pd.DataFrame, memory_hint: str) -> Target:
-    try:
-        return _from_catalog(catalog.card(name))
-    except ValueError:
-        pass
-    rows = df[df["gpu_name"].str.lower() == name.lower()]
-    if len(rows):
-        return _from_rows(name, rows)
-    named = [c for c in catalog.CATALOG.values() if c.name.lower() == name.lower()]
-    if named:
-        return _from_catalog(named[0])
-    if _is_number(name.removesuffix("GiB")):  # "24GiB": exactly that total; "24": as cards are sold
-        return _from_gib(float(name.removesuffix("GiB")), repr(name), exact=name.endswith("GiB"))
-    measured = nearest(name, sorted(set(df["gpu_name"])))
-    raise NoAnswer(f"gpu={name!r} is not a catalog card ({nearest(name, list(catalog.CATALOG))}) nor a device "
-                   f"in the table ({measured}): name one of those, or give its memory in GiB "
-                   f"{memory_hint}")
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _from_catalog(c: catalog.Card) -> Target:
-    return Target(c.total_bytes, c.context_bytes, c.name, c.key, f"the catalog's context for {c.key}", c.nccl_channels)
-
-
-def _from_rows(name: str, rows: pd.DataFrame) -> Target:
-    totals = sorted(set(int(t) for t in rows["gpu_total_bytes"]))
-    if len(totals) > 1:
-        raise NoAnswer(f"gpu={name!r} is ambiguous: the table has it with {', '.join(gib(t) for t in totals)}; "
-                       "pass its catalog key or its memory (--gpu-memory GiB)")
-    r = rows.iloc[0]
-    card = r["card"] if isinstance(r["card"], str) else ""
-    return Target(totals[0], int(rows["outside_bytes"].max()), str(r["gpu_name"]), card, "measured on that card")
-
-
-def _from_gib(value: float, shown: str, exact: bool = False) -> Target:
-    """A card named by its memory. A size cards are sold as (16, 24, 40, 80, ...) is read as the smallest
-    catalog card sold as that: an "A10G 24 GB" reports 21.96 GiB, so 24 must not mean 24 GiB.
-    Any other size, or any size when ``exact``, is the total the driver reports, in GiB."""
-    if not math.isfinite(value) or value <= 0:
-        raise SpecError(f"gpu={shown} must be a positive memory size in GiB, e.g. 24")
-    sold = [] if exact else catalog.sold_as(value)
-    if not sold:
-        return Target(int(value * GiB))
-    smallest = min(sold, key=lambda c: c.total_bytes)
-    names = ", ".join(c.key for c in sold)
-    return Target(smallest.total_bytes, max(c.context_bytes for c in sold), f"a {value:g} GB card", "",
-                  f"the largest catalog context among cards sold as {value:g} GB ({names}), whose smallest "
-                  f"total {gib(smallest.total_bytes)} is used", max(c.nccl_channels for c in sold))
-
-
-def current_device() -> Target:
-    """This process's current CUDA device through the device seam; SpecError when this machine has none."""
-    from . import devices  # noqa: PLC0415 (imports torch: only for this path)
-
-    if devices.cuda_count() == 0:
-        raise SpecError("gpu=None means the current CUDA device and this machine has none: "
-                        "pass gpu= (--gpu T4, --gpu 'Tesla T4' or --gpu-memory 24)")
-    info = devices.CudaBackend().info()
-    c = catalog.CATALOG.get(info.card)
-    # a fresh process has not loaded its kernels yet: count the catalog's context if it is larger
-    outside = max(info.outside_bytes, c.context_bytes if c else 0)
-    return Target(info.total_bytes, outside, info.name, info.card, "this device now or its catalog context, the larger",
-                  c.nccl_channels if c else None)
-
-
-def _same_card(row, target: Target) -> bool:
-    """A row measured on the target: same device name, total memory within 2% (driver/ECC differences)."""
-    if not target.name:
-        return False
-    return (str(row["gpu_name"]).lower() == target.name.lower()
-            and abs(int(row["gpu_total_bytes"]) - target.total_bytes) <= 0.02 * target.total_bytes)
 
 
 # -- answers
@@ -441,7 +297,7 @@ def _outside(target: Target, rows: pd.DataFrame, w: Workload) -> tuple[int, str]
         return int(rows["outside_bytes"].max()), "unknown card: the largest in the table's rows for this workload"
     if w.world_size == 1:
         return target.outside_bytes, target.outside_from
-    channels = target.nccl_channels or max(c.nccl_channels for c in catalog.CATALOG.values())
+    channels = target.nccl_channels or catalog.channels_for(None)
     comm = ddp.comm_bytes(w.world_size, channels)
     return target.outside_bytes + comm, (f"{target.outside_from}, and {mib(comm)} of NCCL buffers for "
                                          f"{w.world_size} ranks on {channels} channels")
@@ -456,62 +312,3 @@ def _nothing_to_extrapolate(rows: pd.DataFrame, w: Workload) -> str:
                 "nothing to extrapolate from: try a smaller imgsz or a larger card")
     return (f"{w.label()} has no usable measurement to extrapolate from ({where}: {r['status']} "
             f"{r['error'] or ''}); fix the cause and re-run the sweep with --force")
-
-
-# -- command line
-
-
-def register(subparsers, common=()) -> None:
-    p = subparsers.add_parser("lookup", parents=list(common),
-                              help="print the batch size for one model on one card, read from a table")
-    p.add_argument("table", help="batch table CSV written by `sweep`, e.g. results/batch_table.csv")
-    spec.add_flags(p, many=False)
-    where = p.add_mutually_exclusive_group()
-    where.add_argument("--gpu", help="catalog card (A100-80GB) or device name ('Tesla T4'); "
-                                     "default: the current CUDA device of this machine")
-    where.add_argument("--gpus", metavar="'CARD xN, ...'",
-                       help="a DDP job's ranks on several GPU types, e.g. 'A10G x4, T4 x4': prints the batch per "
-                            "rank that fits every rank (the smallest), and on stderr the global batch and the card "
-                            "that limits it; world_size is the total count")
-    where.add_argument("--gpu-memory", type=float, metavar="GB",
-                       help="a card the table does not name, by the memory it is sold as (24 for an L4, A10G or "
-                            "RTX 4090: read as the smallest such catalog card) or, for any other size, the total "
-                            "in GiB as torch reports it; the answer is extrapolated")
-    p.add_argument("--fraction", type=float, default=None,
-                   help="share of the card to use at peak (default: the table's; another value is extrapolated)")
-    p.add_argument("--max-batch", type=int, default=MAX_BATCH,
-                   help=f"cap on extrapolated answers (default {MAX_BATCH}, the sweep's)")
-    p.add_argument("--measured-only", action="store_true",
-                   help="exit 2 instead of extrapolating when the table did not measure this card and fraction")
-    p.set_defaults(func=cmd_lookup)
-
-
-def cmd_lookup(args: argparse.Namespace) -> int:
-    """Only the integer goes to stdout, so `batch=$(python -m orchestrator lookup ...)` works."""
-    gpu = args.gpu if args.gpu_memory is None else args.gpu_memory
-    if args.gpus is not None:
-        return _lookup_ranks(args)
-    w = spec.from_args(args)
-    a = lookup(args.table, w, gpu=gpu, fraction=args.fraction, max_batch=args.max_batch,
-               measured_only=args.measured_only)
-    if a.extrapolated:
-        print("warning: extrapolated, not measured on this card or fraction; check it on the first run "
-              f"(`python -m orchestrator autobatch --model {w.model} --imgsz {w.imgsz} ...`)", file=sys.stderr)
-    print(a.explanation, file=sys.stderr)
-    print(a.batch_size)
-    return 0
-
-
-def _lookup_ranks(args: argparse.Namespace) -> int:
-    """``--gpus``: the per-rank integer on stdout; each card's answer, the global batch and the limit on stderr."""
-    world_size, args.world_size = args.world_size, None  # the total unless given (checked against it)
-    w = spec.from_args(args)
-    r = lookup_ranks(args.table, w, gpus=args.gpus, world_size=world_size, fraction=args.fraction,
-                     max_batch=args.max_batch, measured_only=args.measured_only)
-    for name, a in r.answers.items():
-        print(f"{name}: {a.explanation}", file=sys.stderr)
-    if r.extrapolated:
-        print("warning: extrapolated for some card, not measured on it; check it on the first run", file=sys.stderr)
-    print(r.explanation(), file=sys.stderr)
-    print(r.batch_size)
-    return 0

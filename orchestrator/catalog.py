@@ -9,8 +9,10 @@ hardware (see benchmarks/calibrate_cuda.py).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
+from .errors import SpecError
 from .units import MiB
 
 
@@ -77,3 +79,32 @@ def by_device_name(name: str, total_bytes: int) -> Card | None:
         if c.name.lower() == name.lower() and abs(c.total_bytes - total_bytes) <= 0.02 * c.total_bytes:
             return c
     return None
+
+
+def parse_counts(text, where: str, example: str) -> list[tuple[str, int]]:
+    """``'T4 x2, A100-80GB'`` -> ``[("T4", 2), ("A100-80GB", 1)]``: the one syntax for cards with counts (a
+    simulated fleet, a DDP job's ranks). Items split at commas or semicolons (a list: one item each), names
+    as written (not resolved here); SpecError naming ``where`` for an item that is not CARD or CARD xN with
+    N >= 1, or for no item at all."""
+    items = text if isinstance(text, list) else re.split(r"[,;]", str(text))
+    out = []
+    for item in (str(s).strip() for s in items):
+        if not item:
+            continue
+        m = re.fullmatch(r"(.+?)(?:\s*[x*]\s*(-?\d+))?", item)
+        name = m.group(1).strip()
+        if re.search(r"\*|(^|\s)x(\s|$)", name):  # 'T4 x two': a count that is not a number
+            raise SpecError(f"{where}: {item!r} must be CARD or CARD xN, e.g. {example!r}")
+        count = int(m.group(2) or 1)
+        if count < 1:
+            raise SpecError(f"{where}: {item!r} count must be >= 1, e.g. '{name} x2'")
+        out.append((name, count))
+    if not out:
+        raise SpecError(f"{where}: no card named; name catalog cards with counts, e.g. {example!r}")
+    return out
+
+
+def channels_for(card: Card | None) -> int:
+    """NCCL channels for ``card``; for a card the catalog does not know, the catalog's most (the larger
+    buffers: an answer that fits)."""
+    return card.nccl_channels if card else max(c.nccl_channels for c in CATALOG.values())

@@ -12,8 +12,9 @@ import signal
 import sys
 import traceback
 
+from . import decision as core
 from . import spec
-from .spec import SpecError
+from .errors import SpecError
 from .units import gib, mib
 
 log = logging.getLogger("orchestrator")
@@ -24,17 +25,17 @@ a script can tell (``ok`` and ``no-fit`` rows exit 0)."""
 
 
 def _add_decision_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--fraction", type=float, default=0.8,
+    p.add_argument("--fraction", type=float, default=core.FRACTION,
                    help="share of the card's total memory the whole device may use at the step's peak "
-                        "(default 0.8, as YOLO; lower it if other jobs share the card)")
-    p.add_argument("--max-batch", type=int, default=1024,
-                   help="never answer above this (default 1024, as YOLO's autobatch)")
+                        f"(default {core.FRACTION}, as YOLO; lower it if other jobs share the card)")
+    p.add_argument("--max-batch", type=int, default=core.MAX_BATCH,
+                   help=f"never answer above this (default {core.MAX_BATCH}, as YOLO's autobatch)")
 
 
 def cmd_autobatch(args) -> int:
     from .engine import autobatch
 
-    r = autobatch(spec.from_args(args), fraction=args.fraction, gpu=args.gpu, max_batch=args.max_batch)
+    r = autobatch(workload_from_args(args), fraction=args.fraction, gpu=args.gpu, max_batch=args.max_batch)
     d, dev = r.decision, r.device
     if args.json:
         print(json.dumps({"workload": r.workload.as_dict(), "device": dev.as_dict(), "fraction": r.fraction,
@@ -80,7 +81,7 @@ def cmd_sweep(args) -> int:
     job = jobs.with_overrides(
         jobs.load(args.job), models=args.models, imgsz=args.imgsz, fraction=args.fraction, simulate=args.simulate,
         address=args.address, out=args.out, max_batch=args.max_batch, every_device=args.every_device or None,
-        real=args.real, data=args.data, **spec.overrides_from_args(args),
+        real=args.real, data=args.data, **overrides_from_args(args),
     )
     jobs.require_models(job)  # a job file may hold only [fleet]: then --models names them
     bars = []
@@ -137,6 +138,148 @@ def cmd_devices(args) -> int:
     return 0
 
 
+# -- lookup
+
+def _register_lookup(sub, common) -> None:
+    p = sub.add_parser("lookup", parents=list(common),
+                         help="print the batch size for one model on one card, read from a table")
+    p.add_argument("table", help="batch table CSV written by `sweep`, e.g. results/batch_table.csv")
+    add_workload_flags(p, many=False)
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--gpu", help="catalog card (A100-80GB) or device name ('Tesla T4'); "
+                                     "default: the current CUDA device of this machine")
+    where.add_argument("--gpus", metavar="'CARD xN, ...'",
+                       help="a DDP job's ranks on several GPU types, e.g. 'A10G x4, T4 x4': prints the batch per "
+                            "rank that fits every rank (the smallest), and on stderr the global batch and the card "
+                            "that limits it; world_size is the total count")
+    where.add_argument("--gpu-memory", type=float, metavar="GB",
+                       help="a card the table does not name, by the memory it is sold as (24 for an L4, A10G or "
+                            "RTX 4090: read as the smallest such catalog card) or, for any other size, the total "
+                            "in GiB as torch reports it; the answer is extrapolated")
+    p.add_argument("--fraction", type=float, default=None,
+                   help="share of the card to use at peak (default: the table's; another value is extrapolated)")
+    p.add_argument("--max-batch", type=int, default=core.MAX_BATCH,
+                   help=f"cap on extrapolated answers (default {core.MAX_BATCH}, the sweep's)")
+    p.add_argument("--measured-only", action="store_true",
+                   help="exit 2 instead of extrapolating when the table did not measure this card and fraction")
+    p.set_defaults(func=cmd_lookup)
+
+
+def cmd_lookup(args: argparse.Namespace) -> int:
+    """Only the integer goes to stdout, so `batch=$(python -m orchestrator lookup ...)` works."""
+    from .answers import lookup
+
+    gpu = args.gpu if args.gpu_memory is None else args.gpu_memory
+    if args.gpus is not None:
+        return _lookup_ranks(args)
+    w = workload_from_args(args)
+    a = lookup(args.table, w, gpu=gpu, fraction=args.fraction, max_batch=args.max_batch,
+               measured_only=args.measured_only)
+    if a.extrapolated:
+        print("warning: extrapolated, not measured on this card or fraction; check it on the first run "
+              f"(`python -m orchestrator autobatch --model {w.model} --imgsz {w.imgsz} ...`)", file=sys.stderr)
+    print(a.explanation, file=sys.stderr)
+    print(a.batch_size)
+    return 0
+
+
+def _lookup_ranks(args: argparse.Namespace) -> int:
+    """``--gpus``: the per-rank integer on stdout; each card's answer, the global batch and the limit on stderr."""
+    from .answers import lookup_ranks
+
+    world_size, args.world_size = args.world_size, None  # the total unless given (checked against it)
+    w = workload_from_args(args)
+    r = lookup_ranks(args.table, w, gpus=args.gpus, world_size=world_size, fraction=args.fraction,
+                     max_batch=args.max_batch, measured_only=args.measured_only)
+    for name, a in r.answers.items():
+        print(f"{name}: {a.explanation}", file=sys.stderr)
+    if r.extrapolated:
+        print("warning: extrapolated for some card, not measured on it; check it on the first run", file=sys.stderr)
+    print(r.explanation(), file=sys.stderr)
+    print(r.batch_size)
+    return 0
+
+
+# -- report
+
+def _register_report(sub, common) -> None:
+    p = sub.add_parser("report", parents=list(common),
+                       help="write a Markdown summary and a heatmap PNG of a batch table")
+    p.add_argument("table", help="batch table CSV written by `sweep`, e.g. results/batch_table.csv")
+    p.add_argument("--out", help="folder for TABLE.md and TABLE.png (default: report/ next to the table)")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write
+
+    md_path, png_path = write(args.table, args.out)
+    print(md_path)
+    print(png_path)
+    return 0
+
+
+# -- command-line flags, derived from the fields
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_workload_flags(parser: argparse.ArgumentParser, *, many: bool) -> None:
+    """One flag per workload field, and ``--data``. ``many`` (sweep): comma-separated lists that replace the
+    job's values; otherwise one value. Every flag defaults to None: not given (the job's, or the field's default)."""
+    parser.add_argument("--data", help="an ultralytics data yaml: objects = 4 x the most labels on one training "
+                                       "image (mosaic), classes = its names (read offline from its label files)")
+    for f in spec.FIELDS:
+        kind, meta = spec.TYPES[f.name], f.metadata
+        if f.name == "model":
+            if many:
+                parser.add_argument("--models", type=csv_list(str), help=f"comma-separated, replacing the job's "
+                                                                         f"grid; {meta['help']}")
+            else:
+                parser.add_argument("--model", required=True, help=meta["help"])
+            continue
+        dest = f.name
+        if kind is bool:
+            on = not f.default  # the flag turns the default around
+            text = meta["help"] if on else f"leave out: {meta['help']}"
+            flag = _flag(f.name) if on else "--no-" + f.name.replace("_", "-")
+            parser.add_argument(flag, dest=dest, action="store_const", const=on, default=None, help=text)
+        elif many:
+            parser.add_argument(_flag(f.name), dest=dest, type=csv_list(kind),
+                                help=f"comma-separated; {meta['help']}")
+        else:
+            parser.add_argument(_flag(f.name), dest=dest, type=kind, default=None,
+                                choices=list(meta["choices"]) if meta["choices"] else None, help=meta["help"])
+
+
+def workload_from_args(args: argparse.Namespace) -> spec.Workload:
+    """The workload a single-value command (``autobatch``, ``lookup``) names (``--data`` read here)."""
+    values = {k: getattr(args, k) for k in spec.KEYS if getattr(args, k) is not None}
+    if args.data is not None:
+        from .datasets import with_data
+
+        values = with_data(values, args.data, "--")
+    return spec.make(**values)
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict:
+    """The workload values ``sweep``'s flags set (None: not given), keyed by field name."""
+    out = {k: getattr(args, k) for k in spec.AXES if getattr(args, k) is not None}
+    return {k: v if isinstance(v, list) else [v] for k, v in out.items()}
+
+
+def csv_list(kind):
+    def parse(text: str):
+        try:
+            return [kind(x.strip()) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} must be a comma-separated list of {kind.__name__}") from None
+
+    return parse
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (and exit code 2)."""
 
@@ -160,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("autobatch", parents=common, help="decide the batch size for one model on one device")
-    spec.add_flags(p, many=False)
+    add_workload_flags(p, many=False)
     p.add_argument("--gpu", default=None,
                    help="simulate this catalog card (T4, A100-80GB, ...); default: the current real CUDA device")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -170,9 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", parents=common, help="build the batch table for every GPU type x workload in a job")
     p.add_argument("job", nargs="?", default=None,
                    help="job file (TOML, see jobs/); default: the built-in jobs/quickstart.toml")
-    spec.add_flags(p, many=True)
-    p.add_argument("--fraction", type=float, help="share of each card's memory to use at peak (job default 0.8)")
-    p.add_argument("--max-batch", type=int, help="never answer above this (default 1024)")
+    add_workload_flags(p, many=True)
+    p.add_argument("--fraction", type=float,
+                   help=f"share of each card's memory to use at peak (job default {core.FRACTION})")
+    p.add_argument("--max-batch", type=int, help=f"never answer above this (default {core.MAX_BATCH})")
     p.add_argument("--simulate", help="simulate this fleet of catalog cards, e.g. 'T4 x2, A100-80GB'")
     p.add_argument("--real", action="store_true", help="require real GPUs (fail instead of simulating)")
     p.add_argument("--address", help="Ray cluster to join: auto, HOST:PORT or ray://HOST:10001 "
@@ -190,10 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster to join: auto, HOST:PORT or ray://HOST:10001")
     p.set_defaults(func=cmd_devices)
 
-    from . import answers, report  # each owns its subcommand: register() + cmd_*()
-
-    answers.register(sub, common)
-    report.register(sub, common)
+    _register_lookup(sub, common)
+    _register_report(sub, common)
     return parser
 
 

@@ -21,11 +21,17 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .errors import OutOfMemory
+
 log = logging.getLogger(__name__)
 
-
-class OutOfMemory(Exception):
-    """Raised by a ``measure`` callable when the batch does not fit on the device."""
+# The decision's settings, declared once: flags, job files and the API default to these.
+FRACTION = 0.8
+"""Whole-device usage at the step's peak <= FRACTION x total (YOLO's default)."""
+MAX_BATCH = 1024
+"""Never answer above this (YOLO's autobatch cap)."""
+TOLERANCE = 0.02
+"""The search stops within this share of the largest batch that fits."""
 
 
 @dataclass(frozen=True)
@@ -191,8 +197,8 @@ def decide(
     measure: Callable[[int], int],
     budget_bytes: int,
     *,
-    max_batch: int = 1024,
-    tolerance: float = 0.02,
+    max_batch: int = MAX_BATCH,
+    tolerance: float = TOLERANCE,
     first_probes: tuple[int, ...] = (1, 2, 4, 8),
     max_measurements: int = 24,
     prior: Prior | None = None,

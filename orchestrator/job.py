@@ -21,14 +21,15 @@ from __future__ import annotations
 
 import itertools
 import os
-import re
 import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from . import catalog, spec
+from . import decision as core
 from .datasets import with_data
-from .spec import SpecError, Workload, check_fraction, check_max_batch
+from .errors import SpecError
+from .spec import Workload, check_fraction, check_max_batch
 
 DEFAULT_JOB = Path(__file__).resolve().parent.parent / "jobs" / "quickstart.toml"
 
@@ -47,10 +48,10 @@ class SweepConfig:
     """Model x image-size cross products; the sweep measures their union."""
     axes: tuple[tuple[str, tuple], ...] = ()
     """The other workload fields (``spec.AXES``) as (name, values swept); a field not named takes its default."""
-    fraction: float = 0.8
-    """Whole-device usage at the step's peak <= fraction x total (YOLO's default 0.8)."""
-    max_batch: int = 1024
-    """Never answer above this (YOLO's autobatch caps at 1024)."""
+    fraction: float = core.FRACTION
+    """Whole-device usage at the step's peak <= fraction x total."""
+    max_batch: int = core.MAX_BATCH
+    """Never answer above this."""
     out: str = "results/batch_table.csv"
     """The lookup table; relative paths are relative to the current directory."""
     every_device: bool = False
@@ -100,22 +101,12 @@ _ALLOWED = {
 
 def parse_fleet(text: str, where: str = "--simulate") -> tuple[tuple[str, int], ...]:
     """'T4 x2, A100-80GB' -> (("T4", 2), ("A100-80GB", 1)); catalog names checked."""
-    items = text if isinstance(text, list) else [s for s in re.split(r"[,;]", str(text)) if s.strip()]
     out = []
-    for item in items:
-        m = re.fullmatch(r"\s*([A-Za-z0-9_.\-]+)\s*(?:[x*]\s*(-?\d+))?\s*", str(item))
-        if not m:
-            raise SpecError(f"{where}: {item!r} must be CARD or CARD xN, e.g. 'T4 x2, A100-80GB'")
+    for name, count in catalog.parse_counts(text, where, "T4 x2, A100-80GB"):
         try:
-            key = catalog.card(m.group(1)).key
+            out.append((catalog.card(name).key, count))
         except ValueError as e:
             raise SpecError(f"{where}: {e}") from None
-        count = int(m.group(2) or 1)
-        if count < 1:
-            raise SpecError(f"{where}: {item!r} count must be >= 1, e.g. '{key} x2'")
-        out.append((key, count))
-    if not out:
-        raise SpecError(f"{where}: empty fleet; name catalog cards, e.g. 'T4 x2, A100-80GB'")
     return tuple(out)
 
 
@@ -226,12 +217,12 @@ def _sweep(d, src, base=None) -> SweepConfig:
         grid = _grid([{"models": d["models"], "imgsz": d.get("imgsz", [spec.DEFAULTS["imgsz"]])}], src)
     else:  # no models yet (``require_models``): the sizes wait for --models
         grid = (GridEntry((), _sizes(d, src, sec, [spec.DEFAULTS["imgsz"]])),)
-    fraction = check_fraction(_typed(d, "fraction", (int, float), src, sec, 0.8), f"{src}: {sec}fraction")
+    fraction = check_fraction(_typed(d, "fraction", (int, float), src, sec, core.FRACTION), f"{src}: {sec}fraction")
     if "data" in d:
         d = with_data(d, _typed(d, "data", str, src, sec, ""), f"{src}: {sec}", base=base)
     return SweepConfig(
         grid=grid, axes=_axes(d, f"{src}: {sec}"), fraction=fraction,
-        max_batch=check_max_batch(_typed(d, "max_batch", int, src, sec, 1024), f"{src}: {sec}max_batch"),
+        max_batch=check_max_batch(_typed(d, "max_batch", int, src, sec, core.MAX_BATCH), f"{src}: {sec}max_batch"),
         out=_typed(d, "out", str, src, sec, "results/batch_table.csv"),
         every_device=_typed(d, "every_device", bool, src, sec, False),
     )

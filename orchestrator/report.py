@@ -8,7 +8,6 @@ row with its reason.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import os
@@ -17,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import table as tables
-from .spec import SpecError
+from .errors import SpecError
 from .summary import gpu_label, pivot, row_label
 
 log = logging.getLogger(__name__)
@@ -144,18 +143,3 @@ def check_writable(out: Path, md_path: Path, png_path: Path) -> None:
     if md_path.is_file() and not md_path.read_bytes().startswith(b"# Batch sizes: "):
         raise SpecError(f"report --out {str(out)!r}: {str(md_path)!r} exists and is not a report of ours; move it "
                         "or choose another --out (it was not changed)")
-
-
-def register(subparsers, common=()) -> None:
-    p = subparsers.add_parser("report", parents=list(common),
-                              help="write a Markdown summary and a heatmap PNG of a batch table")
-    p.add_argument("table", help="batch table CSV written by `sweep`, e.g. results/batch_table.csv")
-    p.add_argument("--out", help="folder for TABLE.md and TABLE.png (default: report/ next to the table)")
-    p.set_defaults(func=cmd_report)
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    md_path, png_path = write(args.table, args.out)
-    print(md_path)
-    print(png_path)
-    return 0

@@ -3,7 +3,7 @@
 Each field of ``Workload`` is declared here, once, with its help text and its
 metadata; everything else is derived from ``dataclasses.fields(Workload)``: the
 table key (``table.KEY``), the job file's ``[sweep]`` keys (``job.py``), the flags
-of ``sweep``, ``autobatch`` and ``lookup`` (``add_flags``), the lookup filter
+of ``sweep``, ``autobatch`` and ``lookup`` (``cli.add_workload_flags``), the lookup filter
 (``answers.workload_rows``) and the pivot's row labels (``summary.pivot``).
 
 Adding a field: declare it here, use it where the step is built or run
@@ -11,10 +11,11 @@ Adding a field: declare it here, use it where the step is built or run
 """
 from __future__ import annotations
 
-import argparse
 import numbers
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
+
+from .errors import SpecError
 
 PRECISIONS = {
     "fp32": "full precision, no autocast",
@@ -22,10 +23,6 @@ PRECISIONS = {
     "bf16": "AMP: autocast to bfloat16, no scaler",
 }
 OPTIMIZERS = ("SGD", "AdamW")
-
-
-class SpecError(ValueError):
-    """Bad input: the message names the value, the constraint and the fix."""
 
 
 def check_fraction(fraction, name: str = "fraction") -> float:
@@ -187,64 +184,3 @@ def show(name: str, value) -> str:
         label = name.replace("_", ".")
         return label if value else f"no {label}"
     return f"{name} {value}" if TYPES.get(name) is int and name != "imgsz" else str(value)
-
-
-# -- command-line flags, derived from the fields
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def add_flags(parser: argparse.ArgumentParser, *, many: bool) -> None:
-    """One flag per workload field, and ``--data``. ``many`` (sweep): comma-separated lists that replace the
-    job's values; otherwise one value. Every flag defaults to None: not given (the job's, or the field's default)."""
-    parser.add_argument("--data", help="an ultralytics data yaml: objects = 4 x the most labels on one training "
-                                       "image (mosaic), classes = its names (read offline from its label files)")
-    for f in FIELDS:
-        kind, meta = TYPES[f.name], f.metadata
-        if f.name == "model":
-            if many:
-                parser.add_argument("--models", type=csv_list(str), help=f"comma-separated, replacing the job's "
-                                                                         f"grid; {meta['help']}")
-            else:
-                parser.add_argument("--model", required=True, help=meta["help"])
-            continue
-        dest = f.name
-        if kind is bool:
-            on = not f.default  # the flag turns the default around
-            text = meta["help"] if on else f"leave out: {meta['help']}"
-            flag = _flag(f.name) if on else "--no-" + f.name.replace("_", "-")
-            parser.add_argument(flag, dest=dest, action="store_const", const=on, default=None, help=text)
-        elif many:
-            parser.add_argument(_flag(f.name), dest=dest, type=csv_list(kind),
-                                help=f"comma-separated; {meta['help']}")
-        else:
-            parser.add_argument(_flag(f.name), dest=dest, type=kind, default=None,
-                                choices=list(meta["choices"]) if meta["choices"] else None, help=meta["help"])
-
-
-def from_args(args: argparse.Namespace) -> Workload:
-    """The workload a single-value command (``autobatch``, ``lookup``) names (``--data`` read here)."""
-    values = {k: getattr(args, k) for k in KEYS if getattr(args, k) is not None}
-    if args.data is not None:
-        from .datasets import with_data
-
-        values = with_data(values, args.data, "--")
-    return make(**values)
-
-
-def overrides_from_args(args: argparse.Namespace) -> dict:
-    """The workload values ``sweep``'s flags set (None: not given), keyed by field name."""
-    out = {k: getattr(args, k) for k in AXES if getattr(args, k) is not None}
-    return {k: v if isinstance(v, list) else [v] for k, v in out.items()}
-
-
-def csv_list(kind):
-    def parse(text: str):
-        try:
-            return [kind(x.strip()) for x in text.split(",") if x.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} must be a comma-separated list of {kind.__name__}") from None
-
-    return parse

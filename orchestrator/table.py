@@ -16,24 +16,22 @@ their rows.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import io
-import json
 import logging
 import os
 import tempfile
 import threading
 import time
-import zlib
 from pathlib import Path
 from typing import Iterable
 
 import pandas as pd
 
 from . import calibration, spec
+from . import journal as journal_
 from .catalog import NEIGHBOUR_WARN_BYTES
-from .spec import SpecError
+from .errors import SpecError, TableError, TableWriteError
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +57,6 @@ FOLD_SECONDS = 30.0
 _READ_TRIES = 10
 
 
-class TableError(SpecError):
-    """The file at the table path cannot be used as a table; it is left as it is."""
-
-
-class TableWriteError(OSError):
-    """Writing the table failed (disk full, read-only); the previous table is intact."""
-
-
 def empty() -> pd.DataFrame:
     return pd.DataFrame(columns=COLUMNS)
 
@@ -85,12 +75,12 @@ def read(path: str | os.PathLike) -> pd.DataFrame:
     journal = journal_path(path)
     for _ in range(_READ_TRIES):
         before = _file_id(path)
-        df, rows = _read_csv(path), _journal_rows(journal)
+        df, rows = _read_csv(path), journal_.read_rows(journal, _check_row)
         if _file_id(path) == before:
             break
     else:  # folded under us every time: read under the writers' lock
         with locked(path):
-            df, rows = _read_csv(path), _journal_rows(journal)
+            df, rows = _read_csv(path), journal_.read_rows(journal, _check_row)
     try:
         return merge(df, rows)
     except (TypeError, ValueError) as e:
@@ -142,65 +132,6 @@ def _read_csv(path: Path) -> pd.DataFrame:
     except (TypeError, ValueError) as e:
         raise TableError(f"{path} has a value of the wrong type ({e}): restore it or choose another --out; "
                          "it was not changed") from None
-
-
-# ---- the journal: one line per row, "CRC32 JSON\n" --------------------------------------------------------
-def _encode(row: dict) -> bytes:
-    body = json.dumps({c: row[c] for c in COLUMNS if c in row}, default=_plain, separators=(",", ":")).encode()
-    return b"%08x %s\n" % (zlib.crc32(body), body)
-
-
-def _plain(v):
-    """JSON for the numpy scalars a row taken from a DataFrame holds."""
-    if hasattr(v, "item"):
-        return v.item()
-    if v is pd.NA or v is pd.NaT:
-        return None
-    raise TypeError(f"a table value must be a number, a string or a bool, not {type(v).__name__} ({v!r})")
-
-
-def _decode(line: bytes) -> dict | None:
-    """The row of a journal line; None when the line is not whole (its CRC does not match)."""
-    crc, _, body = line.partition(b" ")
-    try:
-        if len(crc) != 8 or int(crc, 16) != zlib.crc32(body):
-            return None
-        row = json.loads(body)
-    except ValueError:
-        return None
-    return row if isinstance(row, dict) else None
-
-
-def _journal_rows(journal: Path) -> list[dict]:
-    """The journal's rows, oldest first. A torn last line (a writer killed mid-append, or an append in
-    progress) is left out with a warning; a damaged line before it is a TableError."""
-    try:
-        raw = journal.read_bytes()
-    except FileNotFoundError:
-        return []
-    except OSError as e:
-        raise TableError(f"{journal} is not readable ({e.strerror or e}): fix its permissions") from None
-    lines = raw.split(b"\n")
-    tail = lines.pop()  # what follows the last newline: empty unless the last append was cut short
-    rows = []
-    for n, line in enumerate(lines, 1):
-        row = _decode(line)
-        if row is not None:
-            try:  # whole, but written by something else than write_rows: checked as write_rows checks a row
-                _check_row(row)
-            except ValueError as e:
-                raise TableError(f"{journal} line {n} is not a valid table row ({e}): restore it or remove it "
-                                 "(its rows are lost); it was not changed") from None
-            rows.append(row)
-        elif n == len(lines) and not tail:
-            log.warning("%s: ignoring its last line, which is not whole (a write cut short)", journal)
-        else:
-            raise TableError(f"{journal} line {n} is damaged (its checksum does not match): restore it or "
-                             "remove it (its rows are lost); it was not changed")
-    if tail:
-        log.warning("%s: ignoring %d bytes after its last whole line (a write cut short, or one in progress)",
-                    journal, len(tail))
-    return rows
 
 
 def _normalize(df: pd.DataFrame) -> pd.DataFrame:
@@ -313,13 +244,13 @@ def write_rows(path: str | os.PathLike, rows: list[dict]) -> None:
     path, rows = Path(path), list(rows)
     for row in rows:
         _check_row(row)
-    data = b"".join(_encode(row) for row in rows)
+    data = b"".join(journal_.encode(row, COLUMNS) for row in rows)
     if not data:
         return
     with locked(path):
         csv = _stat(path)  # the CSV (None before the table's first fold): its mode, and whether a fold is due
         try:
-            size = _append(journal_path(path), data, _mode_of(csv))
+            size = journal_.append(journal_path(path), data, _mode_of(csv))
         except OSError as e:
             raise TableWriteError(f"could not write {path} ({e.strerror or e}); the table on disk is unchanged: "
                                   "free space or choose another --out, then run again") from None
@@ -342,7 +273,7 @@ def fold(path: str | os.PathLike) -> None:
 
 def _fold_locked(path: Path) -> None:
     journal = journal_path(path)
-    rows = _journal_rows(journal)
+    rows = journal_.read_rows(journal, _check_row)
     if rows:
         df = merge(_read_csv(path), rows)
         try:
@@ -403,63 +334,6 @@ def _mode_of(csv: os.stat_result | None) -> int:
     return csv.st_mode & 0o777 if csv is not None else 0o644
 
 
-def _append(journal: Path, data: bytes, mode: int) -> int:
-    """Append ``data`` with one write() and fsync it; on any failure the journal is cut back to what it
-    was (removed if this call created it). Returns the journal's new size."""
-    created = not journal.exists()
-    fd = os.open(journal, os.O_RDWR | os.O_APPEND | os.O_CREAT, mode)
-    try:
-        if created:
-            os.fchmod(fd, mode)  # not the umask's
-        size = _whole_lines(fd, journal)
-        try:
-            written = os.write(fd, data)
-            if written != len(data):
-                raise OSError(errno.ENOSPC, f"wrote {written} of {len(data)} bytes: no space left or a file size limit")
-            os.fsync(fd)
-            if created:
-                _fsync_dir(journal.parent)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, size)
-                if created:
-                    journal.unlink()
-            raise
-        return size + written
-    finally:
-        os.close(fd)
-
-
-def _whole_lines(fd: int, journal: Path) -> int:
-    """Cut a torn last line (a writer killed mid-append) off the journal, so that the next line does not
-    join it; returns the size that is left. Called under the lock: no append is in progress."""
-    size = os.fstat(fd).st_size
-    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
-        return size
-    end = size
-    while end > 0:
-        start = max(0, end - (1 << 16))
-        newline = os.pread(fd, end - start, start).rfind(b"\n")
-        end = start + newline + 1 if newline >= 0 else start
-        if newline >= 0:
-            break
-    log.warning("%s: dropping %d bytes after its last whole line (a write cut short)", journal, size - end)
-    os.ftruncate(fd, end)
-    return end
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename or a new file in ``folder`` durable (where the file system allows)."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)
-
-
 def _write_atomic(path: Path, df: pd.DataFrame) -> None:
     mode = _mode_of(_stat(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
@@ -474,7 +348,7 @@ def _write_atomic(path: Path, df: pd.DataFrame) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)  # the rename is durable before the journal it replaces goes
+    journal_.fsync_dir(path.parent)  # the rename is durable before the journal it replaces goes
 
 
 def done_keys(df: pd.DataFrame) -> set[tuple]:

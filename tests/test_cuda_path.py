@@ -1,6 +1,6 @@
 """The CUDA path without a GPU (issue 12).
 
-The CUDA measurer (``devices.StepMeasurer``) runs the real training step on real CPU tensors here,
+The CUDA measurer (``cuda.StepMeasurer``) runs the real training step on real CPU tensors here,
 reading a fake of the card's memory counters (``CpuCounters``: no peaks, a failed-allocation count
 that a model bumps the way the caching allocator does). Models in ``tiny_models`` raise the exact
 errors CUDA, cuBLAS and cuDNN raise. What needs a card is checked by benchmarks/calibrate_cuda.py.
@@ -16,9 +16,10 @@ import pytest
 import torch
 
 import tiny_models
-from orchestrator import answers, devices, engine, fleet, job, models, spec, step, table
+from orchestrator import cli, cuda, devices, engine, fleet, job, models, nvml, simdevice, step, table, targets
 from orchestrator.decision import decide
-from orchestrator.devices import DeviceInfo, Measurement, StepMeasurer
+from orchestrator.devicetypes import DeviceInfo, Measurement
+from orchestrator.cuda import StepMeasurer
 from orchestrator.scheduler import Outcome
 from orchestrator.spec import Workload
 from orchestrator.units import GiB, MiB
@@ -112,7 +113,7 @@ def test_out_of_memory_caught_inside_the_step_is_out_of_memory():
 def test_with_cudnn_benchmark_caught_failures_are_logged_not_counted(caplog):
     """cudnn.benchmark's autotuner fails allocations on purpose: with it on they are logged, not OOM."""
     m = measurer("tiny_swallows_oom_from_8", precision="fp32", cudnn_benchmark=True)
-    with caplog.at_level("INFO", logger="orchestrator.devices"):
+    with caplog.at_level("INFO", logger="orchestrator.cuda"):
         d = decide_with(m, max_batch=16)
     assert d.batch_size == 16 and m.caught_ooms > 0
     assert any("autotuner" in r.getMessage() for r in caplog.records)
@@ -182,11 +183,11 @@ def test_deterministic_is_a_workload_field_in_the_key_flags_and_job_files(tmp_pa
     table written before it existed reads its rows as not deterministic (they were measured so)."""
     assert Workload(model="m:f").deterministic is True and "deterministic" in table.KEY
     p = argparse.ArgumentParser()
-    spec.add_flags(p, many=False)
-    assert spec.from_args(p.parse_args(["--model", "m:f", "--no-deterministic"])).deterministic is False
+    cli.add_workload_flags(p, many=False)
+    assert cli.workload_from_args(p.parse_args(["--model", "m:f", "--no-deterministic"])).deterministic is False
     j = job.from_dict({"sweep": {"models": ["m:f"], "imgsz": [64], "deterministic": [True, False]}}, "t")
     assert sorted(w.deterministic for w in j.sweep.workloads()) == [False, True]
-    info = devices.SimulatedBackend("T4").info()
+    info = simdevice.SimulatedBackend("T4").info()
     keys = {table.row_key(info, Workload(model="m:f", deterministic=d), 0.8) for d in (True, False)}
     assert len(keys) == 2
     out = tmp_path / "t.csv"
@@ -201,7 +202,7 @@ TRACED = Workload(model="tiny_models:tiny", imgsz=64, deterministic=False)
 def test_deterministic_travels_into_the_row(profiles):
     """A decision's row carries the field it was measured with."""
     w = TRACED
-    backend = devices.SimulatedBackend("T4")
+    backend = simdevice.SimulatedBackend("T4")
     backend.add_profile(profiles(w))
     row = table.decision_row(engine.decide_on(backend, w, 0.8))
     assert row["deterministic"] is False and row["status"] == "ok"
@@ -305,14 +306,14 @@ def test_the_step_s_own_sticky_error_survives_a_failing_clean_up():
     finally:
         tiny_models.POISONED.clear()  # this test process is not really poisoned
     assert "illegal memory access" in str(raised.value) and "clean-up" not in str(raised.value)
-    assert devices.device_fault(raised.value) is not None
+    assert cuda.device_fault(raised.value) is not None
 
 
 def test_only_context_poisoning_errors_are_device_faults():
-    assert devices.device_fault(torch.AcceleratorError(tiny_models.ILLEGAL_ADDRESS)) is not None
-    assert devices.device_fault(RuntimeError("CUDA error: device-side assert triggered\n...")) is not None
-    assert devices.device_fault(torch.AcceleratorError("CUDA error: out of memory")) is None
-    assert devices.device_fault(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+    assert cuda.device_fault(torch.AcceleratorError(tiny_models.ILLEGAL_ADDRESS)) is not None
+    assert cuda.device_fault(RuntimeError("CUDA error: device-side assert triggered\n...")) is not None
+    assert cuda.device_fault(torch.AcceleratorError("CUDA error: out of memory")) is None
+    assert cuda.device_fault(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
 
 
 # -- item 6: without an index, the backend measures the current device
@@ -340,9 +341,9 @@ def test_without_an_index_the_current_device_is_measured(monkeypatch):
     asked = []
     fake_cuda(monkeypatch, 2, asked)
     assert devices.make_backend(None).device == torch.device("cuda", 2)
-    assert devices.CudaBackend(index=1).device == torch.device("cuda", 1)
+    assert cuda.CudaBackend(index=1).device == torch.device("cuda", 1)
     asked.clear()
-    target = answers.current_device()
+    target = targets.current_device()
     assert target.name == "NVIDIA L4" and target.card == "L4"
     assert asked and set(asked) == {torch.device("cuda", 2)}
 
@@ -362,7 +363,7 @@ def test_rows_measured_next_to_other_processes_are_measured_again():
 def test_every_device_says_which_device_disagreed_and_why(profiles):
     """The merge of several devices' answers names each device and what it had left, and why the smallest
     is smallest (here: other processes held memory on it)."""
-    backend = devices.SimulatedBackend("T4")
+    backend = simdevice.SimulatedBackend("T4")
     backend.add_profile(profiles(TRACED))
     a, b = engine.decide_on(backend, TRACED, 0.8), engine.decide_on(backend, TRACED, 0.03)
     b.device = dataclasses.replace(b.device, uuid="GPU-2", neighbours=1, neighbour_bytes=3 * GiB)
@@ -382,17 +383,17 @@ def test_every_device_says_which_device_disagreed_and_why(profiles):
     ("Tesla T4", None),
 ])
 def test_mig_names(name, expected):
-    assert devices.parse_mig(name) == expected
+    assert nvml.parse_mig(name) == expected
 
 
 def test_a_mig_slice_is_its_own_type_and_never_the_whole_card():
     """A slice reporting its own memory is a device type of its own (no catalog card); one reporting the
     whole card's memory is refused."""
     slice_name = "NVIDIA A100-SXM4-40GB MIG 3g.20gb"
-    assert devices.mig_profile(slice_name, 19_968 * MiB) == "3g.20gb"
-    assert devices.mig_profile("NVIDIA A100-SXM4-40GB", 40_326 * MiB) == ""
+    assert nvml.mig_profile(slice_name, 19_968 * MiB) == "3g.20gb"
+    assert nvml.mig_profile("NVIDIA A100-SXM4-40GB", 40_326 * MiB) == ""
     with pytest.raises(RuntimeError, match=r"MIG 3g.20gb slice of NVIDIA A100-SXM4-40GB but reports 39.4 GiB"):
-        devices.mig_profile(slice_name, 40_326 * MiB)
+        nvml.mig_profile(slice_name, 40_326 * MiB)
     from orchestrator import catalog
 
     assert catalog.by_device_name(slice_name, 19_968 * MiB) is None

@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 
 from orchestrator import table
-from orchestrator.devices import SimulatedBackend
+from orchestrator.journal import encode as journal_line
+from orchestrator.simdevice import SimulatedBackend
 from orchestrator.engine import decide_on
 from orchestrator.spec import Workload
 
@@ -73,8 +74,8 @@ def test_torn_last_journal_line_is_ignored_with_a_warning(tmp_path, rows, caplog
     table.write_rows(out, rows(2, start=1))
     journal = table.journal_path(out)
     whole = journal.read_bytes()
-    journal.write_bytes(whole + table._encode(rows(1, start=3)[0])[:-40])
-    with caplog.at_level(logging.WARNING, logger="orchestrator.table"):
+    journal.write_bytes(whole + journal_line(rows(1, start=3)[0], table.COLUMNS)[:-40])
+    with caplog.at_level(logging.WARNING, logger="orchestrator.journal"):
         assert len(table.read(out)) == 3
     assert "after its last whole line" in caplog.text
     table.write_rows(out, rows(1, start=4))
@@ -107,7 +108,7 @@ def test_a_whole_journal_line_that_is_not_a_row_is_refused_as_a_csv_row_is(tmp_p
     table.write_rows(out, rows(1))
     row = dict(rows(1, start=1)[0], **change)
     journal = table.journal_path(out)
-    journal.write_bytes(table._encode(row))  # whole: its checksum matches
+    journal.write_bytes(journal_line(row, table.COLUMNS))  # whole: its checksum matches
     before = (out.read_bytes(), journal.read_bytes())
     with pytest.raises(table.TableError, match=rf"journal line 1 is not a valid table row \(.*{re.escape(needle)}"):
         table.read(out)
