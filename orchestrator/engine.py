@@ -77,7 +77,7 @@ def decide_on(backend: Backend, workload: Workload, fraction: float, *, max_batc
     """Run the decision for ``workload`` on ``backend``'s device; SpecError for a bad fraction or max_batch.
 
     ``profile`` (a ``simulated.Profile`` of ``workload``, traced on the CPU): the search starts from what
-    the simulator predicts for this device (``devices.predict``) and verifies it, two measurements when
+    the simulator predicts for this device (``predict``) and verifies it, two measurements when
     the prediction is right; the result records the prediction (``predicted_batch``).
 
     Memory outside the allocator (context, kernels, other processes) is read after every probe and at
