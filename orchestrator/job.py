@@ -223,25 +223,26 @@ def _sweep(d, src, base=None) -> SweepConfig:
     return SweepConfig(
         grid=grid, axes=_axes(d, f"{src}: {sec}"), fraction=fraction,
         max_batch=check_max_batch(_typed(d, "max_batch", int, src, sec, core.MAX_BATCH), f"{src}: {sec}max_batch"),
-        out=_typed(d, "out", str, src, sec, "results/batch_table.csv"),
-        every_device=_typed(d, "every_device", bool, src, sec, False),
+        out=_typed(d, "out", str, src, sec, SweepConfig.out),
+        every_device=_typed(d, "every_device", bool, src, sec, SweepConfig.every_device),
     )
 
 
 def _fleet(d, src) -> FleetConfig:
     sec = "[fleet] "
-    mode = _typed(d, "mode", str, src, sec, "auto")
+    default = FleetConfig()  # a key the file leaves out has FleetConfig's default
+    mode = _typed(d, "mode", str, src, sec, default.mode)
     if mode not in ("auto", "real", "simulate"):
         raise SpecError(f"{src}: {sec}mode={mode!r} must be auto, real or simulate")
-    sim = d.get("simulate", "T4, A10G, A100-80GB")
-    if not isinstance(sim, (str, list)):
+    sim = d.get("simulate")
+    if sim is not None and not isinstance(sim, (str, list)):
         raise SpecError(f"{src}: {sec}simulate={sim!r} must be a string like 'T4 x2, A100-80GB' or a list")
     cfg = FleetConfig(
-        mode=mode, simulate=parse_fleet(sim, f"{src}: {sec}simulate"),
-        address=_typed(d, "address", str, src, sec, ""),
-        actor_timeout_s=float(_typed(d, "actor_timeout_s", (int, float), src, sec, 120.0)),
-        task_timeout_s=float(_typed(d, "task_timeout_s", (int, float), src, sec, 1800.0)),
-        max_attempts=_typed(d, "max_attempts", int, src, sec, 3),
+        mode=mode, simulate=default.simulate if sim is None else parse_fleet(sim, f"{src}: {sec}simulate"),
+        address=_typed(d, "address", str, src, sec, default.address),
+        actor_timeout_s=float(_typed(d, "actor_timeout_s", (int, float), src, sec, default.actor_timeout_s)),
+        task_timeout_s=float(_typed(d, "task_timeout_s", (int, float), src, sec, default.task_timeout_s)),
+        max_attempts=_typed(d, "max_attempts", int, src, sec, default.max_attempts),
     )
     for k in ("actor_timeout_s", "task_timeout_s", "max_attempts"):
         if getattr(cfg, k) <= 0:

@@ -7,7 +7,7 @@ import pandas as pd
 from . import spec
 from .units import GiB
 
-VARYING = (*spec.KEYS[2:], "fraction")
+VARYING = (*(k for k in spec.KEYS if k not in ("model", "imgsz")), "fraction")
 """Key columns that join the row label (after model and imgsz) only when the table holds more than one value."""
 
 
