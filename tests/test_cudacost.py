@@ -44,7 +44,7 @@ def _trace(source: str, batch: int = 4, deterministic: bool = True, cuda_costs: 
 
 
 def _transient_pairs(events: list[int]) -> list[int]:
-    """Sizes of allocations freed by the very next event (what ``_StorageTracker.transient`` records)."""
+    """Sizes of allocations freed by the very next event (what ``tracker.StorageTracker.transient`` records)."""
     count, out = 0, []
     for i, ev in enumerate(events):
         if ev > 0:

@@ -1,7 +1,7 @@
 """The simulated device: fake-tensor traces against real runs, synthesis, OOM and decisions."""
 import pytest
 
-from orchestrator import allocator, catalog, cudacost, fastfake, models, simulated
+from orchestrator import allocator, catalog, cudacost, fastfake, models, simulated, tracker
 from orchestrator.decision import OutOfMemory, decide
 from orchestrator.simdevice import SimulatedBackend
 from orchestrator.spec import Workload
@@ -144,9 +144,9 @@ def test_tracker_counts_a_copy_made_by_a_view_op_and_not_a_view():
     copies: an allocation. A true view (of a tensor the trace never saw) allocates nothing."""
     import torch
 
-    tracker = simulated._StorageTracker()
+    recorder = tracker.StorageTracker()
     x = torch.zeros(1000)
-    with torch.inference_mode(), tracker:
+    with torch.inference_mode(), recorder:
         y = x.to(torch.float16)
         v = x.view(10, 100)
-    assert tracker.events == [2000] and y.dtype == torch.float16 and v.shape == (10, 100)
+    assert recorder.events == [2000] and y.dtype == torch.float16 and v.shape == (10, 100)
