@@ -44,10 +44,13 @@ LIMITATIONS (what the numbers mean)
   library handles) did not spike transiently during the step. With lazy module
   loading (CUDA_MODULE_LOADING=LAZY, the default) the context grows as new
   kernels load, so "outside" grows over the run.
-- the simulated YOLO step uses a surrogate detection loss (fake tensors cannot
-  run the real assigner); the real step uses ultralytics' own loss.
-- the simulator does not model cuDNN convolution workspaces; where they are
-  large the real reserved peak is above the simulated one.
+- the simulated YOLO step runs ultralytics' own loss and assigner on real tensors
+  shaped like the model's outputs, spliced into the fake trace; the real step runs
+  the same loss on the card.
+- the simulator adds cuDNN's contiguous copies and cuBLAS workspaces
+  (``orchestrator.cudacost``) but not cuDNN convolution workspaces (under 1 % of a
+  training peak in the calibration); where they are large the real reserved peak is
+  above the simulated one.
 
 Run on the device machine (no network there: orchestrator runs from the copied tree
 via PYTHONPATH; ultralytics travels as a wheel in .whl/, carried; torch, torchvision,
