@@ -465,6 +465,8 @@ class Sweep:
                 self.cpu_idle.append(self.cpu_busy.pop(job))
                 self.scheduler.failed(job, reason, now)
             else:  # its process died (crash, OOM-kill, node loss) or is poisoned: a new worker, the job retried
+                log.warning("profile worker died under %s (%s, attempt %d); starting a new one",
+                            self.scheduler.jobs[job].label, reason, self.scheduler.jobs[job].attempts)
                 self._replace_cpu_worker(job)
                 self.stats.profile_worker_restarts += 1
                 self.scheduler.lost(job, reason if fault else f"profile worker died: {type(e).__name__}", now,

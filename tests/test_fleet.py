@@ -205,7 +205,7 @@ def test_profile_whose_workers_keep_dying_is_traced_on_a_device_actor(ray_sessio
     """Every profile worker process that runs the profile is SIGKILLed: after max_attempts (3) worker deaths
     the profile is traced on a device actor instead, the fallback is logged with the workload and why, and
     the rows are ok and equal to an undisturbed sweep's."""
-    j = make_job(tmp_path, [TINY], [64], "T4, A10G")
+    j = make_job(tmp_path, [TINY], [512], "T4, A10G")  # 248 and 373: below max_batch
     killed, stop = [], threading.Event()
 
     def killer():
@@ -226,10 +226,10 @@ def test_profile_whose_workers_keep_dying_is_traced_on_a_device_actor(ray_sessio
     assert len(set(killed)) == 3, killed  # every attempt on a profile worker, none on the device actor
     assert (stats.profile_worker_restarts, stats.profile_fallbacks, stats.actor_restarts) == (3, 1, 0)
     assert len(df) == 2 and (df["status"] == "ok").all(), df[["card", "status", "error"]]
-    assert batches(df) == undisturbed(j, profiles)
+    assert batches(df) == undisturbed(j, profiles) and len(set(batches(df).values())) == 2
     assert (df["attempts"] == 1).all()  # the decisions ran once each
     [line] = [r.getMessage() for r in caplog.records if "device actor instead" in r.getMessage()]
-    assert line.startswith("tiny_models:tiny@64") and "worker process died 3 times" in line, line
+    assert line.startswith("tiny_models:tiny@512") and "worker process died 3 times" in line, line
 
 
 def test_rerun_skips_finished_rows_and_force_redoes(ray_session, tmp_path):
