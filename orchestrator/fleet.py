@@ -14,8 +14,9 @@ workload (fake-tensor traces, the expensive part), CPU-only work run by a pool o
 then a cheap *decision* per card type on that type's actor, which replays the
 shared profile. Cost grows with distinct workloads, not with cards x workloads.
 A profile whose worker died is retried on a fresh worker; when workers died under it
-``max_attempts`` times it is traced once more on a device actor (any card type's), and
-only a profile that raises (or kills that process too) is an error row.
+``max_attempts`` times it is traced on a device actor (any card type's) instead, up to
+``max_attempts`` more times, and only a profile that raises (or keeps killing those too)
+is an error row.
 Identical simulated cards give identical answers, so a simulated fleet starts one
 actor per card *type*; the count the user asked for is data (the rows' ``gpu_count``).
 """
@@ -465,8 +466,9 @@ class Sweep:
                 self.cpu_idle.append(self.cpu_busy.pop(job))
                 self.scheduler.failed(job, reason, now)
             else:  # its process died (crash, OOM-kill, node loss) or is poisoned: a new worker, the job retried
-                log.warning("profile worker died under %s (%s, attempt %d); starting a new one",
-                            self.scheduler.jobs[job].label, reason, self.scheduler.jobs[job].attempts)
+                log.warning("profile worker %s under %s (%s, attempt %d); starting a new one",
+                            "poisoned" if fault else "died", self.scheduler.jobs[job].label, reason,
+                            self.scheduler.jobs[job].attempts)
                 self._replace_cpu_worker(job)
                 self.stats.profile_worker_restarts += 1
                 self.scheduler.lost(job, reason if fault else f"profile worker died: {type(e).__name__}", now,

@@ -89,9 +89,11 @@ class Job:
     """When this job fails, the jobs after it run with None for its value instead of failing too (a
     prediction they can do without)."""
     fallback: Need | None = None
-    """A CPU-only job whose processes died under it ``max_attempts`` times runs once more on this instead
-    (a device actor can trace too): deaths of its workers are not the job's fault; its own errors are."""
+    """A CPU-only job whose processes died under it ``max_attempts`` times runs on this instead (a device
+    actor can trace too), up to ``max_attempts`` more times: deaths of its workers are not the job's fault;
+    its own errors are."""
     fell_back: bool = False  # it runs, or ran, on its fallback
+    before_fallback: int = 0  # the attempts it had when it moved there
     attempts: int = 0  # times assigned
     errors: list[str] = field(default_factory=list)
     devices: tuple[int, ...] = ()  # while running
@@ -318,7 +320,7 @@ class Scheduler:
         """Move ``job`` to its fallback need (once); False when it has none or has used it."""
         if job.fallback is None or job.fell_back:
             return False
-        job.need, job.fell_back = job.fallback, True
+        job.need, job.fell_back, job.before_fallback = job.fallback, True, job.attempts
         self.fallbacks += 1
         log.warning("%s: %s: %s; running it on a device actor instead", job.label, job.call, why)
         return True
@@ -402,10 +404,12 @@ class Scheduler:
         if job is not None:
             self._release(job, now)
             job.errors.append(reason)
-            if job.attempts < attempts:
+            if job.attempts - job.before_fallback < attempts:  # a fallen-back job counts its tries on devices
                 self._queue.append(job.id)
             else:
-                where = f" ({job.attempts - 1} on {job.call} workers, the last on a device)" if job.fell_back else ""
+                on = job.attempts - job.before_fallback
+                where = (f" ({job.before_fallback} on {job.call} workers, {on} on device{'s' * (on > 1)})"
+                         if job.fell_back else "")
                 self._fail(job, f"{reason}; gave up after {job.attempts} attempts{where}", job.attempts)
             reason = f"{reason} under {job.label} (attempt {job.attempts})"
         return Dropped(device, reason, self._replace(dev, now))
@@ -489,8 +493,8 @@ def plan_sweep(sched: Scheduler, work: Iterable[tuple[Hashable, Any]], *, decide
     do not depend on the card), and its decisions run after it with the profile appended to their
     arguments. ``soft_profiles`` (real fleets: the profile only predicts where a device's search
     starts): a profile that fails gives its decisions None instead of failing them. A profile whose
-    worker processes keep dying (``max_attempts`` deaths) is traced once more on any device's actor
-    (``Job.fallback``); one that raises is an error at once. Returns the number of outcomes."""
+    worker processes keep dying (``max_attempts`` deaths) is traced on any device's actor instead, up to
+    ``max_attempts`` more times (``Job.fallback``); one that raises is an error at once. Returns the number of outcomes."""
     work = list(work)
     profiles: dict[Any, int] = {}
     if shared_profiles:

@@ -133,21 +133,27 @@ def test_profile_that_raises_is_not_retried_nor_moved_to_a_device():
     assert (o.error, o.attempts, s.fallbacks) == ("ValueError: bad model", 1, 0) and s.done()
 
 
-def test_profile_that_kills_its_device_too_is_an_error_after_the_fallback():
-    """A profile whose process dies on its fallback device as well (a poison workload) is an error saying
-    where it ran; the device is replaced and the other work goes on."""
-    s, (t4,) = fleet(T4, max_attempts=2, cpu_slots=1)
+@pytest.mark.parametrize("max_attempts", [2, 3])
+def test_profile_that_kills_its_devices_too_is_an_error_after_max_attempts_more_on_devices(max_attempts):
+    """A profile whose process dies on its fallback devices as well (a poison workload) is retried there up
+    to max_attempts times (not fewer), each device replaced, then is an error saying where it ran."""
+    s, (t4,) = fleet(T4, max_attempts=max_attempts, cpu_slots=1)
     plan_sweep(s, [(T4, "w")], shared_profiles=True)
-    for t in (0.0, 1.0):
-        [a] = s.assign(t)
+    for t in range(max_attempts):
+        [a] = s.assign(float(t))
         s.lost(a.job, "profile worker died: ActorDiedError", t + 0.5)
-    [a] = s.assign(2.0)
-    assert a.devices == (t4,)
-    drop = s.died(t4, "actor died: ActorDiedError", 3.0)
-    assert drop.replacement is not None
+    device = t4
+    for t in range(max_attempts):
+        assert s.outcomes() == []
+        [a] = s.assign(10.0 + t)
+        assert a.call == "profile" and a.devices == (device,)
+        drop = s.died(device, "actor died: ActorDiedError", 10.5 + t)
+        device = drop.replacement
+        s.started(device, T4, "T4#new", 10.6 + t)
     [o] = s.outcomes()
-    assert o.error == ("actor died: ActorDiedError; gave up after 3 attempts (2 on profile workers, the last on "
-                       "a device)") and o.attempts == 3 and s.done()
+    assert o.error == (f"actor died: ActorDiedError; gave up after {2 * max_attempts} attempts ({max_attempts} on "
+                       f"profile workers, {max_attempts} on devices)") and o.attempts == 2 * max_attempts
+    assert s.done() and s.fallbacks == 1
 
 
 def test_profiles_move_to_devices_when_no_profile_worker_is_left():
@@ -158,6 +164,13 @@ def test_profiles_move_to_devices_when_no_profile_worker_is_left():
     s.no_cpu_left("no profile worker left (not placed)")
     [a] = s.assign(1.0)
     assert (a.call, a.devices, s.fallbacks) == ("profile", (t4,), 1)
+    for t in (2.0, 3.0):  # it never ran on a worker: all max_attempts (3) tries are on devices
+        t4 = s.died(t4, "actor died", t).replacement
+        s.started(t4, T4, "T4#new", t)
+        [a] = s.assign(t)
+    t4 = s.died(t4, "actor died", 4.0).replacement
+    [o] = s.outcomes()
+    assert o.error == "actor died; gave up after 3 attempts (0 on profile workers, 3 on devices)"
 
 
 def test_decision_is_assigned_before_an_older_profile():
