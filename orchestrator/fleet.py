@@ -13,6 +13,10 @@ workload (fake-tensor traces, the expensive part), CPU-only work run by a pool o
 ``ProfileWorker`` actors (one CPU each, ``num_gpus=0``, one per CPU of the cluster),
 then a cheap *decision* per card type on that type's actor, which replays the
 shared profile. Cost grows with distinct workloads, not with cards x workloads.
+A profile whose worker died is retried on a fresh worker; when workers died under it
+``max_attempts`` times it is traced on a device actor (any card type's) instead, up to
+``max_attempts`` more times, and only a profile that raises (or keeps killing those too)
+is an error row.
 Identical simulated cards give identical answers, so a simulated fleet starts one
 actor per card *type*; the count the user asked for is data (the rows' ``gpu_count``).
 """
@@ -64,6 +68,17 @@ class DeviceActor:
         return _faults_named(engine.decide_on, self.backend, workload, fraction, max_batch=max_batch,
                              profile=profile)
 
+    def profile(self, workload: Workload):
+        """A workload's simulated profile, traced here: where it goes when profile workers keep dying under
+        it (``scheduler.Job.fallback``); the tracing is CPU work any process can do."""
+        return _profile(workload)
+
+
+def _profile(workload: Workload):
+    from . import simulated
+
+    return _faults_named(simulated.profile, workload)
+
 
 def _faults_named(fn, *args, **kwargs):
     """``fn(...)``, with a sticky CUDA error raised as ``DeviceFault``: the driver replaces this actor,
@@ -98,9 +113,7 @@ class ProfileWorker:
         return os.getpid()
 
     def profile(self, workload: Workload):
-        from . import simulated
-
-        return _faults_named(simulated.profile, workload)
+        return _profile(workload)
 
 
 # one CPU each (the pool is one per CPU of the cluster), no GPU; no restarts by Ray: the scheduler retries
@@ -139,6 +152,7 @@ class SweepStats:
     profiles: int = 0
     actor_restarts: int = 0  # device actors replaced (those that died while starting included)
     profile_worker_restarts: int = 0  # profile workers replaced (died, poisoned)
+    profile_fallbacks: int = 0  # profiles traced on a device actor because their profile workers kept dying
     seconds: float = 0.0
     devices: dict = field(default_factory=dict)  # type_key -> devices in the fleet (simulated: as asked)
     not_measured_rows: int = 0  # of ``errors``: combinations of a card type that never started
@@ -172,7 +186,7 @@ class Sweep:
         self._starting = False  # starting the fleet: start failures are reported per node at the end
         self.cpu_idle: list = []  # ProfileWorker actors free for a CPU-only job
         self.cpu_busy: dict = {}  # job id -> the ProfileWorker running it
-        self.cpu_starting: dict = {}  # ready() ref -> (a replacement ProfileWorker, give-up time)
+        self.cpu_starting: dict = {}  # ready() ref -> (a replacement ProfileWorker, give-up time, starts)
         self._unmeasured: list[dict] = []  # "not measured" rows of card types that never started, to write
 
     # ---- devices ----------------------------------------------------------------
@@ -228,12 +242,17 @@ class Sweep:
                 ray.get(ref)
                 self.cpu_idle.append(ready[ref])
             except ray.exceptions.RayError as e:
-                errors.append(_reason(e))
+                if _died(e) and self.fleet.max_attempts > 1:  # killed while starting: started again, as a device actor
+                    log.warning("a profile worker died while starting (%s); starting it again", _reason(e))
+                    self.stats.profile_worker_restarts += 1
+                    self._start_cpu_worker(starts=2)
+                else:
+                    errors.append(_reason(e))
         for ref in late:
             errors.append(f"not placed within {self.fleet.actor_timeout_s:.0f}s (actor_timeout_s)")
             with contextlib.suppress(Exception):
                 ray.kill(ready[ref], no_restart=True)
-        if workers and not self.cpu_idle:
+        if workers and not self.cpu_idle and not self.cpu_starting:
             raise RuntimeError(f"no profile worker started ({len(workers)} tried, one CPU each): "
                                f"{'; '.join(dict.fromkeys(errors))}. Fix: check `ray status` for free CPUs")
         if errors:
@@ -248,14 +267,24 @@ class Sweep:
         with contextlib.suppress(Exception):  # already gone
             ray.kill(self.cpu_busy.pop(job), no_restart=True)
         self.scheduler.cpu_slots -= 1
+        self._start_cpu_worker()
+
+    def _start_cpu_worker(self, starts: int = 1) -> None:
+        """A new profile worker; its slot opens when it is up (``starts``: tries at this slot's start)."""
         worker = RemoteProfileWorker.remote()
-        self.cpu_starting[worker.ready.remote()] = (worker, time.monotonic() + self.fleet.actor_timeout_s)
+        self.cpu_starting[worker.ready.remote()] = (worker, time.monotonic() + self.fleet.actor_timeout_s, starts)
 
     def _cpu_worker_started(self, ref) -> None:
-        worker, _ = self.cpu_starting.pop(ref)
+        worker, _, starts = self.cpu_starting.pop(ref)
         try:
             ray.get(ref)
         except ray.exceptions.RayError as e:
+            if _died(e) and starts < self.fleet.max_attempts:  # killed while starting: tried again (bounded)
+                self.stats.profile_worker_restarts += 1
+                log.warning("a profile worker died while starting (%s, attempt %d of %d); starting it again",
+                            _reason(e), starts, self.fleet.max_attempts)
+                self._start_cpu_worker(starts + 1)
+                return
             self._cpu_worker_lost(worker, _reason(e))
             return
         self.cpu_idle.append(worker)
@@ -263,7 +292,7 @@ class Sweep:
 
     def _cpu_workers_late(self) -> None:
         now = time.monotonic()
-        for ref, (worker, deadline) in list(self.cpu_starting.items()):
+        for ref, (worker, deadline, _) in list(self.cpu_starting.items()):
             if now > deadline:
                 del self.cpu_starting[ref]
                 self._cpu_worker_lost(worker, f"not placed within {self.fleet.actor_timeout_s:.0f}s "
@@ -335,7 +364,8 @@ class Sweep:
                         "so each card type is measured once (one actor per type; device_batches stays empty)")
             every_device = False
         planned = scheduler.plan_sweep(self.scheduler, work, decide_args=(self.sweep.fraction, self.sweep.max_batch),
-                                       every_device=every_device, shared_profiles=bool(self.cpu_idle),
+                                       every_device=every_device,
+                                       shared_profiles=bool(self.cpu_idle or self.cpu_starting),
                                        soft_profiles=not self.simulated, label=Workload.label)
         return planned + len(self._unmeasured)
 
@@ -379,6 +409,7 @@ class Sweep:
                 raise RuntimeError("work left but no device can run it")
             self._wait()
         self.stats.profiles = self.scheduler.completed["profile"]
+        self.stats.profile_fallbacks = self.scheduler.fallbacks
         self.stats.seconds = time.monotonic() - t0
         return self.stats
 
@@ -437,6 +468,9 @@ class Sweep:
                 self.cpu_idle.append(self.cpu_busy.pop(job))
                 self.scheduler.failed(job, reason, now)
             else:  # its process died (crash, OOM-kill, node loss) or is poisoned: a new worker, the job retried
+                log.warning("profile worker %s under %s (%s, attempt %d); starting a new one",
+                            "poisoned" if fault else "died", self.scheduler.jobs[job].label, reason,
+                            self.scheduler.jobs[job].attempts)
                 self._replace_cpu_worker(job)
                 self.stats.profile_worker_restarts += 1
                 self.scheduler.lost(job, reason if fault else f"profile worker died: {type(e).__name__}", now,
@@ -485,7 +519,7 @@ class Sweep:
         return row
 
     def shutdown(self) -> None:
-        for worker in [*self.cpu_idle, *self.cpu_busy.values(), *(w for w, _ in self.cpu_starting.values())]:
+        for worker in [*self.cpu_idle, *self.cpu_busy.values(), *(w for w, *_ in self.cpu_starting.values())]:
             with contextlib.suppress(Exception):
                 ray.kill(worker, no_restart=True)
         for device, slot in self.slots.items():
@@ -526,6 +560,11 @@ def _reason(e: Exception) -> str:
         return _constructor_error(e) or f"actor died: {type(e).__name__}{_death_cause(e)}"
     # lost object, dead node, Ray's memory monitor: the actor is dropped and the work retried elsewhere
     return f"ray failure: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+
+
+def _died(e: Exception) -> bool:
+    """The actor's process died (killed, crashed, node lost), as opposed to its constructor raising."""
+    return isinstance(e, ray.exceptions.RayActorError) and not _constructor_error(e)
 
 
 def _death_cause(e: ray.exceptions.RayActorError) -> str:

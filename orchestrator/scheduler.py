@@ -9,7 +9,8 @@ reports and carries out what comes back:
     assign(now) -> [Assignment]        submit ``call(*args)`` on the assigned device(s)
     finished / failed(job)             the call returned / raised a Python error (not retried)
     died(device) -> Dropped            the actor died under a job: retried elsewhere, device replaced
-    lost(job)                          the process running a CPU-only job died: the job is retried
+    lost(job)                          the process running a CPU-only job died: the job is retried, then
+                                       runs on its ``fallback`` (a device) when deaths used up its attempts
     faulted(device) -> Dropped         its CUDA context is poisoned: replaced, the job retried once
     expire(now) -> [Dropped]           start and task timeouts
     outcomes() -> [Outcome]            finished (device type x workload) answers: one table row each
@@ -87,6 +88,12 @@ class Job:
     soft: bool = False
     """When this job fails, the jobs after it run with None for its value instead of failing too (a
     prediction they can do without)."""
+    fallback: Need | None = None
+    """A CPU-only job whose processes died under it ``max_attempts`` times runs on this instead (a device
+    actor can trace too), up to ``max_attempts`` more times: deaths of its workers are not the job's fault;
+    its own errors are."""
+    fell_back: bool = False  # it runs, or ran, on its fallback
+    before_fallback: int = 0  # the attempts it had when it moved there
     attempts: int = 0  # times assigned
     errors: list[str] = field(default_factory=list)
     devices: tuple[int, ...] = ()  # while running
@@ -151,6 +158,7 @@ class Scheduler:
         self.devices: dict[int, Device] = {}
         self.jobs: dict[int, Job] = {}
         self.completed: collections.Counter[str] = collections.Counter()  # finished jobs by call
+        self.fallbacks = 0  # CPU-only jobs moved to their fallback (their worker processes kept dying)
         self._device_ids = itertools.count()
         self._job_ids = itertools.count()
         self._queue: list[int] = []  # jobs waiting to run
@@ -233,10 +241,13 @@ class Scheduler:
 
     # ---- jobs ---------------------------------------------------------------------
     def add_job(self, call: str, args: tuple = (), need: Need = Need(), *, outcome: Hashable | None = None,
-                after: int | None = None, priority: int = 0, label: str = "", soft: bool = False) -> int:
+                after: int | None = None, priority: int = 0, label: str = "", soft: bool = False,
+                fallback: Need | None = None) -> int:
         """Queue a job; jobs with the same ``outcome`` are merged into one Outcome when all have answered.
-        ``soft``: its failure gives the jobs after it None instead of failing them (``Job.soft``)."""
-        job = Job(next(self._job_ids), call, tuple(args), need, outcome, after, priority, label or call, soft)
+        ``soft``: its failure gives the jobs after it None instead of failing them (``Job.soft``).
+        ``fallback``: where a CPU-only job runs once more when its processes keep dying (``Job.fallback``)."""
+        job = Job(next(self._job_ids), call, tuple(args), need, outcome, after, priority, label or call, soft,
+                  fallback)
         self.jobs[job.id] = job
         self._queue.append(job.id)
         if outcome is not None:
@@ -300,17 +311,28 @@ class Scheduler:
         job.errors.append(reason)
         if job.attempts < (min(2, self.max_attempts) if faulted else self.max_attempts):
             self._queue.append(job.id)
+        elif not faulted and self._fall_back(job, f"its worker process died {job.attempts} times (last: {reason})"):
+            self._queue.append(job.id)
         else:
             self._fail(job, f"{reason}; gave up after {job.attempts} attempts", job.attempts)
+
+    def _fall_back(self, job: Job, why: str) -> bool:
+        """Move ``job`` to its fallback need (once); False when it has none or has used it."""
+        if job.fallback is None or job.fell_back:
+            return False
+        job.need, job.fell_back, job.before_fallback = job.fallback, True, job.attempts
+        self.fallbacks += 1
+        log.warning("%s: %s: %s; running it on a device actor instead", job.label, job.call, why)
+        return True
 
     def running(self) -> list[Job]:
         return list(self._running.values())
 
     def no_cpu_left(self, reason: str) -> None:
-        """No CPU-only slot is left or coming (the workers' nodes are gone): queued CPU-only jobs end in
-        error with ``reason``, and so does the work waiting for them."""
+        """No CPU-only slot is left or coming (the workers' nodes are gone): queued CPU-only jobs run on
+        their fallback; those without one end in error with ``reason``, and so does the work waiting for them."""
         for job in [self.jobs[i] for i in self._queue if self.jobs[i].need.count == 0]:
-            if job.id in self._queue:
+            if job.id in self._queue and not self._fall_back(job, reason):
                 self._fail(job, reason, job.attempts)
 
     def is_running(self, job_id: int) -> bool:
@@ -382,10 +404,13 @@ class Scheduler:
         if job is not None:
             self._release(job, now)
             job.errors.append(reason)
-            if job.attempts < attempts:
+            if job.attempts - job.before_fallback < attempts:  # a fallen-back job counts its tries on devices
                 self._queue.append(job.id)
             else:
-                self._fail(job, f"{reason}; gave up after {job.attempts} attempts", job.attempts)
+                on = job.attempts - job.before_fallback
+                where = (f" ({job.before_fallback} on {job.call} workers, {on} on device{'s' * (on > 1)})"
+                         if job.fell_back else "")
+                self._fail(job, f"{reason}; gave up after {job.attempts} attempts{where}", job.attempts)
             reason = f"{reason} under {job.label} (attempt {job.attempts})"
         return Dropped(device, reason, self._replace(dev, now))
 
@@ -467,14 +492,15 @@ def plan_sweep(sched: Scheduler, work: Iterable[tuple[Hashable, Any]], *, decide
     (simulated fleets) each workload is first profiled once, as CPU-only work (no device: the traces
     do not depend on the card), and its decisions run after it with the profile appended to their
     arguments. ``soft_profiles`` (real fleets: the profile only predicts where a device's search
-    starts): a profile that fails gives its decisions None instead of failing them. Returns the
-    number of outcomes."""
+    starts): a profile that fails gives its decisions None instead of failing them. A profile whose
+    worker processes keep dying (``max_attempts`` deaths) is traced on any device's actor instead, up to
+    ``max_attempts`` more times (``Job.fallback``); one that raises is an error at once. Returns the number of outcomes."""
     work = list(work)
     profiles: dict[Any, int] = {}
     if shared_profiles:
         for w in dict.fromkeys(w for _, w in work):
             profiles[w] = sched.add_job("profile", (w,), Need(count=0), priority=PROFILE, label=label(w),
-                                        soft=soft_profiles)
+                                        soft=soft_profiles, fallback=Need())
     for key, w in work:
         needs = [Need(type_key=key, device=d.id) for d in sched.live(key)] if every_device else [Need(type_key=key)]
         for need in needs:

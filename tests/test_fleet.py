@@ -23,6 +23,27 @@ def keys(df):
     return [tuple(r[c] for c in ("gpu_name", "model", "imgsz")) for _, r in df.iterrows()]
 
 
+def batches(df, status="ok"):
+    """(card, model, imgsz) -> batch size of the table's rows with ``status``."""
+    return {(r["card"], r["model"], r["imgsz"]): r["batch_size"] for _, r in df.iterrows() if r["status"] == status}
+
+
+def undisturbed(j, profiles):
+    """(card, model, imgsz) -> the batch size an undisturbed sweep of ``j`` answers: each card's decision
+    replaying each workload's profile, as its device actor does (``DeviceActor.decide``), in this process."""
+    from orchestrator import engine
+    from orchestrator.devices import make_backend
+
+    out = {}
+    for card in fleet.simulated_counts(j.fleet):
+        backend = make_backend(card)
+        for w in j.sweep.workloads():
+            backend.add_profile(profiles(w))
+            r = engine.decide_on(backend, w, j.sweep.fraction, max_batch=j.sweep.max_batch)
+            out[(card, w.model, w.imgsz)] = r.decision.batch_size
+    return out
+
+
 def test_default_job_rows_all_ok_and_ordered(default_table):
     """The shipped default: every (card x model x imgsz) row ok; bigger card never smaller batch,
     bigger image never larger batch."""
@@ -164,17 +185,51 @@ def test_device_actor_killed_is_replaced_and_its_work_requeued(ray_session, tmp_
 
 
 def test_workload_that_kills_every_process_becomes_error(ray_session, tmp_path):
-    """A poison workload (its trace kills the process) is retried max_attempts times, then is an error
-    row on every card type; the device actors are untouched and the rest is ok."""
+    """A poison workload (its trace kills the process) is retried max_attempts times on profile workers, then
+    max_attempts times on device actors (which it kills too: replaced), then is an error row on every card
+    type saying where it ran; the rest is ok."""
     j = make_job(tmp_path, ["tiny_models:tiny_crashes", TINY], [64], "T4, A10G", max_attempts=2)
     stats, df = fleet.run_sweep(j)
     for card in ("T4", "A10G"):
         rows = {r["model"]: r for _, r in df[df["card"] == card].iterrows()}
         assert rows[TINY]["status"] == "ok"
         poison = rows["tiny_models:tiny_crashes"]
-        assert poison["status"] == "error" and poison["attempts"] == 2
-        assert poison["error"] == "profile worker died: ActorDiedError; gave up after 2 attempts"
-    assert stats.actor_restarts == 0
+        assert poison["status"] == "error" and poison["attempts"] == 4
+        assert poison["error"].startswith("actor died: ActorDiedError"), poison["error"]
+        assert poison["error"].endswith("; gave up after 4 attempts (2 on profile workers, 2 on devices)")
+    assert (stats.actor_restarts, stats.profile_worker_restarts, stats.profile_fallbacks) == (2, 2, 1)
+
+
+@pytest.mark.slow
+def test_profile_whose_workers_keep_dying_is_traced_on_a_device_actor(ray_session, tmp_path, caplog, profiles):
+    """Every profile worker process that runs the profile is SIGKILLed: after max_attempts (3) worker deaths
+    the profile is traced on a device actor instead, the fallback is logged with the workload and why, and
+    the rows are ok and equal to an undisturbed sweep's."""
+    j = make_job(tmp_path, [TINY], [512], "T4, A10G")  # 248 and 373: below max_batch
+    killed, stop = [], threading.Event()
+
+    def killer():
+        while not stop.is_set():
+            for p in _profile_processes():
+                p.kill()
+                killed.append(p.pid)
+            time.sleep(0.1)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="orchestrator"):
+            stats, df = fleet.run_sweep(j)
+    finally:
+        stop.set()
+        t.join(timeout=5)
+    assert len(set(killed)) == 3, killed  # every attempt on a profile worker, none on the device actor
+    assert (stats.profile_worker_restarts, stats.profile_fallbacks, stats.actor_restarts) == (3, 1, 0)
+    assert len(df) == 2 and (df["status"] == "ok").all(), df[["card", "status", "error"]]
+    assert batches(df) == undisturbed(j, profiles) and len(set(batches(df).values())) == 2
+    assert (df["attempts"] == 1).all()  # the decisions ran once each
+    [line] = [r.getMessage() for r in caplog.records if "device actor instead" in r.getMessage()]
+    assert line.startswith("tiny_models:tiny@512") and "worker process died 3 times" in line, line
 
 
 def test_rerun_skips_finished_rows_and_force_redoes(ray_session, tmp_path):

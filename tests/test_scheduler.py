@@ -81,23 +81,96 @@ def test_cpu_only_jobs_run_at_most_cpu_slots_at_once():
 
 
 def test_cpu_job_whose_process_dies_is_retried_then_fails_its_decisions():
-    """A profile whose process dies is queued again (no device to replace), up to max_attempts; then
-    every decision waiting for it is an error naming the cause and the attempts."""
+    """A CPU-only job (no fallback) whose process dies is queued again (no device to replace), up to
+    max_attempts; then every decision waiting for it is an error naming the cause and the attempts."""
     s, (t4, a100) = fleet(T4, A100, max_attempts=2)
-    plan_sweep(s, [(T4, "w"), (A100, "w")], shared_profiles=True)
-    [p] = s.assign(0.0)
-    s.lost(p.job, "ray failure: WorkerCrashedError", 1.0)
+    p = s.add_job("profile", ("w",), Need(count=0))
+    decs = [s.add_job("decide", ("w",), Need(type_key=k), outcome=(k, "w"), after=p) for k in (T4, A100)]
+    [a] = s.assign(0.0)
+    s.lost(p, "ray failure: WorkerCrashedError", 1.0)
     assert s.outcomes() == [] and len(s.devices) == 2  # nothing replaced
-    [p2] = s.assign(1.0)
-    assert p2.job == p.job and p2.devices == ()
-    s.lost(p.job, "ray failure: WorkerCrashedError", 2.0)
+    [a2] = s.assign(1.0)
+    assert a2.job == p and a2.devices == ()
+    s.lost(p, "ray failure: WorkerCrashedError", 2.0)
     outs = s.outcomes()
-    assert {o.key for o in outs} == {(T4, "w"), (A100, "w")}
+    assert {o.key for o in outs} == {(T4, "w"), (A100, "w")} and len(decs) == 2
     assert all((o.error, o.attempts) == ("ray failure: WorkerCrashedError; gave up after 2 attempts", 2)
                for o in outs)
-    assert s.assign(2.0) == [] and s.done()
-    s.lost(p.job, "late", 3.0)  # a report for a job no longer running changes nothing
+    assert s.assign(2.0) == [] and s.done() and s.fallbacks == 0
+    s.lost(p, "late", 3.0)  # a report for a job no longer running changes nothing
     assert s.outcomes() == []
+
+
+@pytest.mark.parametrize("max_attempts", [2, 3, 4])
+def test_profile_whose_workers_keep_dying_is_traced_on_a_device_after_exactly_max_attempts(max_attempts):
+    """A sweep's profile whose worker dies max_attempts times (not fewer) runs once more on a device actor
+    (any idle one; none is replaced), and its decisions then run with that profile."""
+    s, (t4, a100) = fleet(T4, A100, max_attempts=max_attempts, cpu_slots=1)
+    plan_sweep(s, [(T4, "w"), (A100, "w")], decide_args=(0.8,), shared_profiles=True)
+    for t in range(max_attempts):
+        [a] = s.assign(float(t))
+        assert a.call == "profile" and a.devices == ()  # on a profile worker while attempts are left
+        s.lost(a.job, "profile worker died: ActorDiedError", t + 0.5)
+    assert s.fallbacks == 1 and s.outcomes() == []
+    [a] = s.assign(10.0)
+    assert a.call == "profile" and len(a.devices) == 1 and s.jobs[a.job].attempts == max_attempts + 1
+    s.finished(a.job, "trace-w", 11.0)
+    d1, d2 = s.assign(11.0)
+    assert {d1.args, d2.args} == {("w", 0.8, "trace-w")}
+    s.finished(d1.job, 64, 12.0)
+    s.finished(d2.job, 96, 12.0)
+    assert sorted(o.error for o in s.outcomes()) == ["", ""] and s.done()
+    assert all(d.state is State.IDLE for d in s.devices.values()) and len(s.devices) == 2
+
+
+def test_profile_that_raises_is_not_retried_nor_moved_to_a_device():
+    """The profile's own error (a Python exception) is its answer at once: no retry, no fallback."""
+    s, _ = fleet(T4, max_attempts=3)
+    plan_sweep(s, [(T4, "w")], shared_profiles=True)
+    [a] = s.assign(0.0)
+    s.failed(a.job, "ValueError: bad model", 1.0)
+    [o] = s.outcomes()
+    assert (o.error, o.attempts, s.fallbacks) == ("ValueError: bad model", 1, 0) and s.done()
+
+
+@pytest.mark.parametrize("max_attempts", [2, 3])
+def test_profile_that_kills_its_devices_too_is_an_error_after_max_attempts_more_on_devices(max_attempts):
+    """A profile whose process dies on its fallback devices as well (a poison workload) is retried there up
+    to max_attempts times (not fewer), each device replaced, then is an error saying where it ran."""
+    s, (t4,) = fleet(T4, max_attempts=max_attempts, cpu_slots=1)
+    plan_sweep(s, [(T4, "w")], shared_profiles=True)
+    for t in range(max_attempts):
+        [a] = s.assign(float(t))
+        s.lost(a.job, "profile worker died: ActorDiedError", t + 0.5)
+    device = t4
+    for t in range(max_attempts):
+        assert s.outcomes() == []
+        [a] = s.assign(10.0 + t)
+        assert a.call == "profile" and a.devices == (device,)
+        drop = s.died(device, "actor died: ActorDiedError", 10.5 + t)
+        device = drop.replacement
+        s.started(device, T4, "T4#new", 10.6 + t)
+    [o] = s.outcomes()
+    assert o.error == (f"actor died: ActorDiedError; gave up after {2 * max_attempts} attempts ({max_attempts} on "
+                       f"profile workers, {max_attempts} on devices)") and o.attempts == 2 * max_attempts
+    assert s.done() and s.fallbacks == 1
+
+
+def test_profiles_move_to_devices_when_no_profile_worker_is_left():
+    """No CPU slot left or coming: queued profiles with a fallback run on devices instead of failing."""
+    s, (t4,) = fleet(T4, cpu_slots=0)
+    plan_sweep(s, [(T4, "w")], shared_profiles=True)
+    assert s.assign(0.0) == []
+    s.no_cpu_left("no profile worker left (not placed)")
+    [a] = s.assign(1.0)
+    assert (a.call, a.devices, s.fallbacks) == ("profile", (t4,), 1)
+    for t in (2.0, 3.0):  # it never ran on a worker: all max_attempts (3) tries are on devices
+        t4 = s.died(t4, "actor died", t).replacement
+        s.started(t4, T4, "T4#new", t)
+        [a] = s.assign(t)
+    t4 = s.died(t4, "actor died", 4.0).replacement
+    [o] = s.outcomes()
+    assert o.error == "actor died; gave up after 3 attempts (0 on profile workers, 3 on devices)"
 
 
 def test_decision_is_assigned_before_an_older_profile():
