@@ -168,9 +168,9 @@ def summarize(run, seed, j, stats, df, kills, seconds, calm: dict) -> dict:
 
 
 def _cards(j) -> list[str]:
-    from orchestrator import fleet
+    from orchestrator import cluster
 
-    return list(fleet.simulated_counts(j.fleet))
+    return list(cluster.simulated_counts(j.fleet))
 
 
 def main(argv=None) -> int:

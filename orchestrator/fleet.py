@@ -27,20 +27,17 @@ import contextlib
 import dataclasses
 import logging
 import os
-import re
-import signal
-import socket
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import ray
 
-from . import catalog, engine, scheduler, table
+from . import catalog, cluster, engine, rayfailures, scheduler, table
 from .cuda import device_fault
 from .devicetypes import DeviceInfo
-from .errors import DeviceFault, SpecError
+from .errors import SpecError
 from .spec import Workload
 from .units import gib
 
@@ -124,22 +121,20 @@ MAX_PROFILE_WORKERS = 8
 RemoteProfileWorker = ray.remote(num_cpus=1, num_gpus=0, max_restarts=0, max_task_retries=0)(ProfileWorker)
 
 
-@dataclass(frozen=True)
-class DeviceSpec:
-    """One device actor to start: its simulated card (None: a real GPU), its Ray actor options, and how
-    many devices of the fleet it stands for (a simulated card type's count; 1 for a real GPU)."""
-
-    card: str | None
-    options: dict = field(default_factory=dict)
-    count: int = 1
-
-
 @dataclass
 class Slot:
     """The Ray side of one scheduler device: how to start its actor, and the actor."""
 
-    spec: DeviceSpec
+    spec: cluster.DeviceSpec
     actor: object = None
+
+
+class Call(NamedTuple):
+    """A Ray call in flight: on device ``device`` (None: a profile worker), for scheduler job ``job`` (None:
+    an actor's start, its ``info()``)."""
+
+    device: int | None
+    job: int | None
 
 
 @dataclass
@@ -178,7 +173,7 @@ class Sweep:
             max_attempts=self.fleet.max_attempts, start_timeout_s=self.fleet.actor_timeout_s,
             task_timeout_s=self.fleet.task_timeout_s, answer_of=lambda result: result.decision.batch_size)
         self.slots: dict[int, Slot] = {}  # scheduler device id -> its actor
-        self.pending: dict = {}  # ObjectRef -> (device id, None on a profile worker; job id, None for a start)
+        self.pending: dict = {}  # ObjectRef -> Call
         self.stats = SweepStats()
         self.simulated = False
         self.start_failures: list[tuple[str, str]] = []  # (node address, "" when never placed; why)
@@ -195,10 +190,10 @@ class Sweep:
         opts = {"num_gpus": 1, "num_cpus": 0, "max_restarts": 0, "max_task_retries": 0, **slot.spec.options}
         slot.actor = RemoteDeviceActor.options(**opts).remote(slot.spec.card)
         self.slots[device] = slot
-        self.pending[slot.actor.info.remote()] = (device, None)
+        self.pending[slot.actor.info.remote()] = Call(device, None)
 
-    def start(self, devices: list[DeviceSpec]) -> None:
-        """One actor per ``DeviceSpec``; blocks until each reports its device or times out."""
+    def start(self, devices: list[cluster.DeviceSpec]) -> None:
+        """One actor per ``cluster.DeviceSpec``; blocks until each reports its device or times out."""
         self.simulated = any(d.card is not None for d in devices)
         now = time.monotonic()
         for spec in devices:
@@ -218,7 +213,7 @@ class Sweep:
         finally:
             self._starting = False
         self._start_cpu_workers(workers, now + self.fleet.actor_timeout_s)
-        for line in _per_node(self.start_failures):
+        for line in rayfailures.per_node(self.start_failures):
             log.warning("%s", line)
         live = self.scheduler.live()
         if not live:
@@ -242,12 +237,13 @@ class Sweep:
                 ray.get(ref)
                 self.cpu_idle.append(ready[ref])
             except ray.exceptions.RayError as e:
-                if _died(e) and self.fleet.max_attempts > 1:  # killed while starting: started again, as a device actor
-                    log.warning("a profile worker died while starting (%s); starting it again", _reason(e))
+                if rayfailures.died(e) and self.fleet.max_attempts > 1:  # killed while starting: started again
+                    log.warning("a profile worker died while starting (%s); starting it again",
+                                rayfailures.reason_of(e))
                     self.stats.profile_worker_restarts += 1
                     self._start_cpu_worker(starts=2)
                 else:
-                    errors.append(_reason(e))
+                    errors.append(rayfailures.reason_of(e))
         for ref in late:
             errors.append(f"not placed within {self.fleet.actor_timeout_s:.0f}s (actor_timeout_s)")
             with contextlib.suppress(Exception):
@@ -258,7 +254,7 @@ class Sweep:
         if errors:
             log.warning("%d of %d profile workers did not start: %s", len(errors), len(workers),
                         "; ".join(dict.fromkeys(errors)))
-        self.scheduler.cpu_slots = len(self.cpu_idle)
+        self.scheduler.cpu_slots_up(len(self.cpu_idle))
 
     def _replace_cpu_worker(self, job: int) -> None:
         """The worker that ran ``job`` died or hangs: killed, its slot closed, and a new one started; the
@@ -266,7 +262,7 @@ class Sweep:
         ``actor_timeout_s`` the pool goes on smaller)."""
         with contextlib.suppress(Exception):  # already gone
             ray.kill(self.cpu_busy.pop(job), no_restart=True)
-        self.scheduler.cpu_slots -= 1
+        self.scheduler.cpu_slot_lost()
         self._start_cpu_worker()
 
     def _start_cpu_worker(self, starts: int = 1) -> None:
@@ -279,16 +275,16 @@ class Sweep:
         try:
             ray.get(ref)
         except ray.exceptions.RayError as e:
-            if _died(e) and starts < self.fleet.max_attempts:  # killed while starting: tried again (bounded)
+            if rayfailures.died(e) and starts < self.fleet.max_attempts:  # killed while starting: tried again (bounded)
                 self.stats.profile_worker_restarts += 1
                 log.warning("a profile worker died while starting (%s, attempt %d of %d); starting it again",
-                            _reason(e), starts, self.fleet.max_attempts)
+                            rayfailures.reason_of(e), starts, self.fleet.max_attempts)
                 self._start_cpu_worker(starts + 1)
                 return
-            self._cpu_worker_lost(worker, _reason(e))
+            self._cpu_worker_lost(worker, rayfailures.reason_of(e))
             return
         self.cpu_idle.append(worker)
-        self.scheduler.cpu_slots += 1
+        self.scheduler.cpu_slot_back()
 
     def _cpu_workers_late(self) -> None:
         now = time.monotonic()
@@ -319,12 +315,12 @@ class Sweep:
         if any(not node for node, _ in self.start_failures):
             fixes.append("for actors not placed: check `ray status` or use fewer devices")
         return (f"no device actor started ({n} tried; the cluster has {ray.cluster_resources().get('GPU', 0):g} "
-                f"GPUs): {'; '.join(_per_node(self.start_failures))}. Fix: {'; '.join(fixes)}")
+                f"GPUs): {'; '.join(rayfailures.per_node(self.start_failures))}. Fix: {'; '.join(fixes)}")
 
     def _drop(self, dropped: scheduler.Dropped, node: str = "") -> None:
         """Kill a device's actor (its calls in flight are forgotten) and start its replacement, if any."""
         slot = self.slots[dropped.device]
-        for ref in [r for r, (d, _) in self.pending.items() if d == dropped.device]:
+        for ref in [r for r, call in self.pending.items() if call.device == dropped.device]:
             del self.pending[ref]
         with contextlib.suppress(Exception):  # already gone
             ray.kill(slot.actor, no_restart=True)
@@ -416,11 +412,11 @@ class Sweep:
     def _submit(self, a: scheduler.Assignment) -> None:
         if not a.devices:  # CPU-only: a free profile worker (the scheduler runs no more than there are)
             worker = self.cpu_busy[a.job] = self.cpu_idle.pop()
-            self.pending[getattr(worker, a.call).remote(*a.args)] = (None, a.job)
+            self.pending[getattr(worker, a.call).remote(*a.args)] = Call(None, a.job)
             return
         (device,) = a.devices  # a sweep's device jobs take one device each; a group job needs its own submit
         ref = getattr(self.slots[device].actor, a.call).remote(*a.args)
-        self.pending[ref] = (device, a.job)
+        self.pending[ref] = Call(device, a.job)
 
     def _wait(self) -> None:
         """Wait for one call to return (at most 1 s, or until the next deadline), handle it, then timeouts."""
@@ -440,7 +436,7 @@ class Sweep:
     def _cancel_abandoned(self) -> None:
         """CPU-only jobs the scheduler no longer waits for (past task_timeout_s): their worker is killed
         (a hang does not return) and replaced, the call forgotten."""
-        for ref, (_, job) in [(r, v) for r, v in self.pending.items() if v[0] is None]:
+        for ref, (_, job) in [(r, call) for r, call in self.pending.items() if call.device is None]:
             if not self.scheduler.is_running(job):
                 del self.pending[ref]
                 self._replace_cpu_worker(job)
@@ -461,13 +457,13 @@ class Sweep:
         self.scheduler.finished(job, value, now)
 
     def _failed(self, device: int | None, job: int | None, e: Exception, now: float) -> None:
-        reason = _reason(e)
+        what, reason = rayfailures.classify(e, starting=job is None)
         if device is None:  # a CPU-only job on a profile worker
-            fault = isinstance(getattr(e, "cause", None), DeviceFault)  # its CUDA context is poisoned
-            if isinstance(e, ray.exceptions.RayTaskError) and not fault:  # it raised: the workload is broken
+            if what == rayfailures.RAISED:  # the workload is broken
                 self.cpu_idle.append(self.cpu_busy.pop(job))
                 self.scheduler.failed(job, reason, now)
             else:  # its process died (crash, OOM-kill, node loss) or is poisoned: a new worker, the job retried
+                fault = what == rayfailures.FAULT
                 log.warning("profile worker %s under %s (%s, attempt %d); starting a new one",
                             "poisoned" if fault else "died", self.scheduler.jobs[job].label, reason,
                             self.scheduler.jobs[job].attempts)
@@ -476,11 +472,11 @@ class Sweep:
                 self.scheduler.lost(job, reason if fault else f"profile worker died: {type(e).__name__}", now,
                                     faulted=fault)
         elif job is None:  # the actor never reported its device: its constructor raised, or its process died
-            died = not (isinstance(e, ray.exceptions.RayActorError) and _constructor_error(e))
-            self._drop(self.scheduler.start_failed(device, reason, now, died=died), node=_node_of(e) or "?")
-        elif isinstance(getattr(e, "cause", None), DeviceFault):  # the actor's CUDA context is poisoned
+            self._drop(self.scheduler.start_failed(device, reason, now, died=what == rayfailures.DIED),
+                       node=rayfailures.node_of(e) or "?")
+        elif what == rayfailures.FAULT:  # the actor's CUDA context is poisoned
             self._drop(self.scheduler.faulted(device, reason, now))
-        elif isinstance(e, ray.exceptions.RayTaskError):  # a Python error: the combination is broken, not the actor
+        elif what == rayfailures.RAISED:  # a Python error: the combination is broken, not the actor
             self.scheduler.failed(job, reason, now)
         else:  # the process died (crash, OOM-kill, node loss) or Ray lost it: retried on another actor
             self._drop(self.scheduler.died(device, reason, now))
@@ -551,157 +547,7 @@ def _disagreement(o: scheduler.Outcome) -> str:
     return f"{'; '.join(parts)}. Smallest because: {why}"
 
 
-def _reason(e: Exception) -> str:
-    """One line on why a Ray call failed, for logs and error rows."""
-    if isinstance(e, ray.exceptions.RayTaskError):
-        cause = e.cause if getattr(e, "cause", None) is not None else e
-        return f"{type(cause).__name__}: {cause}"
-    if isinstance(e, ray.exceptions.RayActorError):
-        return _constructor_error(e) or f"actor died: {type(e).__name__}{_death_cause(e)}"
-    # lost object, dead node, Ray's memory monitor: the actor is dropped and the work retried elsewhere
-    return f"ray failure: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
-
-
-def _died(e: Exception) -> bool:
-    """The actor's process died (killed, crashed, node lost), as opposed to its constructor raising."""
-    return isinstance(e, ray.exceptions.RayActorError) and not _constructor_error(e)
-
-
-def _death_cause(e: ray.exceptions.RayActorError) -> str:
-    """" (<why>)" from Ray's "The actor is dead because <why>" line (killed by ray.kill, its worker process
-    died and how, its node died), without Ray's list of common causes; "" when it gives none."""
-    for line in str(e).splitlines():
-        if line.startswith("The actor is dead because "):
-            why = line[len("The actor is dead because "):].split(" Some common causes")[0].strip()
-            return f" ({why[:200]})" if why else ""
-    return ""
-
-
-def _constructor_error(e: ray.exceptions.RayActorError) -> str | None:
-    """``Type: message`` of what the actor's constructor raised, when that is why the actor died.
-
-    Ray 2.x marks such a death ``actor_init_failed`` and keeps the creation task's error only
-    as its formatted traceback in the message; some releases also keep it in ``cause``.
-    """
-    cause = getattr(e, "cause", None)
-    if isinstance(cause, ray.exceptions.RayTaskError):
-        return _reason(cause)
-    if not getattr(e, "actor_init_failed", False):
-        return None
-    lines = str(e).splitlines()
-    frames = [i for i, line in enumerate(lines) if line.startswith("  File ")]
-    # a traceback ends with the exception: the unindented lines after the last frame
-    first = frames[-1] + 1 if frames else len(lines) - 1
-    return " ".join(line for line in lines[first:] if line and not line.startswith(" "))[:300] or None
-
-
-def _node_of(e: Exception) -> str:
-    """The node address a Ray error names ("... pid=12, ip=10.0.0.5, ..." or "ip: 10.0.0.5"), else ""."""
-    m = re.search(r"\bip(?:=|: )([0-9A-Fa-f.:]+)", str(e))
-    return m.group(1).rstrip(":") if m else ""
-
-
-def _per_node(failures: list[tuple[str, str]]) -> list[str]:
-    """Actors that did not start, one line per node (those never placed on one last) with each reason once."""
-    nodes: dict[str, list[str]] = collections.defaultdict(list)
-    for node, reason in sorted(failures, key=lambda f: not f[0]):
-        nodes[node].append(reason)
-    return [f"{'node ' + node if node else 'not placed'}: {len(why)} device actor{'s' * (len(why) > 1)} "
-            f"did not start: {'; '.join(dict.fromkeys(why))}" for node, why in nodes.items()]
-
-
 # ---- the whole sweep: Ray up, fleet, work, Ray down ----------------------------------
-
-RAY_QUIET = {"log_to_driver": False, "logging_level": "error"}
-
-
-def connect(fleet, simulated_gpus: int) -> bool:
-    """Join the configured cluster or start a local Ray; True when this call started it."""
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    address = fleet.address or os.environ.get("RAY_ADDRESS", "")
-    # ray.init installs its own SIGTERM handler (exit 1); keep the caller's
-    previous = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
-    if address:
-        _check_reachable(address)
-    try:
-        if address:
-            ray.init(address=address, **RAY_QUIET)
-        else:
-            ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
-                     num_gpus=simulated_gpus or None, **RAY_QUIET)
-    except ConnectionError as e:
-        raise SpecError(f"address={address!r}: cannot reach a Ray cluster ({e}); "
-                        "check `ray status` there, or leave --address empty to run locally") from None
-    if previous is not None:
-        signal.signal(signal.SIGTERM, previous)
-    return True
-
-
-def _local_simulated_gpus(fleet) -> int:
-    """Logical GPUs for a local Ray: one per simulated card type when the fleet will be simulated (each
-    type's actor asks for one, whatever its count), else 0 (Ray counts the real GPUs itself)."""
-    from .cuda import cuda_count
-
-    remote = fleet.address or os.environ.get("RAY_ADDRESS")
-    simulate = fleet.mode == "simulate" or (fleet.mode == "auto" and not remote and cuda_count() == 0)
-    return len(simulated_counts(fleet)) if simulate else 0
-
-
-def simulated_counts(fleet) -> dict[str, int]:
-    """The simulated fleet as catalog card -> count, a card named twice counted once with both counts."""
-    counts: dict[str, int] = collections.Counter()
-    for key, n in fleet.simulate:
-        counts[key] += n
-    return dict(counts)
-
-
-def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
-    """Fail in seconds, not minutes, when HOST:PORT does not answer (Ray itself retries for long)."""
-    if address == "auto":
-        return  # Ray looks for a local cluster and says so quickly when there is none
-    hostport = address.split("://", 1)[-1].rstrip("/")
-    host, _, port = hostport.rpartition(":")
-    if not host or not port.isdigit():
-        raise SpecError(f"address={address!r} must be auto, HOST:PORT or ray://HOST:PORT")
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
-    except OSError as e:
-        raise SpecError(f"address={address!r}: nothing answers there ({e}); check `ray status` on the head "
-                        "node, or leave --address empty to run locally") from None
-
-
-def resolve_devices(fleet) -> tuple[list[DeviceSpec], bool]:
-    """The device actors to start, and simulated? A real GPU gets one actor each; a simulated card type
-    one actor whatever its count (identical simulated cards give identical answers), the count as data."""
-    mode = fleet.mode
-    if mode == "auto":
-        if fleet.address or os.environ.get("RAY_ADDRESS"):
-            mode = "real" if ray.cluster_resources().get("GPU", 0) >= 1 else "simulate"
-        else:
-            from .cuda import cuda_count
-
-            mode = "real" if cuda_count() else "simulate"
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    if mode == "real":
-        if gpus < 1:
-            raise SpecError("the Ray cluster has no GPUs: start it with GPUs, or use a simulated fleet "
-                            "(--simulate 'T4, A100-80GB')")
-        return [DeviceSpec(None) for _ in range(gpus)], False
-    counts = simulated_counts(fleet)
-    if len(counts) > gpus:
-        raise SpecError(f"--simulate asks for {len(counts)} card types (one actor on one GPU each) but the Ray "
-                        f"cluster has {gpus} GPUs (logical GPUs count): simulate fewer card types or add GPUs "
-                        "to the cluster")
-    out = []
-    for key, count in counts.items():
-        rt = catalog.card(key).ray_type
-        # pin to nodes labelled with this accelerator type, where the cluster has such labels
-        opts = {"resources": {f"accelerator_type:{rt}": 0.001}} if rt and f"accelerator_type:{rt}" in resources else {}
-        out.append(DeviceSpec(key, opts, count))
-    return out, True
 
 
 def validate_models(sweep) -> None:
@@ -737,10 +583,10 @@ def _started_fleet(job, **sweep_options):
 
 @contextlib.contextmanager
 def _fleet(job, **sweep_options):
-    started = connect(job.fleet, _local_simulated_gpus(job.fleet))
+    started = cluster.connect(job.fleet, cluster.local_simulated_gpus(job.fleet))
     sweep = None
     try:
-        devices, simulated = resolve_devices(job.fleet)
+        devices, simulated = cluster.resolve_devices(job.fleet)
         log.info("%d %s devices", len(devices), "simulated" if simulated else "real")
         sweep = Sweep(job, **sweep_options)
         sweep.start(devices)
@@ -749,7 +595,7 @@ def _fleet(job, **sweep_options):
         if sweep is not None:
             sweep.shutdown()
         if started:
-            _shutdown_ray()
+            cluster.shutdown_ray()
 
 
 def run_sweep(job, *, force: bool = False, progress=None) -> tuple[SweepStats, "object"]:
@@ -776,19 +622,6 @@ def run_sweep(job, *, force: bool = False, progress=None) -> tuple[SweepStats, "
         raise
     table.fold(job.sweep.out)
     return stats, table.read(job.sweep.out)
-
-
-def _shutdown_ray() -> None:
-    """ray.shutdown() that a second Ctrl-C or SIGTERM cannot cut short (it would leave Ray running)."""
-    if threading.current_thread() is not threading.main_thread():
-        ray.shutdown()
-        return
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        ray.shutdown()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def survey(fleet_cfg) -> tuple[list[DeviceInfo], dict, bool]:

@@ -328,6 +328,17 @@ class Scheduler:
     def running(self) -> list[Job]:
         return list(self._running.values())
 
+    def cpu_slots_up(self, n: int) -> None:
+        """``n`` CPU slots (profile workers) are up: CPU-only jobs run on at most that many at once."""
+        self.cpu_slots = n
+
+    def cpu_slot_lost(self) -> None:
+        """A CPU slot's worker died or was killed; a replacement may bring it back (``cpu_slot_back``)."""
+        self.cpu_slots -= 1
+
+    def cpu_slot_back(self) -> None:
+        self.cpu_slots += 1
+
     def no_cpu_left(self, reason: str) -> None:
         """No CPU-only slot is left or coming (the workers' nodes are gone): queued CPU-only jobs run on
         their fallback; those without one end in error with ``reason``, and so does the work waiting for them."""

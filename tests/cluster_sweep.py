@@ -12,24 +12,24 @@ import time
 import ray
 from ray.cluster_utils import Cluster
 
-from orchestrator import fleet, job, table
+from orchestrator import cluster, fleet, job, table
 
 
 def main(out: str, remove_after: int | None) -> None:
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
-    t4 = cluster.add_node(num_cpus=1, num_gpus=2, resources={"accelerator_type:T4": 1},
+    ray_cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
+    t4 = ray_cluster.add_node(num_cpus=1, num_gpus=2, resources={"accelerator_type:T4": 1},
                           labels={"ray.io/accelerator-type": "T4"})
-    a100 = cluster.add_node(num_cpus=1, num_gpus=1, resources={"accelerator_type:A100-80G": 1},
+    a100 = ray_cluster.add_node(num_cpus=1, num_gpus=1, resources={"accelerator_type:A100-80G": 1},
                             labels={"ray.io/accelerator-type": "A100"})
-    spare = cluster.add_node(num_cpus=1, num_gpus=1, resources={"accelerator_type:A100-80G": 1},
+    spare = ray_cluster.add_node(num_cpus=1, num_gpus=1, resources={"accelerator_type:A100-80G": 1},
                              labels={"ray.io/accelerator-type": "A100"}) if remove_after else None
-    ray.init(address=cluster.address, log_to_driver=False, logging_level="error")
+    ray.init(address=ray_cluster.address, log_to_driver=False, logging_level="error")
     fleet_spec = "T4 x2, A100-80GB x2" if remove_after else "T4 x2, A100-80GB"
     j = job.from_dict({"sweep": {"models": ["tiny_models:tiny", "tiny_models:tiny_slow"], "imgsz": [64, 96],
                                  "out": out},
                        "fleet": {"mode": "simulate", "simulate": fleet_spec, "actor_timeout_s": 60}}, "cluster")
     sweep = fleet.Sweep(j)
-    sweep.start(fleet.resolve_devices(j.fleet)[0])
+    sweep.start(cluster.resolve_devices(j.fleet)[0])
     removed = []
     placed = [{"card": info.card, "node": info.node} for info in sweep.devices()]
     if remove_after:
@@ -39,7 +39,7 @@ def main(out: str, remove_after: int | None) -> None:
         def remover():
             while len(table.read(out)) < remove_after:
                 time.sleep(0.1)
-            cluster.remove_node(doomed)  # a whole node lost mid-sweep, its actor with it
+            ray_cluster.remove_node(doomed)  # a whole node lost mid-sweep, its actor with it
             removed.append(doomed.node_id)
 
         threading.Thread(target=remover, daemon=True).start()
@@ -55,7 +55,7 @@ def main(out: str, remove_after: int | None) -> None:
         "restarts": stats.actor_restarts,
     }, default=str))
     ray.shutdown()
-    cluster.shutdown()
+    ray_cluster.shutdown()
 
 
 if __name__ == "__main__":

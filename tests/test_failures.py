@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from orchestrator import fleet, job, table
+from orchestrator import cluster, fleet, job, table
 from orchestrator.spec import SpecError
 from orchestrator.cuda import cuda_count
 
@@ -175,7 +175,7 @@ def test_two_sweeps_on_one_table_lose_nothing(ray_session, tmp_path):
     def run(j):
         try:
             sweep = fleet.Sweep(j)
-            sweep.start(fleet.resolve_devices(j.fleet)[0])
+            sweep.start(cluster.resolve_devices(j.fleet)[0])
             sweep.run()
             sweep.shutdown()
         except Exception as e:  # surfaced below

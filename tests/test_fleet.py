@@ -8,7 +8,7 @@ import time
 import psutil
 import pytest
 
-from orchestrator import calibration, fleet, job, scheduler, table
+from orchestrator import calibration, cluster, fleet, job, scheduler, table
 
 TINY = "tiny_models:tiny"
 
@@ -35,7 +35,7 @@ def undisturbed(j, profiles):
     from orchestrator.devices import make_backend
 
     out = {}
-    for card in fleet.simulated_counts(j.fleet):
+    for card in cluster.simulated_counts(j.fleet):
         backend = make_backend(card)
         for w in j.sweep.workloads():
             backend.add_profile(profiles(w))
@@ -71,7 +71,7 @@ def test_one_actor_per_simulated_card_type_counts_as_data(ray_session, tmp_path)
     carry the counts asked for (a card named twice adds up); each workload is profiled once, as CPU-only
     work on one of the session's 2 profile workers, not by a device actor."""
     j = make_job(tmp_path, [TINY], [64, 96], "T4 x3, A100-80GB, T4")
-    specs, simulated = fleet.resolve_devices(j.fleet)
+    specs, simulated = cluster.resolve_devices(j.fleet)
     assert simulated and [(d.card, d.count) for d in specs] == [("T4", 4), ("A100-80GB", 1)]
     sweep = fleet.Sweep(j)
     sweep.start(specs)
@@ -132,7 +132,7 @@ def test_profile_process_killed_mid_profile_is_retried(ray_session, tmp_path):
     actor replaced) and every row is ok, none lost or duplicated."""
     j = make_job(tmp_path, ["tiny_models:tiny_slow", TINY], [64], "T4, A100-80GB")
     sweep = fleet.Sweep(j)
-    sweep.start(fleet.resolve_devices(j.fleet)[0])
+    sweep.start(cluster.resolve_devices(j.fleet)[0])
     killed = []
 
     def killer():
@@ -168,7 +168,7 @@ def test_device_actor_killed_is_replaced_and_its_work_requeued(ray_session, tmp_
     the work; every row is ok, none lost or duplicated."""
     j = make_job(tmp_path, [TINY], [64, 96], "T4, A100-80GB")
     sweep = fleet.Sweep(j)
-    sweep.start(fleet.resolve_devices(j.fleet)[0])
+    sweep.start(cluster.resolve_devices(j.fleet)[0])
     try:
         t4 = next(info for info in sweep.devices() if info.card == "T4")
         os.kill(t4.pid, signal.SIGKILL)
@@ -256,7 +256,7 @@ def test_actor_that_cannot_start_says_why_once_per_node(ray_session, tmp_path, c
     sweep = fleet.Sweep(make_job(tmp_path, [TINY], [64], "T4"))
     try:
         with caplog.at_level(logging.WARNING, logger="orchestrator.fleet"):
-            sweep.start([fleet.DeviceSpec("T4"), fleet.DeviceSpec("GTX-1080"), fleet.DeviceSpec("GTX-1080")])
+            sweep.start([cluster.DeviceSpec("T4"), cluster.DeviceSpec("GTX-1080"), cluster.DeviceSpec("GTX-1080")])
     finally:
         sweep.shutdown()
     lines = [r.getMessage() for r in caplog.records if r.name == "orchestrator.fleet"]
@@ -273,7 +273,7 @@ def test_no_actor_started_names_the_cause_and_the_fixes(ray_session, tmp_path):
         with pytest.raises(RuntimeError, match=r"no device actor started \(1 tried.*: node \S+: 1 device actor "
                                                r"did not start: ValueError: unknown GPU 'GTX-1080'.*"
                                                r"CUDA build of torch.*--simulate"):
-            sweep.start([fleet.DeviceSpec("GTX-1080")])
+            sweep.start([cluster.DeviceSpec("GTX-1080")])
     finally:
         sweep.shutdown()
 
@@ -315,7 +315,7 @@ def test_card_type_whose_actor_dies_at_every_start_is_rows_not_measured_then_a_r
     stop = _kill_while_starting(sweep, "L4", kills)
     try:
         with caplog.at_level(logging.WARNING, logger="orchestrator.fleet"):
-            sweep.start(fleet.resolve_devices(j.fleet)[0])
+            sweep.start(cluster.resolve_devices(j.fleet)[0])
         stop.set()
         stats = sweep.run()
     finally:
