@@ -38,6 +38,7 @@ from . import catalog, cluster, engine, rayfailures, scheduler, table
 from .cuda import device_fault
 from .devicetypes import DeviceInfo
 from .errors import SpecError
+from .profilepool import ProfilePool
 from .spec import Workload
 from .units import gib
 
@@ -179,9 +180,8 @@ class Sweep:
         self.start_failures: list[tuple[str, str]] = []  # (node address, "" when never placed; why)
         self.not_started: dict[str, str] = {}  # simulated card -> why its actor did not start (the last reason)
         self._starting = False  # starting the fleet: start failures are reported per node at the end
-        self.cpu_idle: list = []  # ProfileWorker actors free for a CPU-only job
-        self.cpu_busy: dict = {}  # job id -> the ProfileWorker running it
-        self.cpu_starting: dict = {}  # ready() ref -> (a replacement ProfileWorker, give-up time, starts)
+        self.workers = ProfilePool(RemoteProfileWorker, self.scheduler, self.stats, self.fleet.actor_timeout_s,
+                                   self.fleet.max_attempts)
         self._unmeasured: list[dict] = []  # "not measured" rows of card types that never started, to write
 
     # ---- devices ----------------------------------------------------------------
@@ -205,14 +205,14 @@ class Sweep:
         n = min(cpus, len(self.sweep.workloads()), cpus if self.simulated else MAX_PROFILE_WORKERS)
         # ready() asked now, not after the devices: a device that takes all of actor_timeout_s to fail (never
         # placed) must not leave the workers, up long since, no time to answer
-        workers = {w.ready.remote(): w for w in (RemoteProfileWorker.remote() for _ in range(n))}
+        workers = self.workers.launch(n)
         self._starting = True
         try:
             while self.scheduler.starting():
                 self._wait()
         finally:
             self._starting = False
-        self._start_cpu_workers(workers, now + self.fleet.actor_timeout_s)
+        self.workers.keep_started(workers, now + self.fleet.actor_timeout_s)
         for line in rayfailures.per_node(self.start_failures):
             log.warning("%s", line)
         live = self.scheduler.live()
@@ -225,81 +225,6 @@ class Sweep:
         self.stats.not_measured = {card: why for card, why in self.not_started.items() if card not in started}
         for key, n in self.stats.devices.items():
             log.info("device type %s x%d", key, n)
-
-    def _start_cpu_workers(self, ready: dict, deadline: float) -> None:
-        """Keep the profile workers (``ready()`` ref -> worker) that are up by ``deadline``; none at all is an
-        error naming the cause."""
-        workers = list(ready.values())
-        done, late = ray.wait(list(ready), num_returns=len(ready), timeout=max(0.0, deadline - time.monotonic()))
-        errors = []
-        for ref in done:
-            try:
-                ray.get(ref)
-                self.cpu_idle.append(ready[ref])
-            except ray.exceptions.RayError as e:
-                if rayfailures.died(e) and self.fleet.max_attempts > 1:  # killed while starting: started again
-                    log.warning("a profile worker died while starting (%s); starting it again",
-                                rayfailures.reason_of(e))
-                    self.stats.profile_worker_restarts += 1
-                    self._start_cpu_worker(starts=2)
-                else:
-                    errors.append(rayfailures.reason_of(e))
-        for ref in late:
-            errors.append(f"not placed within {self.fleet.actor_timeout_s:.0f}s (actor_timeout_s)")
-            with contextlib.suppress(Exception):
-                ray.kill(ready[ref], no_restart=True)
-        if workers and not self.cpu_idle and not self.cpu_starting:
-            raise RuntimeError(f"no profile worker started ({len(workers)} tried, one CPU each): "
-                               f"{'; '.join(dict.fromkeys(errors))}. Fix: check `ray status` for free CPUs")
-        if errors:
-            log.warning("%d of %d profile workers did not start: %s", len(errors), len(workers),
-                        "; ".join(dict.fromkeys(errors)))
-        self.scheduler.cpu_slots_up(len(self.cpu_idle))
-
-    def _replace_cpu_worker(self, job: int) -> None:
-        """The worker that ran ``job`` died or hangs: killed, its slot closed, and a new one started; the
-        slot reopens when the new one is up (a lost node's CPU may be gone: then it never is, and after
-        ``actor_timeout_s`` the pool goes on smaller)."""
-        with contextlib.suppress(Exception):  # already gone
-            ray.kill(self.cpu_busy.pop(job), no_restart=True)
-        self.scheduler.cpu_slot_lost()
-        self._start_cpu_worker()
-
-    def _start_cpu_worker(self, starts: int = 1) -> None:
-        """A new profile worker; its slot opens when it is up (``starts``: tries at this slot's start)."""
-        worker = RemoteProfileWorker.remote()
-        self.cpu_starting[worker.ready.remote()] = (worker, time.monotonic() + self.fleet.actor_timeout_s, starts)
-
-    def _cpu_worker_started(self, ref) -> None:
-        worker, _, starts = self.cpu_starting.pop(ref)
-        try:
-            ray.get(ref)
-        except ray.exceptions.RayError as e:
-            if rayfailures.died(e) and starts < self.fleet.max_attempts:  # killed while starting: tried again (bounded)
-                self.stats.profile_worker_restarts += 1
-                log.warning("a profile worker died while starting (%s, attempt %d of %d); starting it again",
-                            rayfailures.reason_of(e), starts, self.fleet.max_attempts)
-                self._start_cpu_worker(starts + 1)
-                return
-            self._cpu_worker_lost(worker, rayfailures.reason_of(e))
-            return
-        self.cpu_idle.append(worker)
-        self.scheduler.cpu_slot_back()
-
-    def _cpu_workers_late(self) -> None:
-        now = time.monotonic()
-        for ref, (worker, deadline, _) in list(self.cpu_starting.items()):
-            if now > deadline:
-                del self.cpu_starting[ref]
-                self._cpu_worker_lost(worker, f"not placed within {self.fleet.actor_timeout_s:.0f}s "
-                                              "(actor_timeout_s; the cluster may have lost the CPUs)")
-
-    def _cpu_worker_lost(self, worker, reason: str) -> None:
-        with contextlib.suppress(Exception):
-            ray.kill(worker, no_restart=True)
-        log.warning("a replacement profile worker did not start: %s; %d left", reason, self.scheduler.cpu_slots)
-        if self.scheduler.cpu_slots <= 0 and not self.cpu_starting:
-            self.scheduler.no_cpu_left(f"no profile worker left ({reason})")
 
     def devices(self) -> list[DeviceInfo]:
         """What each started, live device reported, in start order."""
@@ -361,7 +286,7 @@ class Sweep:
             every_device = False
         planned = scheduler.plan_sweep(self.scheduler, work, decide_args=(self.sweep.fraction, self.sweep.max_batch),
                                        every_device=every_device,
-                                       shared_profiles=bool(self.cpu_idle or self.cpu_starting),
+                                       shared_profiles=self.workers.any(),
                                        soft_profiles=not self.simulated, label=Workload.label)
         return planned + len(self._unmeasured)
 
@@ -401,7 +326,7 @@ class Sweep:
             self._write(self.scheduler.outcomes())
             if self.scheduler.done():
                 break
-            if not self.pending and not self.cpu_starting:  # the scheduler turns work no device can run into errors: a bug if reached
+            if not self.pending and not self.workers.starting:  # the scheduler turns work no device can run into errors: a bug if reached
                 raise RuntimeError("work left but no device can run it")
             self._wait()
         self.stats.profiles = self.scheduler.completed["profile"]
@@ -411,7 +336,7 @@ class Sweep:
 
     def _submit(self, a: scheduler.Assignment) -> None:
         if not a.devices:  # CPU-only: a free profile worker (the scheduler runs no more than there are)
-            worker = self.cpu_busy[a.job] = self.cpu_idle.pop()
+            worker = self.workers.lend(a.job)
             self.pending[getattr(worker, a.call).remote(*a.args)] = Call(None, a.job)
             return
         (device,) = a.devices  # a sweep's device jobs take one device each; a group job needs its own submit
@@ -422,16 +347,16 @@ class Sweep:
         """Wait for one call to return (at most 1 s, or until the next deadline), handle it, then timeouts."""
         deadline = self.scheduler.next_deadline_s()
         timeout = 1.0 if deadline is None else min(1.0, max(0.0, deadline - time.monotonic()))
-        ready, _ = ray.wait(list(self.pending) + list(self.cpu_starting), num_returns=1, timeout=timeout)
+        ready, _ = ray.wait(list(self.pending) + list(self.workers.starting), num_returns=1, timeout=timeout)
         for ref in ready:
-            if ref in self.cpu_starting:
-                self._cpu_worker_started(ref)
+            if ref in self.workers.starting:
+                self.workers.started(ref)
             else:
                 self._collect(ref)
         for dropped in self.scheduler.expire(time.monotonic()):
             self._drop(dropped)
         self._cancel_abandoned()
-        self._cpu_workers_late()
+        self.workers.give_up_late()
 
     def _cancel_abandoned(self) -> None:
         """CPU-only jobs the scheduler no longer waits for (past task_timeout_s): their worker is killed
@@ -439,7 +364,7 @@ class Sweep:
         for ref, (_, job) in [(r, call) for r, call in self.pending.items() if call.device is None]:
             if not self.scheduler.is_running(job):
                 del self.pending[ref]
-                self._replace_cpu_worker(job)
+                self.workers.replace(job)
 
     def _collect(self, ref) -> None:
         device, job = self.pending.pop(ref)
@@ -453,21 +378,21 @@ class Sweep:
             self.scheduler.started(device, value.type_key, value, now)
             return
         if device is None:  # the profile worker is free again
-            self.cpu_idle.append(self.cpu_busy.pop(job))
+            self.workers.give_back(job)
         self.scheduler.finished(job, value, now)
 
     def _failed(self, device: int | None, job: int | None, e: Exception, now: float) -> None:
         what, reason = rayfailures.classify(e, starting=job is None)
         if device is None:  # a CPU-only job on a profile worker
             if what == rayfailures.RAISED:  # the workload is broken
-                self.cpu_idle.append(self.cpu_busy.pop(job))
+                self.workers.give_back(job)
                 self.scheduler.failed(job, reason, now)
             else:  # its process died (crash, OOM-kill, node loss) or is poisoned: a new worker, the job retried
                 fault = what == rayfailures.FAULT
                 log.warning("profile worker %s under %s (%s, attempt %d); starting a new one",
                             "poisoned" if fault else "died", self.scheduler.jobs[job].label, reason,
                             self.scheduler.jobs[job].attempts)
-                self._replace_cpu_worker(job)
+                self.workers.replace(job)
                 self.stats.profile_worker_restarts += 1
                 self.scheduler.lost(job, reason if fault else f"profile worker died: {type(e).__name__}", now,
                                     faulted=fault)
@@ -515,9 +440,7 @@ class Sweep:
         return row
 
     def shutdown(self) -> None:
-        for worker in [*self.cpu_idle, *self.cpu_busy.values(), *(w for w, *_ in self.cpu_starting.values())]:
-            with contextlib.suppress(Exception):
-                ray.kill(worker, no_restart=True)
+        self.workers.kill_all()
         for device, slot in self.slots.items():
             if self.scheduler.devices[device].state is not scheduler.State.DEAD:
                 with contextlib.suppress(Exception):

@@ -77,7 +77,7 @@ def test_one_actor_per_simulated_card_type_counts_as_data(ray_session, tmp_path)
     sweep.start(specs)
     try:
         actors = {info.pid for info in sweep.devices()}
-        assert len(actors) == 2 and len(sweep.cpu_idle) == sweep.scheduler.cpu_slots == 2
+        assert len(actors) == 2 and len(sweep.workers.idle) == sweep.scheduler.cpu_slots == 2
         stats = sweep.run()
         cpu_only = [j for j in sweep.scheduler.jobs.values() if j.need.count == 0]
         assert [j.call for j in cpu_only] == ["profile", "profile"] and all(j.attempts == 1 for j in cpu_only)
