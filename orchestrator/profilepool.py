@@ -20,7 +20,7 @@ class ProfilePool:
     replacements (their ``ready()`` refs are ``starting``'s keys, which the sweep waits on)."""
 
     def __init__(self, remote_worker, scheduler, stats, actor_timeout_s: float, max_attempts: int):
-        self.remote_worker = remote_worker  # the Ray actor class (``fleet.RemoteProfileWorker``)
+        self.remote_worker = remote_worker  # the Ray actor class (``actors.RemoteProfileWorker``)
         self.scheduler, self.stats = scheduler, stats
         self.actor_timeout_s, self.max_attempts = actor_timeout_s, max_attempts
         self.idle: list = []  # workers free for a CPU-only job

@@ -12,7 +12,7 @@ import time
 import ray
 from ray.cluster_utils import Cluster
 
-from orchestrator import cluster, fleet, job, table
+from orchestrator import cluster, job, sweeploop, table
 
 
 def main(out: str, remove_after: int | None) -> None:
@@ -28,7 +28,7 @@ def main(out: str, remove_after: int | None) -> None:
     j = job.from_dict({"sweep": {"models": ["tiny_models:tiny", "tiny_models:tiny_slow"], "imgsz": [64, 96],
                                  "out": out},
                        "fleet": {"mode": "simulate", "simulate": fleet_spec, "actor_timeout_s": 60}}, "cluster")
-    sweep = fleet.Sweep(j)
+    sweep = sweeploop.Sweep(j)
     sweep.start(cluster.resolve_devices(j.fleet)[0])
     removed = []
     placed = [{"card": info.card, "node": info.node} for info in sweep.devices()]

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import tiny_models
-from orchestrator import cli, cuda, devices, engine, fleet, job, models, nvml, simdevice, step, table, targets
+from orchestrator import cli, cuda, devices, engine, fleet, job, models, nvml, simdevice, step, sweeploop, table, targets
 from orchestrator.decision import decide
 from orchestrator.devicetypes import DeviceInfo, Measurement
 from orchestrator.cuda import StepMeasurer
@@ -367,7 +367,7 @@ def test_every_device_says_which_device_disagreed_and_why(profiles):
     backend.add_profile(profiles(TRACED))
     a, b = engine.decide_on(backend, TRACED, 0.8), engine.decide_on(backend, TRACED, 0.03)
     b.device = dataclasses.replace(b.device, uuid="GPU-2", neighbours=1, neighbour_bytes=3 * GiB)
-    text = fleet._disagreement(Outcome("k", b, "", 1, (a.decision.batch_size, b.decision.batch_size), (a, b)))
+    text = sweeploop._disagreement(Outcome("k", b, "", 1, (a.decision.batch_size, b.decision.batch_size), (a, b)))
     assert f"{b.decision.batch_size} on " in text and "GPU-2" in text and "1 other process held 3.00 GiB" in text
     assert text.endswith("Smallest because: other processes held 3.00 GiB on GPU-2 while it was measured")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from orchestrator import cluster, fleet, job, table
+from orchestrator import cluster, fleet, job, sweeploop, table
 from orchestrator.spec import SpecError
 from orchestrator.cuda import cuda_count
 
@@ -174,7 +174,7 @@ def test_two_sweeps_on_one_table_lose_nothing(ray_session, tmp_path):
 
     def run(j):
         try:
-            sweep = fleet.Sweep(j)
+            sweep = sweeploop.Sweep(j)
             sweep.start(cluster.resolve_devices(j.fleet)[0])
             sweep.run()
             sweep.shutdown()

@@ -8,7 +8,7 @@ import time
 import psutil
 import pytest
 
-from orchestrator import calibration, cluster, fleet, job, scheduler, table
+from orchestrator import calibration, cluster, fleet, job, scheduler, sweeploop, table
 
 TINY = "tiny_models:tiny"
 
@@ -73,7 +73,7 @@ def test_one_actor_per_simulated_card_type_counts_as_data(ray_session, tmp_path)
     j = make_job(tmp_path, [TINY], [64, 96], "T4 x3, A100-80GB, T4")
     specs, simulated = cluster.resolve_devices(j.fleet)
     assert simulated and [(d.card, d.count) for d in specs] == [("T4", 4), ("A100-80GB", 1)]
-    sweep = fleet.Sweep(j)
+    sweep = sweeploop.Sweep(j)
     sweep.start(specs)
     try:
         actors = {info.pid for info in sweep.devices()}
@@ -94,7 +94,7 @@ def test_every_device_on_a_simulated_fleet_measures_each_type_once(ray_session, 
     (one decision per workload, device_batches empty), gpu_count 2, and a warning says so."""
     j = make_job(tmp_path, [TINY], [64], "T4 x2")
     j = job.with_overrides(j, every_device=True)
-    with caplog.at_level(logging.WARNING, logger="orchestrator.fleet"):
+    with caplog.at_level(logging.WARNING, logger="orchestrator.sweeploop"):
         stats, df = fleet.run_sweep(j)
     assert len(df) == 1 and df.iloc[0]["status"] == "ok" and df.iloc[0]["gpu_count"] == 2
     assert "device_batches" not in df.columns or df["device_batches"].isna().all()
@@ -131,7 +131,7 @@ def test_profile_process_killed_mid_profile_is_retried(ray_session, tmp_path):
     """SIGKILL of the process running a profile: the profile runs again on a new profile worker (no device
     actor replaced) and every row is ok, none lost or duplicated."""
     j = make_job(tmp_path, ["tiny_models:tiny_slow", TINY], [64], "T4, A100-80GB")
-    sweep = fleet.Sweep(j)
+    sweep = sweeploop.Sweep(j)
     sweep.start(cluster.resolve_devices(j.fleet)[0])
     killed = []
 
@@ -167,7 +167,7 @@ def test_device_actor_killed_is_replaced_and_its_work_requeued(ray_session, tmp_
     """SIGKILL of a card type's only actor: the decision sent to it fails, a replacement starts and takes
     the work; every row is ok, none lost or duplicated."""
     j = make_job(tmp_path, [TINY], [64, 96], "T4, A100-80GB")
-    sweep = fleet.Sweep(j)
+    sweep = sweeploop.Sweep(j)
     sweep.start(cluster.resolve_devices(j.fleet)[0])
     try:
         t4 = next(info for info in sweep.devices() if info.card == "T4")
@@ -253,13 +253,13 @@ def test_more_simulated_card_types_than_gpus_is_bad_input(ray_session, tmp_path)
 def test_actor_that_cannot_start_says_why_once_per_node(ray_session, tmp_path, caplog):
     """Actors whose constructor raises (an unknown card) are reported with that error, one line for
     their node; the fleet goes on with the device that started."""
-    sweep = fleet.Sweep(make_job(tmp_path, [TINY], [64], "T4"))
+    sweep = sweeploop.Sweep(make_job(tmp_path, [TINY], [64], "T4"))
     try:
-        with caplog.at_level(logging.WARNING, logger="orchestrator.fleet"):
+        with caplog.at_level(logging.WARNING, logger="orchestrator.sweeploop"):
             sweep.start([cluster.DeviceSpec("T4"), cluster.DeviceSpec("GTX-1080"), cluster.DeviceSpec("GTX-1080")])
     finally:
         sweep.shutdown()
-    lines = [r.getMessage() for r in caplog.records if r.name == "orchestrator.fleet"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "orchestrator.sweeploop"]
     assert len(lines) == 1, lines
     assert lines[0].startswith("node ") and "2 device actors did not start: ValueError: unknown GPU 'GTX-1080'" \
         in lines[0], lines
@@ -268,7 +268,7 @@ def test_actor_that_cannot_start_says_why_once_per_node(ray_session, tmp_path, c
 
 def test_no_actor_started_names_the_cause_and_the_fixes(ray_session, tmp_path):
     """When no actor starts, the error carries the constructor's own error and the likely fixes."""
-    sweep = fleet.Sweep(make_job(tmp_path, [TINY], [64], "T4"))
+    sweep = sweeploop.Sweep(make_job(tmp_path, [TINY], [64], "T4"))
     try:
         with pytest.raises(RuntimeError, match=r"no device actor started \(1 tried.*: node \S+: 1 device actor "
                                                r"did not start: ValueError: unknown GPU 'GTX-1080'.*"
@@ -311,10 +311,10 @@ def test_card_type_whose_actor_dies_at_every_start_is_rows_not_measured_then_a_r
     combinations are `error` rows saying they were not measured and why (the cause Ray gives, the count);
     the T4 is measured. A re-run without the fault measures exactly the L4's combinations."""
     j = make_job(tmp_path, [TINY], [64], "T4, L4")
-    sweep, kills = fleet.Sweep(j), []
+    sweep, kills = sweeploop.Sweep(j), []
     stop = _kill_while_starting(sweep, "L4", kills)
     try:
-        with caplog.at_level(logging.WARNING, logger="orchestrator.fleet"):
+        with caplog.at_level(logging.WARNING, logger="orchestrator.sweeploop"):
             sweep.start(cluster.resolve_devices(j.fleet)[0])
         stop.set()
         stats = sweep.run()
