@@ -11,24 +11,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ sits beside the package
 from benchmarks.chaos import Monkey, batches, make_job, summarize, sweep  # noqa: E402
 
-from orchestrator import cluster, engine  # noqa: E402
-from orchestrator.devices import make_backend  # noqa: E402
+from expected import undisturbed  # noqa: E402
 
 GRID = ({"models": ["tiny_models:tiny", "tiny_models:tiny_wide"], "imgsz": [384, 512]},)  # 248..664: below max_batch
 CARDS = "T4, A10G"
-
-
-def undisturbed(j, profiles) -> dict:
-    """(card, model, imgsz) -> the batch size an undisturbed sweep of ``j`` answers: each card's decision
-    replaying each workload's profile, as its device actor does (``DeviceActor.decide``), in this process."""
-    out = {}
-    for card in cluster.simulated_counts(j.fleet):
-        backend = make_backend(card)
-        for w in j.sweep.workloads():
-            backend.add_profile(profiles(w))
-            out[(card, w.model, w.imgsz)] = engine.decide_on(backend, w, j.sweep.fraction,
-                                                             max_batch=j.sweep.max_batch).decision.batch_size
-    return out
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ import time
 import psutil
 import pytest
 
+from expected import undisturbed
 from orchestrator import calibration, cluster, fleet, job, scheduler, sweeploop, table
 
 TINY = "tiny_models:tiny"
@@ -26,22 +27,6 @@ def keys(df):
 def batches(df, status="ok"):
     """(card, model, imgsz) -> batch size of the table's rows with ``status``."""
     return {(r["card"], r["model"], r["imgsz"]): r["batch_size"] for _, r in df.iterrows() if r["status"] == status}
-
-
-def undisturbed(j, profiles):
-    """(card, model, imgsz) -> the batch size an undisturbed sweep of ``j`` answers: each card's decision
-    replaying each workload's profile, as its device actor does (``DeviceActor.decide``), in this process."""
-    from orchestrator import engine
-    from orchestrator.devices import make_backend
-
-    out = {}
-    for card in cluster.simulated_counts(j.fleet):
-        backend = make_backend(card)
-        for w in j.sweep.workloads():
-            backend.add_profile(profiles(w))
-            r = engine.decide_on(backend, w, j.sweep.fraction, max_batch=j.sweep.max_batch)
-            out[(card, w.model, w.imgsz)] = r.decision.batch_size
-    return out
 
 
 def test_default_job_rows_all_ok_and_ordered(default_table):
