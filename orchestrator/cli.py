@@ -101,7 +101,10 @@ def cmd_sweep(args) -> int:
     print(summary.pivot(mine).to_string())
     print(f"\n{stats.rows} rows written ({stats.ok} ok, {stats.no_fit} no-fit, {stats.errors} error"
           + (f", of which {stats.not_measured_rows} not measured" if stats.not_measured_rows else "")
-          + f"), {stats.skipped} already in the table, {stats.actor_restarts} actor restarts, {stats.seconds:.1f} s")
+          + f"), {stats.skipped} already in the table, {stats.actor_restarts} actor restarts"
+          + (f", {stats.profile_worker_restarts} profile worker restarts" if stats.profile_worker_restarts else "")
+          + (f", {stats.profile_fallbacks} profiles traced on a device actor" if stats.profile_fallbacks else "")
+          + f", {stats.seconds:.1f} s")
     for card, why in stats.not_measured.items():
         print(f"not measured: {card} (asked for; its device actor did not start: {why})")
     print(f"table: {job.sweep.out}")
