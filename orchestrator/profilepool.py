@@ -58,12 +58,7 @@ class ProfilePool:
                 ray.get(ref)
                 self.idle.append(ready[ref])
             except ray.exceptions.RayError as e:
-                if rayfailures.died(e) and self.max_attempts > 1:  # killed while starting: started again
-                    log.warning("a profile worker died while starting (%s); starting it again",
-                                rayfailures.reason_of(e))
-                    self.stats.profile_worker_restarts += 1
-                    self._start_one(starts=2)
-                else:
+                if not self._start_again(e, starts=1):
                     errors.append(rayfailures.reason_of(e))
         for ref in late:
             errors.append(f"not placed within {self.actor_timeout_s:.0f}s (actor_timeout_s)")
@@ -86,6 +81,17 @@ class ProfilePool:
         self.scheduler.cpu_slot_lost()
         self._start_one()
 
+    def _start_again(self, e: Exception, starts: int) -> bool:
+        """A worker's ``starts``-th start failed with ``e``: when its process died (killed while starting) and
+        tries are left, a new one is started in its place (True); else False (the caller gives it up)."""
+        if not (rayfailures.died(e) and starts < self.max_attempts):
+            return False
+        self.stats.profile_worker_restarts += 1
+        log.warning("a profile worker died while starting (%s, attempt %d of %d); starting it again",
+                    rayfailures.reason_of(e), starts, self.max_attempts)
+        self._start_one(starts + 1)
+        return True
+
     def _start_one(self, starts: int = 1) -> None:
         """A new profile worker; its slot opens when it is up (``starts``: tries at this slot's start)."""
         worker = self.remote_worker.remote()
@@ -97,13 +103,8 @@ class ProfilePool:
         try:
             ray.get(ref)
         except ray.exceptions.RayError as e:
-            if rayfailures.died(e) and starts < self.max_attempts:  # killed while starting: tried again (bounded)
-                self.stats.profile_worker_restarts += 1
-                log.warning("a profile worker died while starting (%s, attempt %d of %d); starting it again",
-                            rayfailures.reason_of(e), starts, self.max_attempts)
-                self._start_one(starts + 1)
-                return
-            self._lost(worker, rayfailures.reason_of(e))
+            if not self._start_again(e, starts):
+                self._lost(worker, rayfailures.reason_of(e))
             return
         self.idle.append(worker)
         self.scheduler.cpu_slot_back()
