@@ -76,7 +76,8 @@ def lookup(table: str | os.PathLike | pd.DataFrame, model: str | Workload, imgsz
     """The batch size for ``model`` at ``imgsz`` on ``gpu``, from the table at ``table``.
 
     ``fields``: the other workload fields (``spec.Workload``: precision, optimizer,
-    ema, ...) as the rows were measured, each at its default when not given; or pass
+    ema, ..., and the size of a family not sized by ``imgsz``, which is then ignored)
+    as the rows were measured, each at its default when not given; or pass
     a whole ``Workload`` as ``model``. ``gpu``: None for the current CUDA device; a
     catalog key ("A100-80GB"); a device name as the driver reports it ("Tesla T4");
     total memory as int bytes; or a size in GiB as a float or string ("24"), where a
@@ -216,7 +217,7 @@ def _measured(row, w: Workload) -> Answer:
     where = f"{row['gpu_name']} ({gib(row['gpu_total_bytes'])}) at fraction {row['fraction']:g}"
     if row["status"] == "no-fit":
         raise NoAnswer(f"{w.label()} does not fit on {where} (no-fit: {row['error'] or 'batch 1 is over budget'}); "
-                       "try a smaller imgsz, fp16/bf16, SGD, --no-ema or a larger card")
+                       f"try a smaller {w.size_axis}, fp16/bf16, SGD, --no-ema or a larger card")
     if row["status"] == "error":
         raise NoAnswer(f"{w.label()} failed to measure on {where} ({row['error']}); "
                        "fix the cause and re-run the sweep with --force")
@@ -275,7 +276,7 @@ def extrapolate(rows: pd.DataFrame, w: Workload, target: Target, fraction: float
     if batch < 1:
         raise NoAnswer(f"{w.label()} is not expected to fit on {target.label()} at fraction {fraction:g} "
                        f"(extrapolated: batch 1 needs about {gib(line.fixed_bytes + line.bytes_per_sample)}, "
-                       f"budget {gib(budget)}); try a larger fraction or card, or a smaller imgsz")
+                       f"budget {gib(budget)}); try a larger fraction or card, or a smaller {w.size_axis}")
     cards = ", ".join(sorted({_card_label(r) for _, r in ok.iterrows()}))
     text = (f"{w.label()}: batch {batch}, EXTRAPOLATED for {target.label()} at fraction {fraction:g} "
             f"(no row measured it): budget {gib(budget)} = {fraction:g} x {gib(target.total_bytes)} - "
@@ -309,6 +310,6 @@ def _nothing_to_extrapolate(rows: pd.DataFrame, w: Workload) -> str:
     where = f"{r['gpu_name']} at fraction {r['fraction']:g}"
     if len(no_fit):
         return (f"{w.label()} did not fit on any card in the table ({where}: {r['error']}); "
-                "nothing to extrapolate from: try a smaller imgsz or a larger card")
+                f"nothing to extrapolate from: try a smaller {w.size_axis} or a larger card")
     return (f"{w.label()} has no usable measurement to extrapolate from ({where}: {r['status']} "
             f"{r['error'] or ''}); fix the cause and re-run the sweep with --force")

@@ -79,7 +79,7 @@ def cmd_sweep(args) -> int:
     from . import fleet, job as jobs, summary
 
     job = jobs.with_overrides(
-        jobs.load(args.job), models=args.models, imgsz=args.imgsz, fraction=args.fraction, simulate=args.simulate,
+        jobs.load(args.job), models=args.models, fraction=args.fraction, simulate=args.simulate,
         address=args.address, out=args.out, max_batch=args.max_batch, every_device=args.every_device or None,
         real=args.real, data=args.data, **overrides_from_args(args),
     )
@@ -180,7 +180,7 @@ def cmd_lookup(args: argparse.Namespace) -> int:
                measured_only=args.measured_only)
     if a.extrapolated:
         print("warning: extrapolated, not measured on this card or fraction; check it on the first run "
-              f"(`python -m orchestrator autobatch --model {w.model} --imgsz {w.imgsz} ...`)", file=sys.stderr)
+              f"(`python -m orchestrator autobatch --model {w.model} --{w.size_axis.replace('_', '-')} {w.size} ...`)", file=sys.stderr)
     print(a.explanation, file=sys.stderr)
     print(a.batch_size)
     return 0
@@ -268,8 +268,8 @@ def workload_from_args(args: argparse.Namespace) -> spec.Workload:
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict:
-    """The workload values ``sweep``'s flags set (None: not given), keyed by field name."""
-    out = {k: getattr(args, k) for k in spec.AXES if getattr(args, k) is not None}
+    """The workload values ``sweep``'s flags set (None: not given), keyed by field name: sizes and the rest."""
+    out = {k: getattr(args, k) for k in spec.SIZES + spec.AXES if getattr(args, k) is not None}
     return {k: v if isinstance(v, list) else [v] for k, v in out.items()}
 
 

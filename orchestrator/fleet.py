@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 
 def validate_models(sweep) -> None:
     """Build each model once here, before any actor starts: unknown models, factories that
-    raise and image sizes that break a model's stride are bad input, not hours-later error rows."""
+    raise and sizes that do not suit a model (an image size off its stride) are bad input, not hours-later
+    error rows."""
     from . import models
 
     for g in sweep.grid:
@@ -47,8 +48,8 @@ def validate_models(sweep) -> None:
                 raise
             except Exception as e:
                 raise SpecError(f"model={m!r}: building it raised {type(e).__name__}: {e}; fix the model source") from None
-            for s in g.imgsz:
-                models.check_imgsz(built, m, s)
+            for s in g.sizes_of(m):
+                models.check_size(built, m, s)
             del built
 
 

@@ -25,7 +25,7 @@ import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-from . import catalog, spec
+from . import catalog, families, spec
 from . import decision as core
 from .datasets import with_data
 from .errors import SpecError
@@ -36,16 +36,25 @@ DEFAULT_JOB = Path(__file__).resolve().parent.parent / "jobs" / "quickstart.toml
 
 @dataclass(frozen=True)
 class GridEntry:
-    """Every model in ``models`` at every size in ``imgsz``."""
+    """Every model in ``models`` at every size its family's axis has in ``sizes`` (its default if none)."""
 
     models: tuple[str, ...]
-    imgsz: tuple[int, ...]
+    sizes: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    """(size axis, values) for the axes (``spec.SIZES``) this entry names, e.g. (("imgsz", (320, 640)),)."""
+
+    def sizes_of(self, model: str) -> tuple[int, ...]:
+        """The sizes ``model`` is swept at: its family's axis's values here, or that axis's default."""
+        axis = families.family_of(model).size
+        return dict(self.sizes).get(axis, (spec.DEFAULTS[axis],))
+
+    def with_sizes(self, axis: str, values: tuple[int, ...]) -> "GridEntry":
+        return GridEntry(self.models, tuple((a, v) for a, v in self.sizes if a != axis) + ((axis, values),))
 
 
 @dataclass(frozen=True)
 class SweepConfig:
     grid: tuple[GridEntry, ...]
-    """Model x image-size cross products; the sweep measures their union."""
+    """Model x size cross products; the sweep measures their union."""
     axes: tuple[tuple[str, tuple], ...] = ()
     """The other workload fields (``spec.AXES``) as (name, values swept); a field not named takes its default."""
     fraction: float = core.FRACTION
@@ -64,8 +73,10 @@ class SweepConfig:
     def workloads(self) -> list[Workload]:
         seen: dict[Workload, None] = {}
         for g in self.grid:
-            for m, s, *rest in itertools.product(g.models, g.imgsz, *(self.values(n) for n in spec.AXES)):
-                seen[Workload(model=m, imgsz=s, **dict(zip(spec.AXES, rest)))] = None
+            for m in g.models:
+                axis = families.family_of(m).size
+                for s, *rest in itertools.product(g.sizes_of(m), *(self.values(n) for n in spec.AXES)):
+                    seen[Workload(model=m, **{axis: s}, **dict(zip(spec.AXES, rest)))] = None
         return list(seen)
 
 
@@ -93,8 +104,8 @@ class Job:
 
 
 _ALLOWED = {
-    "sweep": {f.name for f in fields(SweepConfig)} - {"axes"} | {"models", "imgsz", "data", *spec.AXES},
-    "grid": {"models", "imgsz"},
+    "sweep": {f.name for f in fields(SweepConfig)} - {"axes"} | {"models", "data", *spec.SIZES, *spec.AXES},
+    "grid": {"models", *spec.SIZES},
     "fleet": {f.name for f in fields(FleetConfig)},
 }
 
@@ -180,15 +191,26 @@ def _grid(entries, src) -> tuple[GridEntry, ...]:
         models = _list(g, "models", str, src, sec, None)
         for m in models:
             spec.check_model(m)
-        out.append(GridEntry(models, _sizes(g, src, sec)))
+        sizes = _sizes(g, src, sec)
+        used = {families.family_of(m).size for m in models}
+        for axis, _ in sizes:
+            if axis not in used:
+                raise SpecError(f"{src}: {sec}{axis} sizes none of its models ({', '.join(models)}): "
+                                f"their sizes are {', '.join(sorted(used))}; leave {axis} out or add a model it sizes")
+        out.append(GridEntry(models, sizes))
     return tuple(out)
 
 
-def _sizes(d, src, section, default=None) -> tuple[int, ...]:
-    sizes = _list(d, "imgsz", int, src, section, default)
-    for size in sizes:
-        spec.check_value("imgsz", size, f"{src}: {section}")
-    return sizes
+def _sizes(d, src, section) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """The size axes (``spec.SIZES``) table ``d`` names, each a non-empty list of valid sizes."""
+    out = []
+    for axis in spec.SIZES:
+        if axis in d:
+            sizes = _list(d, axis, int, src, section, None)
+            for size in sizes:
+                spec.check_value(axis, size, f"{src}: {section}")
+            out.append((axis, sizes))
+    return tuple(out)
 
 
 def _axes(d: dict, where: str) -> tuple[tuple[str, tuple], ...]:
@@ -207,16 +229,17 @@ def _axes(d: dict, where: str) -> tuple[tuple[str, tuple], ...]:
 
 def _sweep(d, src, base=None) -> SweepConfig:
     sec = "[sweep] "
-    if "grid" in d and ("models" in d or "imgsz" in d):
-        raise SpecError(f"{src}: {sec}use either models/imgsz or [[sweep.grid]] entries, not both")
+    sized = [k for k in ("models", *spec.SIZES) if k in d]
+    if "grid" in d and sized:
+        raise SpecError(f"{src}: {sec}use either {'/'.join(sized)} or [[sweep.grid]] entries, not both")
     if "grid" in d:
         if not isinstance(d["grid"], list) or not d["grid"]:
             raise SpecError(f"{src}: {sec}grid must be one or more [[sweep.grid]] tables")
         grid = _grid(d["grid"], src)
     elif "models" in d:
-        grid = _grid([{"models": d["models"], "imgsz": d.get("imgsz", [spec.DEFAULTS["imgsz"]])}], src)
+        grid = _grid([{k: d[k] for k in sized}], src)
     else:  # no models yet (``require_models``): the sizes wait for --models
-        grid = (GridEntry((), _sizes(d, src, sec, [spec.DEFAULTS["imgsz"]])),)
+        grid = (GridEntry((), _sizes(d, src, sec)),)
     fraction = check_fraction(_typed(d, "fraction", (int, float), src, sec, core.FRACTION), f"{src}: {sec}fraction")
     if "data" in d:
         d = with_data(d, _typed(d, "data", str, src, sec, ""), f"{src}: {sec}", base=base)
@@ -250,22 +273,36 @@ def _fleet(d, src) -> FleetConfig:
     return cfg
 
 
-def with_overrides(job: Job, *, models=None, imgsz=None, fraction=None, simulate=None, address=None, out=None,
+def with_overrides(job: Job, *, models=None, fraction=None, simulate=None, address=None, out=None,
                    max_batch=None, every_device=None, real=False, data=None, **workload_values) -> Job:
     """The job with command-line flags applied (None leaves a setting as the file has it).
 
-    ``workload_values``: workload fields (``spec.AXES``) to sweep instead of the job's, a value or a list each.
+    ``workload_values``: workload fields to sweep instead of the job's, a value or a list each: the size
+    axes (``spec.SIZES``: ``imgsz=[320, 640]``) replace the grid's sizes, the others (``spec.AXES``) the
+    job's values.
     """
     s, f = job.sweep, job.fleet
-    unknown = sorted(set(workload_values) - set(spec.AXES))
+    unknown = sorted(set(workload_values) - set(spec.AXES) - set(spec.SIZES))
     if unknown:
-        raise SpecError(f"unknown workload field {unknown[0]!r}; known: {', '.join(spec.AXES)}")
+        raise SpecError(f"unknown workload field {unknown[0]!r}; known: {', '.join(spec.SIZES + spec.AXES)}")
+    sizes = {k: list(v) if isinstance(v, (list, tuple)) else [v]
+             for k in spec.SIZES if (v := workload_values.pop(k, None)) is not None}
     grid = s.grid
-    if models is not None:
-        sizes = tuple(imgsz) if imgsz is not None else tuple(dict.fromkeys(x for g in grid for x in g.imgsz))
-        grid = _grid([{"models": list(models), "imgsz": list(sizes)}], "--models")
-    elif imgsz is not None:
-        grid = tuple(GridEntry(g.models, _sizes({"imgsz": list(imgsz)}, "--imgsz", "")) for g in grid)
+    if models is not None:  # the sizes the job had, for each axis the flags leave alone
+        had = {a: tuple(dict.fromkeys(x for g in grid for axis, xs in g.sizes if axis == a for x in xs))
+               for a in spec.SIZES}
+        named = {a: list(had[a]) for a in spec.SIZES if had[a]} | sizes
+        used = {families.family_of(m).size for m in models}
+        grid = _grid([{"models": list(models), **{a: v for a, v in named.items() if a in used or a in sizes}}],
+                     "--models")
+    elif sizes:
+        for axis, values in sizes.items():
+            checked = dict(_sizes({axis: values}, f"--{axis.replace('_', '-')}", ""))[axis]
+            if grid[0].models and not any(families.family_of(m).size == axis for g in grid for m in g.models):
+                raise SpecError(f"--{axis.replace('_', '-')}: no model of {job.source} is sized by {axis}")
+            grid = tuple(g.with_sizes(axis, checked)
+                         if not g.models or any(families.family_of(m).size == axis for m in g.models) else g
+                         for g in grid)
     given = {k: v for k, v in workload_values.items() if v is not None}
     if data is not None:
         given = with_data(given, data, "--")

@@ -1,6 +1,6 @@
 """A batch table for people: a Markdown summary and a heatmap PNG of the same pivot.
 
-Rows are workloads (model x imgsz, plus precision, optimizer, EMA, cudnn.benchmark
+Rows are workloads (model x its size, plus precision, optimizer, EMA, cudnn.benchmark
 and fraction where the table has more than one), columns GPU types ordered by
 memory, cells the batch size (``+``: capped at the sweep's max batch), ``no-fit``,
 ``error`` or ``-`` (not measured). The Markdown also lists every no-fit and error
@@ -17,7 +17,7 @@ import pandas as pd
 
 from . import table as tables
 from .errors import SpecError
-from .summary import gpu_label, pivot, row_label
+from .summary import gpu_label, model_at, pivot, row_label
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def _failures(df: pd.DataFrame) -> list[str]:
     out = ["## No-fit and error rows", ""]
     for _, r in bad.iterrows():
         reason = str(r["error"] or "").replace("\n", " ") or "no reason recorded"
-        out.append(f"- {r['model']} @{r['imgsz']} {r['precision']} {r['optimizer']} on {gpu_label(r)} "
+        out.append(f"- {model_at(r)} {r['precision']} {r['optimizer']} on {gpu_label(r)} "
                    f"(fraction {r['fraction']:g}): **{r['status']}**: {reason}")
     return out
 

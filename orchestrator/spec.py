@@ -15,6 +15,7 @@ import numbers
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
+from . import families
 from .errors import SpecError
 
 PRECISIONS = {
@@ -40,18 +41,19 @@ def check_max_batch(max_batch, name: str = "max_batch") -> int:
 
 
 def knob(default=MISSING, *, help: str, choices=None, minimum: int | None = None, maximum: int | None = None,
-         over: str = "", grid: bool = False, families: tuple[str, ...] = (), legacy=MISSING):
+         over: str = "", grid: bool = False, size: bool = False, families: tuple[str, ...] = (), legacy=MISSING):
     """A workload field with what the rest of the code derives from it.
 
     ``help``: one line for flags and docs. ``choices``: allowed values. ``minimum``,
     ``maximum``: for ints, ``over`` saying why a value above ``maximum`` is a mistake
     (checked before anything is built: a huge value would be allocated). ``grid``: swept through ``[[sweep.grid]]`` cross products (model, imgsz)
-    rather than as a ``[sweep]`` key of its own. ``families``: model sources the
-    field applies to (empty: all). ``legacy``: what rows of a table written before
+    rather than as a ``[sweep]`` key of its own. ``size``: a family's size axis (``families.Family.size``;
+    implies ``grid``): 0 in a workload of any other family. ``families``: the model families
+    (``families.names()``) the field applies to (empty: all). ``legacy``: what rows of a table written before
     the field existed were measured with (default: ``default``).
     """
     meta = {"help": help, "choices": tuple(choices) if choices else None, "minimum": minimum, "maximum": maximum,
-            "over": over, "grid": grid,
+            "over": over, "grid": grid or size, "size": size,
             "families": families, "legacy": default if legacy is MISSING else legacy}
     return field(default=default, metadata=meta)
 
@@ -72,10 +74,9 @@ MAX_OBJECTS = 10_000
 class Workload:
     """One training configuration whose memory is measured. Keyword-only: fields can be added safely."""
 
-    model: str = knob(help="model source: torchvision:NAME, timm:NAME, ultralytics:FILE.yaml or "
-                           "package.module:callable", grid=True)
+    model: str = knob(help=f"model source: {families.sources_text()}", grid=True)
     imgsz: int = knob(640, help="square input size in pixels; a multiple of the model's stride where it has one "
-                                "(default 640, YOLO's)", minimum=1, grid=True)
+                                "(default 640, YOLO's)", minimum=1, size=True)
     precision: str = knob("fp16", help="fp16: AMP with grad scaler (YOLO's default); bf16: AMP; fp32: no autocast",
                           choices=PRECISIONS)
     optimizer: str = knob("SGD", help="SGD keeps 1 state tensor per weight (YOLO's default), AdamW 2",
@@ -105,18 +106,37 @@ class Workload:
 
     def __post_init__(self):
         check_model(self.model)
+        axis = families.family_of(self.model).size
+        for name in SIZES:  # another family's size axis: 0 (left at its default, or read as 0 from a table)
+            if name != axis:
+                value = getattr(self, name)
+                if value != 0 and value != DEFAULTS[name]:
+                    raise SpecError(f"{name}={value!r} does not size {self.model}: its samples are sized by "
+                                    f"{axis}; give {axis} instead")
+                object.__setattr__(self, name, 0)
         for f in fields(self):  # numpy scalars (a row read from the table) become Python values
-            object.__setattr__(self, f.name, check_value(f.name, getattr(self, f.name)))
+            if not (f.metadata["size"] and f.name != axis):
+                object.__setattr__(self, f.name, check_value(f.name, getattr(self, f.name)))
+
+    @property
+    def size_axis(self) -> str:
+        """The workload field that sizes this model's samples (its family's: ``imgsz`` for images)."""
+        return families.family_of(self.model).size
+
+    @property
+    def size(self) -> int:
+        """The size of one sample on this model's size axis (``imgsz`` for images)."""
+        return getattr(self, self.size_axis)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     def label(self) -> str:
         """``model@imgsz`` and every other field that is not at its default, e.g. ``m@640 fp16 SGD ema``."""
-        text = f"{self.model}@{self.imgsz} {self.precision} {self.optimizer}{' ema' if self.ema else ''}"
-        source = self.model.split(":", 1)[0]
+        text = f"{at(self.model, self.size)} {self.precision} {self.optimizer}{' ema' if self.ema else ''}"
+        family = families.family_of(self.model).name
         extra = [show(k, getattr(self, k)) for k in KEYS if k not in _LABELLED
-                 and (getattr(self, k) != DEFAULTS[k] or source in _BY_NAME[k].metadata["families"])]
+                 and (getattr(self, k) != DEFAULTS[k] or family in _BY_NAME[k].metadata["families"])]
         return " ".join([text] + extra)
 
 
@@ -124,13 +144,36 @@ FIELDS = fields(Workload)
 KEYS = tuple(f.name for f in FIELDS)
 """The workload's part of the table key, in declaration order."""
 AXES = tuple(f.name for f in FIELDS if not f.metadata["grid"])
-"""Fields swept as ``[sweep]`` keys of their own (one value or a list); model and imgsz come from the grid."""
+"""Fields swept as ``[sweep]`` keys of their own (one value or a list); model and the sizes come from the grid."""
+SIZES = tuple(f.name for f in FIELDS if f.metadata["size"])
+"""The families' size axes (``imgsz``, ...): a workload has its family's, the others are 0."""
 TYPES: dict[str, type] = {k: v for k, v in typing.get_type_hints(Workload).items() if k in KEYS}
 DEFAULTS = {f.name: f.default for f in FIELDS if f.default is not MISSING}
 LEGACY = {f.name: f.metadata["legacy"] for f in FIELDS if f.default is not MISSING}
 """What rows of a table that lacks a field's column were measured with."""
 _BY_NAME = {f.name: f for f in FIELDS}
-_LABELLED = ("model", "imgsz", "precision", "optimizer", "ema")  # always in a label
+_LABELLED = ("model", *SIZES, "precision", "optimizer", "ema")  # always in a label
+
+
+def _check_declarations() -> None:
+    """Every family is sized by a declared size axis, and every ``families=`` names known families."""
+    for fam in (*families.FAMILIES.values(), families.CALLABLE):
+        if fam.size not in SIZES:
+            raise TypeError(f"family {fam.name!r} is sized by {fam.size!r}, which is not a size axis of Workload "
+                            f"({', '.join(SIZES)}): declare it with knob(..., size=True)")
+    for f in FIELDS:
+        unknown = set(f.metadata["families"]) - set(families.names())
+        if unknown:
+            raise TypeError(f"Workload.{f.name}: families={sorted(unknown)} are not families ({families.names()})")
+
+
+_check_declarations()
+
+
+def at(model: str, size: int) -> str:
+    """``model@640`` (images), ``model@seq_len=512`` (another size axis): the model and the size of its samples."""
+    axis = families.family_of(model).size
+    return f"{model}@{size}" if axis == "imgsz" else f"{model}@{axis}={size}"
 
 
 def check_model(model) -> str:
@@ -183,4 +226,4 @@ def show(name: str, value) -> str:
     if TYPES.get(name) is bool:
         label = name.replace("_", ".")
         return label if value else f"no {label}"
-    return f"{name} {value}" if TYPES.get(name) is int and name != "imgsz" else str(value)
+    return f"{name} {value}" if TYPES.get(name) is int and name not in SIZES else str(value)

@@ -233,9 +233,10 @@ def train(built: Built, workload: Workload, batch: int, device: torch.device, *,
     the peak. Returns the steps run.
 
     Mirrors ultralytics' trainer, in the order it allocates (the caching allocator's
-    layout, hence peak reserved, depends on it). Each iteration's images arrive as
-    uint8 (``Built.uint8_input``) and become ``float() / 255`` on the device, and stay
-    alive until the next batch replaces them (the last one through validation);
+    layout, hence peak reserved, depends on it). Each iteration's inputs arrive as the
+    family's loader delivers them (``Built.inputs``: YOLO's uint8 images become
+    ``float() / 255`` on the device), and stay alive until the next batch replaces
+    them (the last one through validation);
     forward and loss under autocast, backward (scaled for fp16). The first step runs
     one iteration and creates the optimizer's state lazily, as a trainer's first step
     (warm-up: no accumulation yet) does; when gradients accumulate (``accumulate``,
@@ -262,7 +263,7 @@ def train(built: Built, workload: Workload, batch: int, device: torch.device, *,
     scaler = _scaler(workload, device, surrogate)
     dtype = AMP_DTYPES.get(workload.precision)
     iterations = min(accumulation(workload, batch) if accumulate is None else accumulate, 2)
-    images = loss = None
+    inputs = loss = None
     done, stopped = 0, False
     for epoch in range(epochs):
         if stopped:
@@ -272,10 +273,10 @@ def train(built: Built, workload: Workload, batch: int, device: torch.device, *,
         first = done
         while done - first < steps:
             for _ in range(iterations if done else 1):
-                images = None  # the loader's next batch replaces the last one
-                images = _images(built, batch, workload.imgsz, device, torch.float32)
+                inputs = None  # the loader's next batch replaces the last one
+                inputs = built.inputs(workload, batch, device, torch.float32)
                 with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                    outputs = wrapped(images)
+                    outputs = wrapped(*inputs)
                     loss = built.loss(outputs, workload, batch, surrogate)
                 del outputs
                 (loss if scaler is None else scaler.scale(loss)).backward()  # the loss stays alive (the
@@ -289,7 +290,7 @@ def train(built: Built, workload: Workload, batch: int, device: torch.device, *,
             # ("prevent VRAM spike"), which near the answer it always is; mark() tells the tracer so
             _new_phase(device, mark)
             validate(built, workload, batch * workload.val_scale, device, ema, surrogate)
-    del optimizer, ema, scaler, images, loss, wrapped
+    del optimizer, ema, scaler, inputs, loss, wrapped
     return done
 
 
@@ -316,15 +317,6 @@ def _optimizer_step(model: nn.Module, optimizer, scaler, ema: "EMA | None", step
         ema.update(model)
 
 
-def _images(built: Built, batch: int, imgsz: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """A batch of images as the trainer has it on the device: uint8 made ``dtype`` / 255 there (YOLO),
-    or floats as a plain loader delivers them."""
-    if not built.uint8_input:
-        return torch.randn(batch, 3, imgsz, imgsz, device=device, dtype=dtype)
-    raw = torch.randint(0, 256, (batch, 3, imgsz, imgsz), dtype=torch.uint8, device=device)
-    return raw.to(dtype) / 255
-
-
 @torch.no_grad()
 def validate(built: Built, workload: Workload, batch: int, device: torch.device, ema: EMA | None,
              surrogate: bool = False) -> None:
@@ -338,12 +330,12 @@ def validate(built: Built, workload: Workload, batch: int, device: torch.device,
         ema.state = {k: v.half() if v.is_floating_point() else v for k, v in ema.state.items()}
     model.eval()
     try:
-        images = _images(built, batch, workload.imgsz, device, dtype)
+        inputs = built.inputs(workload, batch, device, dtype)
         if ema is None:
-            outputs = model(images)
+            outputs = model(*inputs)
         else:
-            outputs = torch.func.functional_call(model, ema.state, (images,))
-        del images
+            outputs = torch.func.functional_call(model, ema.state, inputs)
+        del inputs
         loss = built.loss(outputs, workload, batch, surrogate)
         del outputs, loss
     finally:

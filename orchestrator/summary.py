@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pandas as pd
 
-from . import spec
+from . import families, spec
 from .units import GiB
 
-VARYING = (*(k for k in spec.KEYS if k not in ("model", "imgsz")), "fraction")
-"""Key columns that join the row label (after model and imgsz) only when the table holds more than one value."""
+VARYING = (*(k for k in spec.KEYS if k != "model" and k not in spec.SIZES), "fraction")
+"""Key columns that join the row label (after the model and its size) only when the table holds more than one value."""
 
 
 def gpu_label(row) -> str:
@@ -25,7 +25,7 @@ def cell(row) -> str:
 def pivot(df: pd.DataFrame) -> pd.DataFrame:
     """Cell text (batch size, ``no-fit``, ``error``, ``-``) per workload row and GPU-type column, by memory.
 
-    Rows are model and imgsz plus every other key column the table holds more than one
+    Rows are the model and its size (``imgsz``, or its family's axis) plus every other key column the table holds more than one
     value of; two rows that still share a cell (two device names with one label) are
     both shown, joined by ``/``, never one hidden behind the other.
     """
@@ -34,7 +34,8 @@ def pivot(df: pd.DataFrame) -> pd.DataFrame:
     df = df.copy()
     df["gpu"] = [gpu_label(r) for _, r in df.iterrows()]
     df["value"] = [cell(r) for _, r in df.iterrows()]
-    index = ["model", "imgsz"] + [c for c in VARYING if df[c].nunique() > 1]
+    sizes = [a for a in spec.SIZES if a in df.columns and (df[a] != 0).any()]
+    index = ["model", *sizes] + [c for c in VARYING if df[c].nunique() > 1]
     out = df.pivot_table(index=index, columns="gpu", values="value", aggfunc="/".join)
     order = df.drop_duplicates("gpu").sort_values("gpu_total_bytes")["gpu"]
     return out[[g for g in order if g in out.columns]].fillna("-")
@@ -43,5 +44,13 @@ def pivot(df: pd.DataFrame) -> pd.DataFrame:
 def row_label(key, names: list[str]) -> str:
     """``model @imgsz`` plus the varying keys, e.g. ``torchvision:resnet50 @224 bf16 AdamW no ema``."""
     values = dict(zip(names, key if isinstance(key, tuple) else (key,)))
-    extra = [f"fraction {values[n]:g}" if n == "fraction" else spec.show(n, values[n]) for n in names[2:]]
-    return " ".join([f"{values['model']} @{values['imgsz']}"] + extra)
+    extra = [f"fraction {values[n]:g}" if n == "fraction" else spec.show(n, values[n])
+             for n in names if n != "model" and n not in spec.SIZES]
+    return " ".join([model_at(values)] + extra)
+
+
+def model_at(values) -> str:
+    """``model @size`` from a row or mapping with the model and its family's size axis: ``m @640``,
+    ``m @seq_len=512``."""
+    model = values["model"]
+    return spec.at(model, values[families.family_of(model).size]).replace("@", " @", 1)

@@ -203,7 +203,7 @@ def merge(old: pd.DataFrame, rows: Iterable[dict]) -> pd.DataFrame:
     kept = old[[k not in last for k in _keys(old)]] if len(old) else old
     frames = [f for f in (kept, new) if len(f)]
     out = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0].reset_index(drop=True)
-    return out.sort_values(["model", "imgsz", "precision", "optimizer", "gpu_total_bytes", "gpu_name"],
+    return out.sort_values(["model", *spec.SIZES, "precision", "optimizer", "gpu_total_bytes", "gpu_name"],
                            kind="stable", ignore_index=True)
 
 

@@ -59,8 +59,9 @@ def agreed_batch(table, model: str, imgsz: int = 640, *, reduce_min: Callable[[i
     to the minimum over all; default ``min_over_ranks``). Every rank takes part even when its own
     card has no row (it offers 0), so that no rank waits forever in the collective: then every rank
     raises, the one without a row its own ``NoAnswer``, the others one saying another rank had none."""
+    from .. import families  # noqa: PLC0415
     from ..answers import NoAnswer  # noqa: PLC0415
-    from ..spec import SpecError  # noqa: PLC0415
+    from ..spec import SIZES, SpecError  # noqa: PLC0415
 
     try:
         mine, failed = per_rank_batch(table, model, imgsz, **kwargs), None
@@ -70,7 +71,9 @@ def agreed_batch(table, model: str, imgsz: int = 640, *, reduce_min: Callable[[i
     if failed is not None:
         raise failed
     if agreed < 1:
-        raise NoAnswer(f"another rank has no batch size for {model} at {imgsz} px in the table (its error names "
+        at = f"{imgsz} px" if families.family_of(model).size == "imgsz" else ", ".join(
+            f"{k} {v}" for k, v in kwargs.items() if k in SIZES)
+        raise NoAnswer(f"another rank has no batch size for {model} at {at} in the table (its error names "
                        "what is missing); every rank stops")
     return agreed
 
