@@ -28,12 +28,19 @@ class Family:
     """A source for error messages and help."""
     extra: str = ""
     """The pip extra that installs what the adapter imports (``pip install -e '.[EXTRA]'``)."""
+    defaults: tuple[tuple[str, object], ...] = ()
+    """Workload fields whose default differs for this family (how its trainers train), as (field, value);
+    ``spec.make`` and the sweep apply them where a field is not given."""
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("torchvision", "imgsz", "orchestrator.vision:torchvision", "torchvision:resnet50"),
     Family("timm", "imgsz", "orchestrator.vision:timm", "timm:convnext_tiny", extra="timm"),
     Family("ultralytics", "imgsz", "orchestrator.yolo:build", "ultralytics:yolov8s.yaml", extra="yolo"),
+    Family("hf", "seq_len", "orchestrator.hf:build", "hf:llama-3.2-1b", extra="hf",
+           # Hugging Face Trainer's defaults: AdamW, no EMA, no accumulation, no evaluation in the step; bf16 autocast
+           defaults=(("precision", "bf16"), ("optimizer", "AdamW"), ("ema", False), ("nbs", 1), ("val_scale", 0),
+                     ("deterministic", False))),
 )}
 CALLABLE = Family("callable", "imgsz", "orchestrator.vision:factory", "my_pkg.models:build")
 """Any other ``package.module:function`` source: a factory that returns an ``nn.Module`` fed images."""
@@ -42,6 +49,11 @@ CALLABLE = Family("callable", "imgsz", "orchestrator.vision:factory", "my_pkg.mo
 def family_of(model: str) -> Family:
     """The family of a model source (``CALLABLE`` for a prefix that names no family)."""
     return FAMILIES.get(model.partition(":")[0], CALLABLE)
+
+
+def defaults_of(model: str) -> dict:
+    """The workload defaults ``model``'s family sets (``Family.defaults``)."""
+    return dict(family_of(model).defaults)
 
 
 def names() -> tuple[str, ...]:

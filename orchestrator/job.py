@@ -66,16 +66,17 @@ class SweepConfig:
     every_device: bool = False
     """Measure each combination on every device of a type (to check that they agree), not once per type."""
 
-    def values(self, name: str) -> tuple:
-        """The values swept for workload field ``name`` (its default alone when the job does not name it)."""
-        return dict(self.axes).get(name, (spec.DEFAULTS[name],))
+    def values(self, name: str, model: str) -> tuple:
+        """The values swept for workload field ``name`` of ``model`` (its default for the model's family alone
+        when the job does not name it)."""
+        return dict(self.axes).get(name, (spec.default(name, model),))
 
     def workloads(self) -> list[Workload]:
         seen: dict[Workload, None] = {}
         for g in self.grid:
             for m in g.models:
                 axis = families.family_of(m).size
-                for s, *rest in itertools.product(g.sizes_of(m), *(self.values(n) for n in spec.AXES)):
+                for s, *rest in itertools.product(g.sizes_of(m), *(self.values(n, m) for n in spec.AXES)):
                     seen[Workload(model=m, **{axis: s}, **dict(zip(spec.AXES, rest)))] = None
         return list(seen)
 

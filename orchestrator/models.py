@@ -7,6 +7,7 @@ values); nothing is downloaded.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from dataclasses import dataclass
 from typing import Callable
@@ -44,6 +45,18 @@ class Built:
     data_dependent_loss: bool = False
     """The real loss indexes by data (YOLO's target assigner): fake tensors cannot run it, so the
     simulator runs it on real tensors shaped like the model's outputs and splices its allocations in."""
+    real: Callable[[torch.device], nn.Module] | None = None
+    """For a ``module`` built on the ``meta`` device (no weights: large models cost no host memory): builds
+    the module with real random weights directly on a device, for a real run (``on_device``)."""
+
+
+def on_device(built: Built, device: torch.device) -> Built:
+    """``built`` with its module on ``device`` with real weights, for a real run: moved there, or built there
+    when ``module`` is on ``meta`` (``Built.real``)."""
+    if built.real is not None:
+        return dataclasses.replace(built, module=built.real(device))
+    built.module.to(device)
+    return built
 
 
 def build(workload: Workload) -> Built:

@@ -37,7 +37,8 @@ def _fake_copy(module: torch.nn.Module, mode: FakeTensorMode) -> torch.nn.Module
     """A copy of ``module`` whose parameters and buffers are fake tensors (structure shared, no data)."""
     memo = {}
     for t in list(module.parameters()) + list(module.buffers()):
-        fake = mode.from_tensor(t)
+        fake = (mode.fake_tensor_converter.from_meta_and_device(mode, t, torch.device("cpu")) if t.is_meta
+                else mode.from_tensor(t))  # a module built on meta (models.Built.real): its tensors on the CPU
         memo[id(t)] = torch.nn.Parameter(fake, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else fake
     return copy.deepcopy(module, memo)
 
@@ -68,7 +69,10 @@ def trace(built: models.Built, workload: Workload, batch: int, *, fake: bool = T
     if cuda_costs and run_step is step.train:  # a run: the epoch after a validation too
         step_options.setdefault("epochs", step.run_epochs(workload))
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
-    model = _fake_copy(built.module, mode) if fake else copy.deepcopy(built.module)
+    if fake:
+        model = _fake_copy(built.module, mode)
+    else:
+        model = built.real(torch.device("cpu")) if built.real is not None else copy.deepcopy(built.module)
     if fake and built.for_fake is not None:
         built.for_fake(model)
     cache = (cache or fastfake.OutputCache()) if fake and shortcuts else None

@@ -70,6 +70,10 @@ MAX_OBJECTS = 10_000
 ``objects`` is a typo, and YOLO's loss runs on real host tensors of (batch x objects x anchors)."""
 
 
+MAX_SEQ_LEN = 1 << 20
+"""1M tokens per sample: beyond any model's context window; a larger ``seq_len`` is a typo."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class Workload:
     """One training configuration whose memory is measured. Keyword-only: fields can be added safely."""
@@ -77,6 +81,9 @@ class Workload:
     model: str = knob(help=f"model source: {families.sources_text()}", grid=True)
     imgsz: int = knob(640, help="square input size in pixels; a multiple of the model's stride where it has one "
                                 "(default 640, YOLO's)", minimum=1, size=True)
+    seq_len: int = knob(2048, help="tokens per sample, every sample padded to it (language models, hf:NAME; "
+                                   "default 2048)", minimum=1, maximum=MAX_SEQ_LEN,
+                        over="longer than any model's context", size=True, legacy=0)
     precision: str = knob("fp16", help="fp16: AMP with grad scaler (YOLO's default); bf16: AMP; fp32: no autocast",
                           choices=PRECISIONS)
     optimizer: str = knob("SGD", help="SGD keeps 1 state tensor per weight (YOLO's default), AdamW 2",
@@ -136,7 +143,7 @@ class Workload:
         text = f"{at(self.model, self.size)} {self.precision} {self.optimizer}{' ema' if self.ema else ''}"
         family = families.family_of(self.model).name
         extra = [show(k, getattr(self, k)) for k in KEYS if k not in _LABELLED
-                 and (getattr(self, k) != DEFAULTS[k] or family in _BY_NAME[k].metadata["families"])]
+                 and (getattr(self, k) != default(k, self.model) or family in _BY_NAME[k].metadata["families"])]
         return " ".join([text] + extra)
 
 
@@ -161,6 +168,10 @@ def _check_declarations() -> None:
         if fam.size not in SIZES:
             raise TypeError(f"family {fam.name!r} is sized by {fam.size!r}, which is not a size axis of Workload "
                             f"({', '.join(SIZES)}): declare it with knob(..., size=True)")
+        wrong = set(dict(fam.defaults)) - set(AXES)
+        if wrong:
+            raise TypeError(f"family {fam.name!r} sets defaults for {sorted(wrong)}, which are not workload fields "
+                            f"swept as [sweep] keys ({', '.join(AXES)})")
     for f in FIELDS:
         unknown = set(f.metadata["families"]) - set(families.names())
         if unknown:
@@ -214,11 +225,18 @@ def check_value(name: str, value, where: str = ""):
 
 
 def make(where: str = "", **values) -> Workload:
-    """``Workload(**values)``; an unknown field name is a SpecError naming the known ones."""
+    """``Workload(**values)``, each field not given at its default for the model's family (``default``); an
+    unknown field name is a SpecError naming the known ones."""
     unknown = sorted(set(values) - set(KEYS))
     if unknown:
         raise SpecError(f"{where}unknown workload field {unknown[0]!r}; known: {', '.join(KEYS)}")
-    return Workload(**values)
+    model = values.get("model")
+    return Workload(**(families.defaults_of(model) if isinstance(model, str) else {}) | values)
+
+
+def default(name: str, model: str):
+    """Field ``name``'s default for ``model``: its family's (``families.Family.defaults``), else the field's."""
+    return families.defaults_of(model).get(name, DEFAULTS[name])
 
 
 def show(name: str, value) -> str:
