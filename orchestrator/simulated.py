@@ -26,7 +26,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from . import cudacost, fastfake, models, step
+from . import attention, cudacost, fastfake, models, step
 from .tracker import StorageTracker
 from .spec import Workload
 
@@ -81,10 +81,11 @@ def trace(built: models.Built, workload: Workload, batch: int, *, fake: bool = T
     if fake and built.data_dependent_loss:
         loss = _SplicedLoss(built.loss, tracker, cache.losses if cache is not None else None)
     run = dataclasses.replace(built, module=model, loss=loss)
+    kernels = attention.CudaAttention() if fake and cuda_costs else contextlib.nullcontext()  # CUDA's fused kernels
     with mode:
         for t in list(model.parameters()) + list(model.buffers()):
             tracker.track(t)
-        with tracker:
+        with tracker, kernels:
             run_step(run, workload, batch, torch.device("cpu"), surrogate=surrogate, mark=tracker.mark, **step_options)
     del model, run
     events = tracker.events
