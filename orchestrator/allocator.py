@@ -17,9 +17,8 @@ the constants of c10/core/AllocatorConfig.h in torch 2.14.1):
 - when a new segment would exceed the capacity, every wholly free cached segment
   is released and the allocation retried; then it is out of memory.
 
-``AllocConf`` (``parse_conf``, ``canonical``) is a ``PYTORCH_CUDA_ALLOC_CONF`` string; the default
-(``""``) is the rules above. Parsed as c10/core/AllocatorConfig.cpp (pytorch/pytorch 0ac7166,
-``parseArgs``) parses it, for the keys modelled here:
+``conf`` (an ``allocconf.AllocConf``: a ``PYTORCH_CUDA_ALLOC_CONF`` string, parsed as PyTorch's
+c10/core/AllocatorConfig.cpp parses it) changes these rules; the default (``""``) is the rules above:
 
 - ``expandable_segments:True`` (``ExpandableSegment``, Note [Expandable Segments]): each pool has one
   segment of reserved address space that grows by mapping physical pages, 2 MiB pages for the small
@@ -55,7 +54,8 @@ the constants of c10/core/AllocatorConfig.h in torch 2.14.1):
   simulated row with it equals one without it.
 
 Other keys PyTorch knows (``roundup_power2_divisions``, ``max_non_split_rounding_mb``, ``backend``,
-``pinned_*``, ...) are refused by ``parse_conf``: they are not modelled, so a row could not say what they do.
+``pinned_*``, ...) are refused by ``allocconf.parse_conf``: they are not modelled, so a row could not say
+what they do.
 """
 from __future__ import annotations
 
@@ -63,6 +63,7 @@ import bisect
 from dataclasses import dataclass, field
 from typing import Iterable
 
+from .allocconf import DEFAULT_CONF, AllocConf, canonical, parse_conf  # noqa: F401 (re-exported)
 from .units import MiB
 
 MIN_BLOCK = 512
@@ -71,10 +72,6 @@ SMALL_SEGMENT = 2 * MiB
 LARGE_SEGMENT = 20 * MiB
 MIN_LARGE_ALLOC = 10 * MiB
 ROUND_LARGE = 2 * MiB
-
-
-MIN_SPLIT_MB = LARGE_SEGMENT // MiB
-"""The smallest ``max_split_size_mb`` PyTorch accepts (``kLargeBuffer`` in MiB)."""
 NON_SPLIT_ROUNDING = LARGE_SEGMENT
 """How much larger than a request of ``max_split_size`` or more an unsplittable cached block may be and still
 serve it (``max_non_split_rounding_mb``'s default, 20 MiB)."""
@@ -84,78 +81,6 @@ ADDRESS_SPACE = 1 << 60
 
 class AllocatorOutOfMemory(Exception):
     """The modelled device has no room for a new segment, even after releasing the cache."""
-
-
-@dataclass(frozen=True)
-class AllocConf:
-    """The ``PYTORCH_CUDA_ALLOC_CONF`` settings the model knows; the defaults are PyTorch's."""
-
-    expandable_segments: bool = False
-    max_split_size: int | None = None
-    """Bytes (``max_split_size_mb`` x 1 MiB); None: no limit, every block may be split (PyTorch's SIZE_MAX)."""
-    garbage_collection_threshold: float | None = None
-    """Accepted and recorded, not modelled: inert without a per-process memory fraction (module docstring)."""
-
-
-DEFAULT_CONF = AllocConf()
-
-_BOOLS = {"True": True, "False": False}
-
-
-def parse_conf(text: str) -> AllocConf:
-    """``text``, a ``PYTORCH_CUDA_ALLOC_CONF`` value (comma-separated ``key:value``; whitespace ignored, as
-    PyTorch's tokenizer does), as an ``AllocConf``; ValueError naming the part, the rule and the fix."""
-    conf: dict = {}
-    for part in "".join(str(text).split()).split(","):
-        if not part:
-            if str(text).strip():
-                raise ValueError(f"an empty setting between commas: write KEY:VALUE pairs separated by single "
-                                 "commas, e.g. expandable_segments:True,max_split_size_mb:128")
-            continue
-        key, sep, value = part.partition(":")
-        if not sep or not value or ":" in value:
-            raise ValueError(f"{part!r} is not KEY:VALUE: write e.g. expandable_segments:True")
-        if key in conf:
-            raise ValueError(f"{key} is given twice: name each setting once")
-        if key == "expandable_segments":
-            if value not in _BOOLS:
-                raise ValueError(f"expandable_segments:{value} must be True or False (PyTorch reads no other "
-                                 "spelling)")
-            conf[key] = _BOOLS[value]
-        elif key == "max_split_size_mb":
-            if not value.isdigit() or int(value) < MIN_SPLIT_MB:
-                raise ValueError(f"max_split_size_mb:{value} must be an integer >= {MIN_SPLIT_MB} (MiB; PyTorch "
-                                 "refuses smaller), e.g. max_split_size_mb:128")
-            conf[key] = int(value)
-        elif key == "garbage_collection_threshold":
-            try:
-                threshold = float(value)
-            except ValueError:
-                threshold = -1.0
-            if not 0 < threshold < 1:
-                raise ValueError(f"garbage_collection_threshold:{value} must be a number between 0 and 1 "
-                                 "(exclusive), e.g. garbage_collection_threshold:0.8")
-            conf[key] = threshold
-        else:
-            raise ValueError(f"{key} is not a setting this model knows: use expandable_segments, "
-                             "max_split_size_mb or garbage_collection_threshold")
-    split = conf.get("max_split_size_mb")
-    return AllocConf(expandable_segments=conf.get("expandable_segments", False),
-                     max_split_size=None if split is None else split * MiB,
-                     garbage_collection_threshold=conf.get("garbage_collection_threshold"))
-
-
-def canonical(conf: AllocConf) -> str:
-    """The one ``PYTORCH_CUDA_ALLOC_CONF`` string of ``conf``: its settings other than PyTorch's defaults, keys
-    sorted (``""`` for the default allocator), so that equal settings are one string."""
-    parts = []
-    if conf.expandable_segments:
-        parts.append("expandable_segments:True")
-    if conf.garbage_collection_threshold is not None:
-        parts.append(f"garbage_collection_threshold:{conf.garbage_collection_threshold!r}")
-    if conf.max_split_size is not None:
-        parts.append(f"max_split_size_mb:{conf.max_split_size // MiB}")
-    return ",".join(parts)
 
 
 def round_size(nbytes: int) -> int:
