@@ -43,5 +43,6 @@ def pivot(df: pd.DataFrame) -> pd.DataFrame:
 def row_label(key, names: list[str]) -> str:
     """``model @imgsz`` plus the varying keys, e.g. ``torchvision:resnet50 @224 bf16 AdamW no ema``."""
     values = dict(zip(names, key if isinstance(key, tuple) else (key,)))
-    extra = [f"fraction {values[n]:g}" if n == "fraction" else spec.show(n, values[n]) for n in names[2:]]
+    extra = [f"fraction {values[n]:g}" if n == "fraction" else spec.show(n, values[n]) or f"default {n}"
+             for n in names[2:]]  # an empty value (alloc_conf's default) by name
     return " ".join([f"{values['model']} @{values['imgsz']}"] + extra)
