@@ -3,12 +3,17 @@ and max_split_size_mb against the rules of c10/cuda/CUDACachingAllocator.cpp (al
 the field's validation, and the field reaching a simulated decision's row."""
 import random
 
+import pandas as pd
 import pytest
+import torch
 
-from orchestrator import allocator
+import orchestrator
+from orchestrator import allocator, cli, cuda, job, simdevice, spec, table
 from orchestrator.allocator import (
     LARGE_SEGMENT, MiB, SMALL_SEGMENT, AllocatorOutOfMemory, CachingAllocator, parse_conf, replay,
 )
+from orchestrator.errors import SpecError
+from orchestrator.spec import Workload
 
 EXPANDABLE = "expandable_segments:True"
 
@@ -203,3 +208,122 @@ def test_the_default_settings_are_the_default_allocator():
         events = random_events(rng, 200)
         stats = [replay(events, held=[8 * MiB], conf=c) for c in (allocator.DEFAULT_CONF, "", "expandable_segments:False")]
         assert stats[0] == stats[1] == stats[2]
+
+
+# -- the workload field
+
+
+def test_the_field_is_validated_and_canonical():
+    """Keys sorted, spaces dropped, PyTorch's defaults left out ("default" and expandable_segments:False are "");
+    a key the model does not know, a value PyTorch refuses or a key given twice is a SpecError naming it."""
+    assert Workload(model="m:f").alloc_conf == ""
+    w = Workload(model="m:f", alloc_conf=" max_split_size_mb: 128, expandable_segments:True")
+    assert w.alloc_conf == "expandable_segments:True,max_split_size_mb:128"
+    assert w == Workload(model="m:f", alloc_conf="expandable_segments:True,max_split_size_mb:128")
+    assert "expandable_segments:True,max_split_size_mb:128" in w.label()
+    for same in ("default", "expandable_segments:False", ""):
+        assert Workload(model="m:f", alloc_conf=same).alloc_conf == ""
+    assert Workload(model="m:f", alloc_conf="garbage_collection_threshold:0.60").alloc_conf == \
+        "garbage_collection_threshold:0.6"
+    for bad, match in (("roundup_power2_divisions:4", "roundup_power2_divisions is not a setting"),
+                       ("expandable_segments:true", "must be True or False"),
+                       ("max_split_size_mb:19", "must be an integer >= 20"),
+                       ("garbage_collection_threshold:1.0", "between 0 and 1"),
+                       ("max_split_size_mb:64,max_split_size_mb:128", "given twice"),
+                       ("expandable_segments", "is not KEY:VALUE"), (True, "must be a string")):
+        with pytest.raises(SpecError, match=f"alloc_conf={bad!r}.*{match}"):
+            Workload(model="m:f", alloc_conf=bad)
+
+
+def test_the_field_in_the_key_job_files_flags_and_old_tables(tmp_path):
+    """Its own key column (equal settings, one key); a list in a job file (equal settings once); sweep's flag
+    takes a ';'-separated list (the values hold commas), autobatch's and lookup's one value; a table written
+    before the field existed, and an empty cell, read as the default."""
+    assert "alloc_conf" in table.KEY and spec.LEGACY["alloc_conf"] == ""
+    info = simdevice.SimulatedBackend("T4").info()
+    keys = {table.row_key(info, Workload(model="m:f", alloc_conf=c), 0.8)
+            for c in ("", "default", EXPANDABLE, " expandable_segments:True")}
+    assert len(keys) == 2
+    j = job.from_dict({"sweep": {"models": ["m:f"], "imgsz": [64],
+                                 "alloc_conf": ["", EXPANDABLE, "expandable_segments:True ", "max_split_size_mb:128"]}},
+                      "t.toml")
+    assert sorted(w.alloc_conf for w in j.sweep.workloads()) == ["", EXPANDABLE, "max_split_size_mb:128"]
+    parser = cli.build_parser()
+    args = parser.parse_args(["sweep", "--alloc-conf", "default;expandable_segments:True,max_split_size_mb:128"])
+    j = job.with_overrides(job.load(None), **cli.overrides_from_args(args))
+    assert {w.alloc_conf for w in j.sweep.workloads()} == {"", "expandable_segments:True,max_split_size_mb:128"}
+    for command in (["autobatch", "--gpu", "T4"], ["lookup", "t.csv"]):
+        args = parser.parse_args([*command, "--model", "m:f", "--alloc-conf", "max_split_size_mb:128,expandable_segments:True"])
+        assert cli.workload_from_args(args).alloc_conf == "expandable_segments:True,max_split_size_mb:128"
+    old = tmp_path / "old.csv"
+    pd.DataFrame([{"gpu_name": "Tesla T4", "gpu_total_bytes": 1, "model": "m:f", "imgsz": 64, "fraction": 0.8,
+                   "batch_size": 8, "status": "ok"}]).to_csv(old, index=False)
+    assert table.read(old)["alloc_conf"].tolist() == [""]
+    both = tmp_path / "both.csv"
+    pd.DataFrame([{"gpu_name": "Tesla T4", "gpu_total_bytes": 1, "model": "m:f", "imgsz": 64, "fraction": 0.8,
+                   "batch_size": b, "status": "ok", "alloc_conf": c} for b, c in ((8, ""), (9, EXPANDABLE))]
+                 ).to_csv(both, index=False)
+    assert table.read(both)["alloc_conf"].tolist() == ["", EXPANDABLE]
+
+
+def test_autobatch_on_a_simulated_card_replays_the_setting_and_lookup_selects_it(tmp_path, capsys):
+    """The same workload with the default allocator and with expandable segments on a simulated T4: each row
+    records its setting, the probes the two share reserve differently (the replay used the setting), and
+    `lookup --alloc-conf` answers each row's batch (the default when the flag is left out)."""
+    results = {c: orchestrator.autobatch("torchvision:mobilenet_v3_small", 224, 0.5, gpu="T4", alloc_conf=c)
+               for c in ("", EXPANDABLE)}
+    rows = [table.decision_row(r) for r in results.values()]
+    assert [(r["alloc_conf"], r["status"]) for r in rows] == [("", "ok"), (EXPANDABLE, "ok")]
+    peaks = [{p.batch: p.peak_bytes for p in r.decision.probes} for r in results.values()]
+    shared = set(peaks[0]) & set(peaks[1])
+    assert shared and all(peaks[0][b] != peaks[1][b] for b in shared)
+    path = tmp_path / "t.csv"
+    table.write_rows(path, rows)
+    base = ["lookup", str(path), "--model", "torchvision:mobilenet_v3_small", "--imgsz", "224", "--gpu", "T4"]
+    for flags, row in (([], rows[0]), (["--alloc-conf", EXPANDABLE], rows[1]), (["--alloc-conf", "default"], rows[0])):
+        assert cli.main(base + flags) == 0
+        assert capsys.readouterr().out.strip() == str(row["batch_size"])
+    assert cli.main(base + ["--alloc-conf", "max_split_size_mb:128"]) == 2
+    err = capsys.readouterr().err
+    assert "alloc_conf='max_split_size_mb:128' is not in" in err and EXPANDABLE in err and "''" in err
+
+
+# -- the CUDA path (no GPU here: torch's allocator calls are stand-ins)
+
+
+def test_settings_handed_to_pytorch_always_name_expandable_segments():
+    """Each parse resets the other settings but keeps expandable_segments as it was: it is always named."""
+    assert cuda.settings_text("") == "expandable_segments:False"
+    assert cuda.settings_text("max_split_size_mb:128") == "expandable_segments:False,max_split_size_mb:128"
+    assert cuda.settings_text(EXPANDABLE) == EXPANDABLE
+
+
+class FakeAllocator:
+    """Stands in for torch's caching allocator: its last settings text, what it reserves, what was set."""
+
+    def __init__(self, monkeypatch, current: str, reserved: int):
+        self.current, self.reserved, self.set = current, reserved, []
+        monkeypatch.setattr(torch._C, "_accelerator_getAllocatorSettings", lambda: self.current, raising=False)
+        monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", self.set.append, raising=False)
+        monkeypatch.setattr(torch._C, "_cuda_clearCublasWorkspaces", lambda: None, raising=False)
+        monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "native")
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+        monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+        monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: self.reserved)
+
+
+def test_the_cuda_path_sets_the_workloads_allocator_settings_only_where_that_equals_a_fresh_process(monkeypatch):
+    """Nothing to do when the process runs with the setting already; a change while the allocator holds no
+    segment, put back afterwards; a change while it holds memory is refused (PyTorch keeps using old segments)."""
+    dev = torch.device("cuda", 0)
+    fake = FakeAllocator(monkeypatch, "max_split_size_mb:128", 0)
+    assert cuda.allocator_settings("max_split_size_mb:128", dev) is None and fake.set == []
+    fake = FakeAllocator(monkeypatch, "", 0)
+    put_back = cuda.allocator_settings(EXPANDABLE, dev)
+    assert fake.set == [EXPANDABLE]
+    put_back()
+    assert fake.set == [EXPANDABLE, "expandable_segments:False"]
+    fake = FakeAllocator(monkeypatch, EXPANDABLE, 64 * MiB)
+    with pytest.raises(RuntimeError, match="fresh process started with PYTORCH_CUDA_ALLOC_CONF='expandable_segments:False'"):
+        cuda.allocator_settings("", dev)
+    assert fake.set == []
