@@ -2,6 +2,8 @@
 and max_split_size_mb against the rules of c10/cuda/CUDACachingAllocator.cpp (allocator.py's docstring),
 the field's validation, and the field reaching a simulated decision's row."""
 import random
+import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -327,3 +329,18 @@ def test_the_cuda_path_sets_the_workloads_allocator_settings_only_where_that_equ
     with pytest.raises(RuntimeError, match="fresh process started with PYTORCH_CUDA_ALLOC_CONF='expandable_segments:False'"):
         cuda.allocator_settings("", dev)
     assert fake.set == []
+
+
+def test_the_benchmark_on_a_tiny_grid(tmp_path):
+    """benchmarks/expandable_segments.py: one row per setting with the answer, the overhead at the default's
+    answer and a reason that compares with the default row; its files written with the columns."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/ sits beside the package
+    from benchmarks import expandable_segments as bench
+
+    rows = bench.run([("tiny_models:tiny", 64)], ["T4"], ["", EXPANDABLE])
+    assert [r["alloc_conf"] for r in rows] == ["default", EXPANDABLE]
+    assert rows[0]["at_batch"] == rows[1]["at_batch"] == rows[0]["batch"] > 0
+    assert all(r["reserved_gib"] >= r["tensors_gib"] for r in rows)
+    assert f"instead of {rows[0]['overhead_gib']}" in rows[1]["reason"]
+    assert bench.main(["--quick", "--out", str(tmp_path), "--confs", "default;expandable_segments:True"]) == 0
+    assert (tmp_path / "expandable_segments_quick.csv").read_text().splitlines()[0] == ",".join(bench.COLUMNS)
