@@ -230,8 +230,9 @@ def _flag(name: str) -> str:
 
 
 def add_workload_flags(parser: argparse.ArgumentParser, *, many: bool) -> None:
-    """One flag per workload field, and ``--data``. ``many`` (sweep): comma-separated lists that replace the
-    job's values; otherwise one value. Every flag defaults to None: not given (the job's, or the field's default)."""
+    """One flag per workload field, and ``--data``. ``many`` (sweep): comma-separated lists (``;`` for the fields
+    of ``LIST_SEPARATOR``) that replace the job's values; otherwise one value. Every flag defaults to None: not
+    given (the job's, or the field's default)."""
     parser.add_argument("--data", help="an ultralytics data yaml: objects = 4 x the most labels on one training "
                                        "image (mosaic), classes = its names (read offline from its label files)")
     for f in spec.FIELDS:
@@ -250,8 +251,9 @@ def add_workload_flags(parser: argparse.ArgumentParser, *, many: bool) -> None:
             flag = _flag(f.name) if on else "--no-" + f.name.replace("_", "-")
             parser.add_argument(flag, dest=dest, action="store_const", const=on, default=None, help=text)
         elif many:
-            parser.add_argument(_flag(f.name), dest=dest, type=csv_list(kind),
-                                help=f"comma-separated; {meta['help']}")
+            sep = LIST_SEPARATOR.get(f.name, ",")
+            parser.add_argument(_flag(f.name), dest=dest, type=csv_list(kind, sep),
+                                help=f"{'comma' if sep == ',' else 'semicolon'}-separated; {meta['help']}")
         else:
             parser.add_argument(_flag(f.name), dest=dest, type=kind, default=None,
                                 choices=list(meta["choices"]) if meta["choices"] else None, help=meta["help"])
@@ -273,12 +275,18 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
     return {k: v if isinstance(v, list) else [v] for k, v in out.items()}
 
 
-def csv_list(kind):
+LIST_SEPARATOR = {"alloc_conf": ";"}
+"""``sweep``'s list separator for fields whose values hold commas themselves (``--alloc-conf
+'default;expandable_segments:True,max_split_size_mb:128'``); others are comma-separated."""
+
+
+def csv_list(kind, sep: str = ","):
     def parse(text: str):
         try:
-            return [kind(x.strip()) for x in text.split(",") if x.strip()]
+            return [kind(x.strip()) for x in text.split(sep) if x.strip()]
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} must be a comma-separated list of {kind.__name__}") from None
+            word = "comma" if sep == "," else f"{sep!r}"
+            raise argparse.ArgumentTypeError(f"{text!r} must be a {word}-separated list of {kind.__name__}") from None
 
     return parse
 

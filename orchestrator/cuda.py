@@ -10,10 +10,11 @@ import os
 import socket
 import time
 import warnings
+import weakref
 
 import torch
 
-from . import catalog, ddp, models, step
+from . import allocconf, catalog, ddp, models, step
 from .devicetypes import DeviceInfo, Measurement, Measurer
 from .errors import DeviceFault, OutOfMemory
 from .nvml import driver_version, mig_profile, neighbours, nvml_uuid
@@ -99,10 +100,86 @@ def other_ranks_bytes(workload: Workload, name: str, total_bytes: int) -> int:
 def step_measurer(device: torch.device, workload: Workload, counters, name: str, total_bytes: int) -> StepMeasurer:
     """The measurer of ``workload`` on the real ``device`` (a card reporting ``name`` and ``total_bytes``),
     reading ``counters`` (``CudaCounters`` on a GPU): under DDP, on the one-rank group (``one_rank_group``),
-    with the other ranks' buffers (``other_ranks_bytes``) added to what the device shows."""
-    if workload.world_size > 1:
-        one_rank_group(device)
-    return StepMeasurer(device, workload, counters, extra_outside_bytes=other_ranks_bytes(workload, name, total_bytes))
+    with the other ranks' buffers (``other_ranks_bytes``) added to what the device shows. On a CUDA device the
+    caching allocator runs with ``workload.alloc_conf`` while the measurer lives (``allocator_settings``)."""
+    put_back = allocator_settings(workload.alloc_conf, device) if device.type == "cuda" else None
+    try:
+        if workload.world_size > 1:
+            one_rank_group(device)
+        m = StepMeasurer(device, workload, counters, extra_outside_bytes=other_ranks_bytes(workload, name, total_bytes))
+    except BaseException:
+        if put_back is not None:
+            put_back()
+        raise
+    if put_back is not None:  # the process's own settings again once the measurer is gone (not at exit)
+        weakref.finalize(m, put_back).atexit = False
+    return m
+
+
+def settings_text(alloc_conf: str) -> str:
+    """What to hand PyTorch's allocator for ``alloc_conf`` (a canonical ``PYTORCH_CUDA_ALLOC_CONF``):
+    expandable_segments always named, because each parse resets max_split_size_mb, roundup_power2_divisions
+    and garbage_collection_threshold to their defaults but keeps expandable_segments as it was
+    (c10/core/AllocatorConfig.cpp, ``parseArgs``)."""
+    named = "expandable_segments" in alloc_conf
+    return ",".join(p for p in ("" if named else "expandable_segments:False", alloc_conf) if p)
+
+
+def _conf_of(text: str) -> allocconf.AllocConf | None:
+    """The settings a ``PYTORCH_CUDA_ALLOC_CONF`` text makes; None for one the model cannot read (other keys)."""
+    try:
+        return allocconf.parse_conf(text)
+    except ValueError:
+        return None
+
+
+def allocator_settings(alloc_conf: str, device: torch.device):
+    """Make this process's caching allocator run with ``alloc_conf`` from here on, as a trainer started with
+    ``PYTORCH_CUDA_ALLOC_CONF=<alloc_conf>`` does; a callable that puts the previous settings back, or None when
+    nothing changed (the process already runs with them: a trainer measuring its own settings).
+
+    PyTorch reads these settings at run time too (``torch._C._accelerator_setAllocatorSettings``, formerly
+    ``torch.cuda.memory._set_allocator_settings``), but a change applies to blocks and segments made after
+    it: segments made before stay as they were and keep serving requests (Note [Expandable Segments]:
+    "Expandable blocks can be enabled/disabled throughout the run of a program"; ``get_free_block`` reuses
+    free blocks of either kind). So a change is equivalent to a fresh process only when the allocator holds
+    no segment: after freeing what this process can (garbage, cuBLAS's workspaces, the cache), a device on
+    which memory is still reserved is refused (RuntimeError): measure that setting in a fresh process. The
+    ``cudaMallocAsync`` backend is chosen once per process and has none of these settings."""
+    get = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
+    current = get() if get is not None else (os.environ.get("PYTORCH_ALLOC_CONF")
+                                             or os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""))
+    if torch.cuda.get_allocator_backend() != "native":
+        if alloc_conf:
+            raise RuntimeError(f"alloc_conf={alloc_conf!r} is a setting of PyTorch's native caching allocator, and "
+                               "this process runs cudaMallocAsync (PYTORCH_CUDA_ALLOC_CONF=backend:...): measure it "
+                               "in a process without that backend")
+        return None
+    if _conf_of(current) == allocconf.parse_conf(alloc_conf):
+        return None
+    gc.collect()
+    torch.cuda.synchronize(device)
+    if hasattr(torch._C, "_cuda_clearCublasWorkspaces"):
+        torch._C._cuda_clearCublasWorkspaces()
+    torch.cuda.empty_cache()
+    held = torch.cuda.memory_reserved(device)
+    if held:
+        raise RuntimeError(
+            f"alloc_conf={alloc_conf!r}: this process's allocator runs with {current!r} and still holds {held} B on "
+            f"{device} in segments made with those settings, which PyTorch keeps using after a change; measure in "
+            f"a fresh process started with PYTORCH_CUDA_ALLOC_CONF={settings_text(alloc_conf)!r}")
+    log.info("allocator settings for the probes: %r (were %r)", settings_text(alloc_conf), current)
+    _set_allocator_settings(settings_text(alloc_conf))
+    before = settings_text(current)
+    return lambda: _set_allocator_settings(before)
+
+
+def _set_allocator_settings(text: str) -> None:
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+    if setter is None:
+        torch.cuda.memory._set_allocator_settings(text)
+    else:
+        setter(text)
 
 
 def one_rank_group(device: torch.device) -> None:

@@ -68,8 +68,8 @@ def replay_run(prof: simulated.Profile, events: list[int], capacity: int, outsid
     """``events`` (a trace of ``prof``) on a card whose allocator may reserve ``capacity``: the peaks a
     training run shows; OutOfMemory when they exceed it. With CUDA's costs, the reserved peaks are those of
     a run's many steps (``cudacost.over_a_run``, fitted)."""
-    try:
-        stats = allocator.replay(events, capacity, held=held)
+    try:  # with the allocator settings the workload's trainer runs with (PYTORCH_CUDA_ALLOC_CONF)
+        stats = allocator.replay(events, capacity, held=held, conf=prof.workload.alloc_conf)
     except allocator.AllocatorOutOfMemory as e:
         raise OutOfMemory(f"simulated {name}: {e}") from None
     val = max(stats.phase_peaks[1::2], default=0)  # phases: training, validation, training, ...

@@ -16,6 +16,7 @@ import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from . import families
+from .allocconf import canonical, parse_conf
 from .errors import SpecError
 
 PRECISIONS = {
@@ -110,6 +111,10 @@ class Workload:
     world_size: int = knob(1, help="ranks of a DistributedDataParallel job (1 = no DDP): each rank keeps the "
                                    "reducer's copy of the gradients and NCCL's buffers, which grow with ranks; "
                                    "the answer is the batch per rank", minimum=1)
+    alloc_conf: str = knob("", help="PYTORCH_CUDA_ALLOC_CONF the trainer runs with: '' (or default) is PyTorch's "
+                                    "default allocator; expandable_segments:True, max_split_size_mb:N (N >= 20), "
+                                    "garbage_collection_threshold:T (0 < T < 1), comma-separated; kept with its "
+                                    "keys sorted", legacy="")
 
     def __post_init__(self):
         check_model(self.model)
@@ -221,7 +226,20 @@ def check_value(name: str, value, where: str = ""):
         raise SpecError(f"{shown} must be a string")
     if meta["choices"] and value not in meta["choices"]:
         raise SpecError(f"{shown} must be one of {', '.join(meta['choices'])}")
+    if name == "alloc_conf":
+        value = check_alloc_conf(value, shown)
     return value
+
+
+def check_alloc_conf(value: str, shown: str = "alloc_conf") -> str:
+    """``value`` as its one canonical ``PYTORCH_CUDA_ALLOC_CONF`` string (``allocconf.canonical``: PyTorch's
+    defaults left out, keys sorted; ``default`` is ``""``); SpecError starting with ``shown`` otherwise."""
+    if value.strip() == "default":
+        return ""
+    try:
+        return canonical(parse_conf(value))
+    except ValueError as e:
+        raise SpecError(f"{shown}: {e} ('' is PyTorch's default allocator)") from None
 
 
 def make(where: str = "", **values) -> Workload:

@@ -120,6 +120,8 @@ def _read_csv(path: Path) -> pd.DataFrame:
         if name not in df.columns:
             log.info("%s has no column %s: reading its rows as %s=%r", path, name, name, spec.LEGACY[name])
             df[name] = spec.LEGACY[name]
+        elif spec.DEFAULTS.get(name) == "":  # a text field whose value may be "": the CSV's empty cell (not NaN)
+            df[name] = df[name].astype(object).where(df[name].notna(), "")
     if df[KEY].isna().any(axis=None) or not df["status"].isin(STATUSES).all():
         raise TableError(f"{path} has rows with empty keys or unknown status: restore it or choose another --out; "
                          "it was not changed")

@@ -41,7 +41,7 @@ def nearest(value, options: list, limit: int = 8) -> str:
         text = [str(o) for o in options]
         close = difflib.get_close_matches(str(value), text, n=len(text), cutoff=0)
         ordered = close + sorted(set(text) - set(close))
-    shown = ", ".join(str(o) for o in ordered[:limit])
+    shown = ", ".join(str(o) or "''" for o in ordered[:limit])  # an empty text value (alloc_conf's default): ''
     return shown + (f" (and {len(ordered) - limit} more)" if len(ordered) > limit else "")
 
 
