@@ -19,6 +19,7 @@ keep O(seq) memory per head, and their saved tensors differ by a log-sum-exp pad
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -37,6 +38,15 @@ class CudaAttention(TorchFunctionMode):
         if func is _SDPA:
             return attention(*args, **kwargs)
         return func(*args, **kwargs)
+
+
+def checkpoint_contexts():
+    """``context_fn`` for ``torch.utils.checkpoint``: the recomputation in the backward, which runs outside
+    the forward's function modes, runs attention as the forward did (``CudaAttention`` when it was active)."""
+    from torch.overrides import _get_current_function_mode_stack
+
+    active = any(isinstance(m, CudaAttention) for m in _get_current_function_mode_stack())
+    return contextlib.nullcontext(), (CudaAttention() if active else contextlib.nullcontext())
 
 
 def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,

@@ -344,7 +344,7 @@ class StepMeasurer:
         # device memory outside the allocator that this process cannot see, added to every reading
         # (under DDP: NCCL's receive buffers for the other ranks)
         self.extra_outside_bytes = extra_outside_bytes
-        self.built = models.on_device(models.build(workload), device)  # real weights there (built there if meta)
+        self.built = models.on_device(models.build(workload), device, workload)  # real weights there (built there if meta)
         self.initial = snapshot(self.built.module)
         self.outside_bytes = 0
         self.caught_ooms = 0  # allocations that failed and were caught inside the step with cudnn.benchmark on

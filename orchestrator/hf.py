@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import attention
 from .errors import SpecError
 from .models import Built
 from .spec import Workload
@@ -105,7 +106,28 @@ def build(name: str, source: str, classes: int) -> Built:
     vocab, positions = config.vocab_size, _positions(config)
     return Built(module, _own_loss, _tokens(vocab, causal), _fits(positions),
                  f"the model's own {'causal-LM' if causal else 'sequence-classification'} loss",
-                 real=lambda device: make(device))
+                 real=lambda device: make(device), configure=lambda m, w: _configure(m, w, source, causal))
+
+
+def _configure(step: "_Step", workload: Workload, source: str, causal: bool) -> "_Step":
+    """The workload's attention implementation, gradient checkpointing (non-reentrant, as Trainer's default
+    ``gradient_checkpointing_kwargs`` leave it in recent releases) and LoRA adapters (peft, every linear layer but
+    the output head, ``lora_alpha`` 2 x rank, no dropout: the base weights frozen)."""
+    model = step.model
+    if workload.attention != model.config._attn_implementation:
+        model.set_attn_implementation(workload.attention)
+    if workload.checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
+            "use_reentrant": False, "context_fn": attention.checkpoint_contexts})  # recomputed as traced
+    if workload.lora_rank:
+        try:
+            import peft
+        except ImportError as e:
+            raise SpecError(f"lora_rank={workload.lora_rank} needs peft: pip install -e '.[hf]'") from e
+        config = peft.LoraConfig(r=workload.lora_rank, lora_alpha=2 * workload.lora_rank, lora_dropout=0.0,
+                                 target_modules="all-linear", task_type="CAUSAL_LM" if causal else "SEQ_CLS")
+        step.model = peft.get_peft_model(model, config)
+    return step
 
 
 def _settings(name: str, source: str) -> dict:

@@ -67,8 +67,10 @@ class SweepConfig:
     """Measure each combination on every device of a type (to check that they agree), not once per type."""
 
     def values(self, name: str, model: str) -> tuple:
-        """The values swept for workload field ``name`` of ``model`` (its default for the model's family alone
-        when the job does not name it)."""
+        """The values swept for workload field ``name`` of ``model``: its default for the model's family alone
+        when the job does not name it or the field does not apply to the model."""
+        if not spec.applies(name, model):  # a field of other families (objects for a classifier): its default
+            return (spec.DEFAULTS[name],)
         return dict(self.axes).get(name, (spec.default(name, model),))
 
     def workloads(self) -> list[Workload]:

@@ -48,13 +48,19 @@ class Built:
     real: Callable[[torch.device], nn.Module] | None = None
     """For a ``module`` built on the ``meta`` device (no weights: large models cost no host memory): builds
     the module with real random weights directly on a device, for a real run (``on_device``)."""
+    configure: Callable[[nn.Module, Workload], nn.Module] | None = None
+    """Sets a module up for the workload's family-specific fields (checkpointing, adapters, the attention
+    implementation); returns the module to train (``build`` and ``on_device`` apply it)."""
 
 
-def on_device(built: Built, device: torch.device) -> Built:
+def on_device(built: Built, device: torch.device, workload: Workload | None = None) -> Built:
     """``built`` with its module on ``device`` with real weights, for a real run: moved there, or built there
-    when ``module`` is on ``meta`` (``Built.real``)."""
+    (and set up for ``workload``, ``Built.configure``) when ``module`` is on ``meta`` (``Built.real``)."""
     if built.real is not None:
-        return dataclasses.replace(built, module=built.real(device))
+        module = built.real(device)
+        if built.configure is not None and workload is not None:
+            module = built.configure(module, workload)
+        return dataclasses.replace(built, module=module)
     built.module.to(device)
     return built
 
@@ -63,6 +69,8 @@ def build(workload: Workload) -> Built:
     """Build the model ``workload`` trains, checked against its sample size; SpecError for bad names or sizes."""
     built = build_source(workload.model, workload.classes)
     check_size(built, workload.model, workload.size)
+    if built.configure is not None:
+        built.module = built.configure(built.module, workload)
     return built
 
 

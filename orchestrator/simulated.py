@@ -72,7 +72,8 @@ def trace(built: models.Built, workload: Workload, batch: int, *, fake: bool = T
     if fake:
         model = _fake_copy(built.module, mode)
     else:
-        model = built.real(torch.device("cpu")) if built.real is not None else copy.deepcopy(built.module)
+        model = (models.on_device(built, torch.device("cpu"), workload).module if built.real is not None
+                 else copy.deepcopy(built.module))
     if fake and built.for_fake is not None:
         built.for_fake(model)
     cache = (cache or fastfake.OutputCache()) if fake and shortcuts else None

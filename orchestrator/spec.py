@@ -71,6 +71,9 @@ MAX_OBJECTS = 10_000
 ``objects`` is a typo, and YOLO's loss runs on real host tensors of (batch x objects x anchors)."""
 
 
+ATTENTIONS = ("sdpa", "eager")
+MAX_LORA_RANK = 4096
+"""Wider than the hidden size of the models people fine-tune with LoRA (8B: 4096): a larger rank is a typo."""
 MAX_SEQ_LEN = 1 << 20
 """1M tokens per sample: beyond any model's context window; a larger ``seq_len`` is a typo."""
 
@@ -111,6 +114,15 @@ class Workload:
     world_size: int = knob(1, help="ranks of a DistributedDataParallel job (1 = no DDP): each rank keeps the "
                                    "reducer's copy of the gradients and NCCL's buffers, which grow with ranks; "
                                    "the answer is the batch per rank", minimum=1)
+    checkpointing: bool = knob(False, help="gradient checkpointing: each layer's activations recomputed in the "
+                                           "backward instead of kept (language models, hf:NAME)", families=("hf",))
+    lora_rank: int = knob(0, help="LoRA adapters of this rank on every linear layer but the output head, the base "
+                                  "weights frozen: no gradients or optimizer state for them (0 = full "
+                                  "fine-tuning; language models, needs peft)", minimum=0, maximum=MAX_LORA_RANK,
+                          over="a rank above any model's width", families=("hf",))
+    attention: str = knob("sdpa", help="the attention implementation: sdpa (PyTorch's fused kernels, as a CUDA "
+                                       "card picks them) or eager (the attention weights kept; language models)",
+                          choices=ATTENTIONS, families=("hf",))
     alloc_conf: str = knob("", help="PYTORCH_CUDA_ALLOC_CONF the trainer runs with: '' (or default) is PyTorch's "
                                     "default allocator; expandable_segments:True, max_split_size_mb:N (N >= 20), "
                                     "garbage_collection_threshold:T (0 < T < 1), comma-separated; kept with its "
@@ -129,6 +141,12 @@ class Workload:
         for f in fields(self):  # numpy scalars (a row read from the table) become Python values
             if not (f.metadata["size"] and f.name != axis):
                 object.__setattr__(self, f.name, check_value(f.name, getattr(self, f.name)))
+        family = families.family_of(self.model).name
+        for f in FIELDS:  # a field of other families only: at its default (or what old tables recorded)
+            owners, value = f.metadata["families"], getattr(self, f.name)
+            if owners and family not in owners and value not in (f.default, f.metadata["legacy"]):
+                raise SpecError(f"{f.name}={value!r} does not apply to {self.model}: only to "
+                                f"{', '.join(owners)} models; leave it out")
 
     @property
     def size_axis(self) -> str:
@@ -255,6 +273,12 @@ def make(where: str = "", **values) -> Workload:
 def default(name: str, model: str):
     """Field ``name``'s default for ``model``: its family's (``families.Family.defaults``), else the field's."""
     return families.defaults_of(model).get(name, DEFAULTS[name])
+
+
+def applies(name: str, model: str) -> bool:
+    """Whether workload field ``name`` changes what is measured for ``model`` (``knob(families=...)``)."""
+    owners = _BY_NAME[name].metadata["families"]
+    return not owners or families.family_of(model).name in owners
 
 
 def show(name: str, value) -> str:

@@ -50,7 +50,7 @@ def test_a_workload_has_its_familys_size_and_no_other():
     with pytest.raises(SpecError, match="seq_len=128 does not size torchvision:resnet18"):
         Workload(model="torchvision:resnet18", seq_len=128)
     assert Workload(**lm.as_dict()) == lm  # a row read back from a table (imgsz 0) is the same workload
-    assert lm.label() == "hf:gpt2@seq_len=512 bf16 AdamW"
+    assert lm.label() == "hf:gpt2@seq_len=512 bf16 AdamW no checkpointing lora_rank 0 sdpa"
 
 
 def test_family_defaults_apply_where_a_field_is_not_given():
@@ -74,17 +74,37 @@ def test_grid_sizes_each_model_on_its_own_axis():
         job.with_overrides(job.from_dict({"sweep": {"models": ["tiny_models:tiny"]}}), seq_len=[64])
 
 
-@pytest.mark.parametrize("name,precision,batch", [("gpt2", "fp32", 1), ("gpt2", "bf16", 4), ("llama", "bf16", 3),
-                                                  ("bert", "fp32", 4)])
-def test_hf_step_traces_the_tensors_of_a_real_cpu_run(configs, name, precision, batch):
+@pytest.mark.parametrize("name,precision,batch,levers", [
+    ("gpt2", "fp32", 1, {}), ("gpt2", "bf16", 4, {}), ("llama", "bf16", 3, {}), ("bert", "fp32", 4, {}),
+    ("llama", "bf16", 2, {"checkpointing": True}), ("gpt2", "fp32", 2, {"lora_rank": 4}),
+    ("llama", "bf16", 2, {"lora_rank": 4, "checkpointing": True}), ("gpt2", "bf16", 2, {"attention": "eager"})])
+def test_hf_step_traces_the_tensors_of_a_real_cpu_run(configs, name, precision, batch, levers):
     """The simulated step's tensor peak against a real CPU run of the same step (built on meta for the
-    fake trace, with real weights for the real one)."""
-    w = spec.make(model=configs[name], seq_len=64, precision=precision)
+    fake trace, with real weights for the real one), with each lever."""
+    w = spec.make(model=configs[name], seq_len=64, precision=precision, **levers)
     built = __import__("orchestrator.models", fromlist=["build"]).build(w)
     assert next(built.module.parameters()).is_meta
     fake = simulated.tensor_peak(simulated.trace(built, w, batch))
     real = simulated.tensor_peak(simulated.trace(built, w, batch, fake=False, surrogate=True))
     assert abs(fake / real - 1) <= 0.02, (fake, real)
+
+
+def test_levers_cut_what_they_should_and_apply_to_language_models_only(configs):
+    """Checkpointing drops the layers' activations, LoRA the base weights' gradients and optimizer state,
+    eager attention keeps the weights that sdpa's fused kernels never hold: each moves the CUDA trace's peak."""
+    peak = {}
+    for name, levers in (("full", {}), ("checkpointing", {"checkpointing": True}), ("lora", {"lora_rank": 4}),
+                         ("eager", {"attention": "eager"})):
+        w = spec.make(model=configs["llama"], seq_len=256, **levers)
+        built = __import__("orchestrator.models", fromlist=["build"]).build(w)
+        peak[name] = simulated.tensor_peak(simulated.trace(built, w, 8, cuda_costs=True))
+    assert peak["checkpointing"] < peak["full"] and peak["lora"] < peak["full"] < peak["eager"], peak
+    with pytest.raises(SpecError, match=r"^lora_rank=8 does not apply to torchvision:resnet18: only to hf models"):
+        spec.make(model="torchvision:resnet18", lora_rank=8)
+    j = job.from_dict({"sweep": {"lora_rank": [0, 8], "models": ["tiny_models:tiny", "hf:gpt2"], "imgsz": [32],
+                                 "seq_len": [64]}})
+    assert sorted((w.model, w.lora_rank) for w in j.sweep.workloads()) == [
+        ("hf:gpt2", 0), ("hf:gpt2", 8), ("tiny_models:tiny", 0)]
 
 
 def test_hf_sizes_and_names_are_checked(configs):
@@ -123,7 +143,7 @@ def test_sweep_of_images_and_language_models_reads_back_by_seq_len(ray_session, 
                            "--seq-len", "64", "--gpu", "T4"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(short)
-    assert "@seq_len=64 bf16 AdamW" in done.stderr
+    assert "@seq_len=64 bf16 AdamW no checkpointing" in done.stderr
 
 
 def test_hf_trainer_arguments_from_the_table(ray_session, configs, tmp_path):
