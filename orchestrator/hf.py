@@ -93,9 +93,9 @@ def build(name: str, source: str, classes: int) -> Built:
         raise SpecError(f"model={source!r}: transformers cannot make a config of it ({e}); check model_type") from None
     auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModelForSequenceClassification
 
-    def make(device) -> nn.Module:
+    def make(device, dtype=None) -> nn.Module:
         with torch.device(device):
-            model = auto.from_config(config)
+            model = auto.from_config(config, **({"dtype": dtype} if dtype is not None else {}))
         model.config.use_cache = False
         return _Step(model, causal)
 
@@ -106,14 +106,22 @@ def build(name: str, source: str, classes: int) -> Built:
     vocab, positions = config.vocab_size, _positions(config)
     return Built(module, _own_loss, _tokens(vocab, causal), _fits(positions),
                  f"the model's own {'causal-LM' if causal else 'sequence-classification'} loss",
-                 real=lambda device: make(device), configure=lambda m, w: _configure(m, w, source, causal))
+                 real=lambda device, w: make(device, _DTYPES.get(w.precision)),
+                 configure=lambda m, w: _configure(m, w, source, causal))
+
+
+_DTYPES = {"bf16-pure": torch.bfloat16}
+"""Precisions whose weights are built in a dtype (``Trainer`` with a model loaded in it, no autocast)."""
 
 
 def _configure(step: "_Step", workload: Workload, source: str, causal: bool) -> "_Step":
-    """The workload's attention implementation, gradient checkpointing (non-reentrant, as Trainer's default
+    """The workload's weight dtype (``bf16-pure``), attention implementation, gradient checkpointing (non-reentrant, as Trainer's default
     ``gradient_checkpointing_kwargs`` leave it in recent releases) and LoRA adapters (peft, every linear layer but
     the output head, ``lora_alpha`` 2 x rank, no dropout: the base weights frozen)."""
     model = step.model
+    dtype = _DTYPES.get(workload.precision)
+    if dtype is not None and next(model.parameters()).dtype != dtype:  # meta: free; a real module is built in it
+        model.to(dtype)
     if workload.attention != model.config._attn_implementation:
         model.set_attn_implementation(workload.attention)
     if workload.checkpointing:

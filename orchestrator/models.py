@@ -45,20 +45,21 @@ class Built:
     data_dependent_loss: bool = False
     """The real loss indexes by data (YOLO's target assigner): fake tensors cannot run it, so the
     simulator runs it on real tensors shaped like the model's outputs and splices its allocations in."""
-    real: Callable[[torch.device], nn.Module] | None = None
+    real: Callable[[torch.device, Workload], nn.Module] | None = None
     """For a ``module`` built on the ``meta`` device (no weights: large models cost no host memory): builds
-    the module with real random weights directly on a device, for a real run (``on_device``)."""
+    the module with real random weights directly on a device (in the workload's weight dtype), for a real run
+    (``on_device``)."""
     configure: Callable[[nn.Module, Workload], nn.Module] | None = None
     """Sets a module up for the workload's family-specific fields (checkpointing, adapters, the attention
     implementation); returns the module to train (``build`` and ``on_device`` apply it)."""
 
 
-def on_device(built: Built, device: torch.device, workload: Workload | None = None) -> Built:
+def on_device(built: Built, device: torch.device, workload: Workload) -> Built:
     """``built`` with its module on ``device`` with real weights, for a real run: moved there, or built there
     (and set up for ``workload``, ``Built.configure``) when ``module`` is on ``meta`` (``Built.real``)."""
     if built.real is not None:
-        module = built.real(device)
-        if built.configure is not None and workload is not None:
+        module = built.real(device, workload)
+        if built.configure is not None:
             module = built.configure(module, workload)
         return dataclasses.replace(built, module=module)
     built.module.to(device)

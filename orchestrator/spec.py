@@ -23,7 +23,10 @@ PRECISIONS = {
     "fp32": "full precision, no autocast",
     "fp16": "AMP: autocast to float16 with a gradient scaler (YOLO's default)",
     "bf16": "AMP: autocast to bfloat16, no scaler",
+    "bf16-pure": "bfloat16 weights, gradients and optimizer state, no autocast (a model loaded in bfloat16; hf only)",
 }
+PURE = {"bf16-pure": "hf"}
+"""Precisions whose weights are built in that dtype, by the family that can build them so."""
 OPTIMIZERS = ("SGD", "AdamW")
 
 
@@ -88,7 +91,8 @@ class Workload:
     seq_len: int = knob(2048, help="tokens per sample, every sample padded to it (language models, hf:NAME; "
                                    "default 2048)", minimum=1, maximum=MAX_SEQ_LEN,
                         over="longer than any model's context", size=True, legacy=0)
-    precision: str = knob("fp16", help="fp16: AMP with grad scaler (YOLO's default); bf16: AMP; fp32: no autocast",
+    precision: str = knob("fp16", help="fp16: AMP with grad scaler (YOLO's default); bf16: AMP; fp32: no autocast; "
+                                       "bf16-pure: bfloat16 weights and optimizer state (hf only)",
                           choices=PRECISIONS)
     optimizer: str = knob("SGD", help="SGD keeps 1 state tensor per weight (YOLO's default), AdamW 2",
                           choices=OPTIMIZERS)
@@ -142,6 +146,9 @@ class Workload:
             if not (f.metadata["size"] and f.name != axis):
                 object.__setattr__(self, f.name, check_value(f.name, getattr(self, f.name)))
         family = families.family_of(self.model).name
+        if self.precision in PURE and family != PURE[self.precision]:
+            raise SpecError(f"precision={self.precision!r} builds the weights in bfloat16, which only "
+                            f"{PURE[self.precision]} models do; use bf16 (autocast) for {self.model}")
         for f in FIELDS:  # a field of other families only: at its default (or what old tables recorded)
             owners, value = f.metadata["families"], getattr(self, f.name)
             if owners and family not in owners and value not in (f.default, f.metadata["legacy"]):

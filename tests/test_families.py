@@ -77,7 +77,8 @@ def test_grid_sizes_each_model_on_its_own_axis():
 @pytest.mark.parametrize("name,precision,batch,levers", [
     ("gpt2", "fp32", 1, {}), ("gpt2", "bf16", 4, {}), ("llama", "bf16", 3, {}), ("bert", "fp32", 4, {}),
     ("llama", "bf16", 2, {"checkpointing": True}), ("gpt2", "fp32", 2, {"lora_rank": 4}),
-    ("llama", "bf16", 2, {"lora_rank": 4, "checkpointing": True}), ("gpt2", "bf16", 2, {"attention": "eager"})])
+    ("llama", "bf16", 2, {"lora_rank": 4, "checkpointing": True}), ("gpt2", "bf16", 2, {"attention": "eager"}),
+    ("llama", "bf16-pure", 2, {}), ("gpt2", "bf16-pure", 2, {"lora_rank": 4})])
 def test_hf_step_traces_the_tensors_of_a_real_cpu_run(configs, name, precision, batch, levers):
     """The simulated step's tensor peak against a real CPU run of the same step (built on meta for the
     fake trace, with real weights for the real one), with each lever."""
@@ -94,13 +95,16 @@ def test_levers_cut_what_they_should_and_apply_to_language_models_only(configs):
     eager attention keeps the weights that sdpa's fused kernels never hold: each moves the CUDA trace's peak."""
     peak = {}
     for name, levers in (("full", {}), ("checkpointing", {"checkpointing": True}), ("lora", {"lora_rank": 4}),
-                         ("eager", {"attention": "eager"})):
+                         ("eager", {"attention": "eager"}), ("pure", {"precision": "bf16-pure"})):
         w = spec.make(model=configs["llama"], seq_len=256, **levers)
         built = __import__("orchestrator.models", fromlist=["build"]).build(w)
         peak[name] = simulated.tensor_peak(simulated.trace(built, w, 8, cuda_costs=True))
     assert peak["checkpointing"] < peak["full"] and peak["lora"] < peak["full"] < peak["eager"], peak
+    assert peak["pure"] < peak["full"], peak  # 2-byte weights, gradients and optimizer state
     with pytest.raises(SpecError, match=r"^lora_rank=8 does not apply to torchvision:resnet18: only to hf models"):
         spec.make(model="torchvision:resnet18", lora_rank=8)
+    with pytest.raises(SpecError, match=r"^precision='bf16-pure' builds the weights in bfloat16, which only hf"):
+        spec.make(model="torchvision:resnet18", precision="bf16-pure")
     j = job.from_dict({"sweep": {"lora_rank": [0, 8], "models": ["tiny_models:tiny", "hf:gpt2"], "imgsz": [32],
                                  "seq_len": [64]}})
     assert sorted((w.model, w.lora_rank) for w in j.sweep.workloads()) == [
