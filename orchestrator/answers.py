@@ -70,13 +70,14 @@ class Answer:
     explanation: str
 
 
-def lookup(table: str | os.PathLike | pd.DataFrame, model: str | Workload, imgsz: int = 640,
+def lookup(table: str | os.PathLike | pd.DataFrame, model: str | Workload, imgsz: int | None = None,
            gpu: str | int | float | None = None, *, fraction: float | None = None, max_batch: int = core.MAX_BATCH,
            measured_only: bool = False, **fields) -> Answer:
     """The batch size for ``model`` at ``imgsz`` on ``gpu``, from the table at ``table``.
 
     ``fields``: the other workload fields (``spec.Workload``: precision, optimizer,
-    ema, ..., and the size of a family not sized by ``imgsz``, which is then ignored)
+    ema, ..., and the size of a family not sized by ``imgsz``: ``seq_len=2048``; ``imgsz`` None is the
+    default, 640, for image models)
     as the rows were measured, each at its default when not given; or pass
     a whole ``Workload`` as ``model``. ``gpu``: None for the current CUDA device; a
     catalog key ("A100-80GB"); a device name as the driver reports it ("Tesla T4");
@@ -139,7 +140,7 @@ def parse_gpus(text: str) -> list[tuple[str, int]]:
     return out
 
 
-def lookup_ranks(table: str | os.PathLike | pd.DataFrame, model: str | Workload, imgsz: int = 640, *,
+def lookup_ranks(table: str | os.PathLike | pd.DataFrame, model: str | Workload, imgsz: int | None = None, *,
                  gpus: str | list[tuple[str, int]], world_size: int | None = None, fraction: float | None = None,
                  max_batch: int = core.MAX_BATCH, measured_only: bool = False, **fields) -> RanksAnswer:
     """The per-rank batch of a DDP job with ranks on ``gpus`` (``"A10G x4, T4 x4"`` or [(card, count)]):

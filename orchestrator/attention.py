@@ -5,12 +5,13 @@ fake trace on the CPU) a math or CPU-flash path that can hold the ``seq x seq`` 
 weights, dropout masks included; on a CUDA card a fused kernel that never materialises
 them (aten/src/ATen/native/transformers/cuda/sdp_utils.cpp, ``select_sdp_backend``):
 FlashAttention for fp16/bf16 inputs without an explicit mask (head dim <= 256, sm80 and
-later), else memory-efficient attention (fp32 inputs, or a mask, which becomes its
-additive bias). Inside ``CudaAttention`` the call runs those kernels' own ops
+later; grouped-query heads as they are), else memory-efficient attention (fp32 inputs, or
+a mask, which becomes its additive bias), and the math kernel for grouped-query heads
+that flash cannot take. Inside ``CudaAttention`` the call runs those kernels' own ops
 (``_scaled_dot_product_flash_attention`` / ``_efficient_attention`` and their backward
 ops), whose fake implementations allocate what the CUDA kernels return: the output and
 its log-sum-exp (fp32, ``batch x heads x seq``), saved for a backward that returns the
-three input gradients. Grouped-query attention repeats the key and value heads first.
+three input gradients.
 
 Simplification: one trace serves every card, so cards before sm80 (T4, V100), which run
 memory-efficient attention where a later card runs flash, are traced with flash; both
@@ -54,12 +55,12 @@ def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
     if torch.is_autocast_enabled(query.device.type) and query.dtype == torch.float32:  # sdpa runs in half
         half = torch.get_autocast_dtype(query.device.type)
         query, key, value = query.to(half), key.to(half), value.to(half)
-    if key.shape[-3] != query.shape[-3]:  # grouped-query attention: each key/value head serves a group
-        repeat = query.shape[-3] // key.shape[-3]
-        key, value = key.repeat_interleave(repeat, dim=-3), value.repeat_interleave(repeat, dim=-3)
     scale = 1 / math.sqrt(query.shape[-1]) if scale is None else scale
-    if attn_mask is None and query.dtype in _HALF and query.shape[-1] <= 256:
+    if attn_mask is None and query.dtype in _HALF and query.shape[-1] <= 256:  # flash: grouped heads as they are
         return _Flash.apply(query, key, value, float(dropout_p), bool(is_causal), scale)
+    if key.shape[-3] != query.shape[-3]:  # grouped-query attention without flash: CUDA runs the math kernel
+        return _SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                     enable_gqa=enable_gqa)  # (called inside the mode's handler: not routed again)
     bias = attn_mask
     if bias is not None and bias.dtype == torch.bool:  # sdpa turns a boolean mask into an additive bias
         bias = torch.zeros(bias.shape, dtype=query.dtype, device=bias.device).masked_fill(~bias, -math.inf)

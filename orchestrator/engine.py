@@ -142,7 +142,7 @@ def decide_on(backend: Backend, workload: Workload, fraction: float, *, max_batc
                   None if predicted is None else predicted.batch_size if predicted.status == "ok" else 0)
 
 
-def autobatch(model: str | Workload, imgsz: int = 640, fraction: float = core.FRACTION, *, gpu: str | None = None,
+def autobatch(model: str | Workload, imgsz: int | None = None, fraction: float = core.FRACTION, *, gpu: str | None = None,
               max_batch: int = core.MAX_BATCH, predict: bool = True, **fields) -> Result:
     """The largest training batch for ``model`` at ``imgsz`` within ``fraction`` of one device.
 

@@ -83,10 +83,15 @@ def build(name: str, source: str, classes: int) -> Built:
     except ImportError as e:
         raise SpecError(f"model={source!r} needs transformers: pip install -e '.[hf]'") from e
     settings = _settings(name, source)
+    for key in ("torch_dtype", "dtype"):  # the weights' dtype is the workload's precision, not the file's
+        settings.pop(key, None)
+    if not isinstance(settings.get("model_type"), str):
+        raise SpecError(f"model={source!r}: its config has no model_type (e.g. \"llama\", \"gpt2\"); add it")
     task = settings.pop("task", None) or ("classify" if settings["model_type"] in ENCODER_TYPES else "causal")
     causal = task == "causal"
     if not causal:
         settings["num_labels"] = classes or 2
+    settings.setdefault("loss_type", "ForCausalLM" if causal else "ForSequenceClassification")
     try:
         config = transformers.AutoConfig.for_model(**settings)
     except (KeyError, ValueError) as e:
@@ -106,8 +111,32 @@ def build(name: str, source: str, classes: int) -> Built:
     vocab, positions = config.vocab_size, _positions(config)
     return Built(module, _own_loss, _tokens(vocab, causal), _fits(positions),
                  f"the model's own {'causal-LM' if causal else 'sequence-classification'} loss",
-                 real=lambda device, w: make(device, _DTYPES.get(w.precision)),
+                 for_fake=_unpadded_masks, real=lambda device, w: make(device, _DTYPES.get(w.precision)),
                  configure=lambda m, w: _configure(m, w, source, causal))
+
+
+FAKE_SDPA = "orchestrator_sdpa"
+"""sdpa for fake traces: Hugging Face's own sdpa attention, with the mask a real run of our inputs gets."""
+
+
+def _register_fake_sdpa() -> None:
+    """Fake tensors make transformers assume packed sequences (``is_tracing``) and build an explicit
+    ``batch x 1 x seq x seq`` mask; on a card, our unpadded, unpacked inputs get none (causal LMs run
+    ``is_causal``, encoders attend to every token) and grouped-query heads go to the kernel unrepeated.
+    ``FAKE_SDPA`` is sdpa with that mask: none."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    AttentionInterface.register(FAKE_SDPA, sdpa_attention_forward)
+    AttentionMaskInterface.register(FAKE_SDPA, lambda *args, **kwargs: None)
+
+
+def _unpadded_masks(step: nn.Module) -> None:
+    """``Built.for_fake``: a fake copy running sdpa attends as a real run of the same inputs does."""
+    model = step.model.get_base_model() if hasattr(step.model, "get_base_model") else step.model
+    if model.config._attn_implementation == "sdpa":
+        _register_fake_sdpa()
+        model.set_attn_implementation(FAKE_SDPA)
 
 
 _DTYPES = {"bf16-pure": torch.bfloat16}

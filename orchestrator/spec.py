@@ -45,7 +45,8 @@ def check_max_batch(max_batch, name: str = "max_batch") -> int:
 
 
 def knob(default=MISSING, *, help: str, choices=None, minimum: int | None = None, maximum: int | None = None,
-         over: str = "", grid: bool = False, size: bool = False, families: tuple[str, ...] = (), legacy=MISSING):
+         over: str = "", grid: bool = False, size: bool = False, families: tuple[str, ...] = (), strict: bool = True,
+         legacy=MISSING):
     """A workload field with what the rest of the code derives from it.
 
     ``help``: one line for flags and docs. ``choices``: allowed values. ``minimum``,
@@ -53,11 +54,13 @@ def knob(default=MISSING, *, help: str, choices=None, minimum: int | None = None
     (checked before anything is built: a huge value would be allocated). ``grid``: swept through ``[[sweep.grid]]`` cross products (model, imgsz)
     rather than as a ``[sweep]`` key of its own. ``size``: a family's size axis (``families.Family.size``;
     implies ``grid``): 0 in a workload of any other family. ``families``: the model families
-    (``families.names()``) the field applies to (empty: all). ``legacy``: what rows of a table written before
-    the field existed were measured with (default: ``default``).
+    (``families.names()``) the field applies to (empty: all); ``strict``: another family's workload must leave
+    it at its default (False: any value is kept, as tables written before families recorded it for every
+    model). ``legacy``: what rows of a table written before the field existed were measured with (default:
+    ``default``).
     """
     meta = {"help": help, "choices": tuple(choices) if choices else None, "minimum": minimum, "maximum": maximum,
-            "over": over, "grid": grid or size, "size": size,
+            "over": over, "grid": grid or size, "size": size, "strict": strict,
             "families": families, "legacy": default if legacy is MISSING else legacy}
     return field(default=default, metadata=meta)
 
@@ -110,7 +113,7 @@ class Workload:
                                               f"default {DEFAULT_OBJECTS}: 4 x ~100 for mosaic on COCO-like data; "
                                               "a data yaml gives 4 x its own most)", minimum=1,
                         maximum=MAX_OBJECTS, over="4 x 2500 boxes on one image, more than any data set has",
-                        families=("ultralytics",), legacy=8)
+                        families=("ultralytics",), strict=False, legacy=8)
     nbs: int = knob(64, help="nominal batch: gradients accumulate over round(nbs / batch) steps, alive through "
                              "the next forward (YOLO's 64; 1 = no accumulation)", minimum=1, legacy=1)
     val_scale: int = knob(2, help="validation pass of the EMA weights at val_scale x batch, no grad, with the "
@@ -151,7 +154,7 @@ class Workload:
                             f"{PURE[self.precision]} models do; use bf16 (autocast) for {self.model}")
         for f in FIELDS:  # a field of other families only: at its default (or what old tables recorded)
             owners, value = f.metadata["families"], getattr(self, f.name)
-            if owners and family not in owners and value not in (f.default, f.metadata["legacy"]):
+            if owners and f.metadata["strict"] and family not in owners and value != f.default:
                 raise SpecError(f"{f.name}={value!r} does not apply to {self.model}: only to "
                                 f"{', '.join(owners)} models; leave it out")
 
@@ -268,13 +271,21 @@ def check_alloc_conf(value: str, shown: str = "alloc_conf") -> str:
 
 
 def make(where: str = "", **values) -> Workload:
-    """``Workload(**values)``, each field not given at its default for the model's family (``default``); an
-    unknown field name is a SpecError naming the known ones."""
+    """``Workload(**values)``, each field not given (or None) at its default for the model's family
+    (``default``); an unknown field name, or a size axis of another family, is a SpecError."""
     unknown = sorted(set(values) - set(KEYS))
     if unknown:
         raise SpecError(f"{where}unknown workload field {unknown[0]!r}; known: {', '.join(KEYS)}")
+    values = {k: v for k, v in values.items() if v is not None}  # None: not given
     model = values.get("model")
-    return Workload(**(families.defaults_of(model) if isinstance(model, str) else {}) | values)
+    if not isinstance(model, str):
+        return Workload(**values)
+    axis = families.family_of(model).size
+    for name in SIZES:
+        if name != axis and values.get(name, 0) != 0:
+            raise SpecError(f"{where}{name}={values[name]!r} does not size {model}: its samples are sized by "
+                            f"{axis}; give {axis} instead")
+    return Workload(**families.defaults_of(model) | values)
 
 
 def default(name: str, model: str):
@@ -283,9 +294,9 @@ def default(name: str, model: str):
 
 
 def applies(name: str, model: str) -> bool:
-    """Whether workload field ``name`` changes what is measured for ``model`` (``knob(families=...)``)."""
-    owners = _BY_NAME[name].metadata["families"]
-    return not owners or families.family_of(model).name in owners
+    """Whether workload field ``name`` may differ from its default for ``model`` (``knob(families=..., strict=...)``)."""
+    meta = _BY_NAME[name].metadata
+    return not (meta["families"] and meta["strict"]) or families.family_of(model).name in meta["families"]
 
 
 def show(name: str, value) -> str:

@@ -49,6 +49,10 @@ def test_a_workload_has_its_familys_size_and_no_other():
         spec.make(model="hf:gpt2", imgsz=320)
     with pytest.raises(SpecError, match="seq_len=128 does not size torchvision:resnet18"):
         Workload(model="torchvision:resnet18", seq_len=128)
+    with pytest.raises(SpecError, match="^imgsz=640 does not size hf:gpt2"):  # given, even at its default
+        spec.make(model="hf:gpt2", imgsz=640)
+    assert spec.make(model="hf:gpt2", imgsz=None).imgsz == 0  # None: not given
+    assert Workload(model="torchvision:resnet18", objects=100).objects == 100  # tables before families kept it
     assert Workload(**lm.as_dict()) == lm  # a row read back from a table (imgsz 0) is the same workload
     assert lm.label() == "hf:gpt2@seq_len=512 bf16 AdamW no checkpointing lora_rank 0 sdpa"
 
@@ -109,6 +113,30 @@ def test_levers_cut_what_they_should_and_apply_to_language_models_only(configs):
                                  "seq_len": [64]}})
     assert sorted((w.model, w.lora_rank) for w in j.sweep.workloads()) == [
         ("hf:gpt2", 0), ("hf:gpt2", 8), ("tiny_models:tiny", 0)]
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_fake_trace_attends_as_a_real_run_of_the_same_inputs(configs, name):
+    """Fake tensors make transformers assume packed sequences and build a batch x 1 x seq x seq mask; a real
+    run of our unpadded inputs has none, and the fake trace must not either: the peaks are equal to the byte."""
+    w = spec.make(model=configs[name], seq_len=256, precision="fp32")
+    built = __import__("orchestrator.models", fromlist=["build"]).build(w)
+    fake = simulated.tensor_peak(simulated.trace(built, w, 4))
+    real = simulated.tensor_peak(simulated.trace(built, w, 4, fake=False, surrogate=True))
+    assert fake == real
+
+
+def test_a_config_json_is_built_in_the_workloads_dtype_whatever_it_says(tmp_path):
+    """Published configs say torch_dtype bfloat16; the weights' dtype is the workload's precision."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(dict(TINY_LLAMA, torch_dtype="bfloat16")))
+    build = __import__("orchestrator.models", fromlist=["build"]).build
+    dtypes = {p: next(build(spec.make(model=f"hf:{path}", seq_len=64, precision=p)).module.parameters()).dtype
+              for p in ("bf16", "bf16-pure")}
+    assert dtypes == {"bf16": torch.float32, "bf16-pure": torch.bfloat16}
+    path.write_text(json.dumps({"hidden_size": 64}))
+    with pytest.raises(SpecError, match="its config has no model_type"):
+        build(spec.make(model=f"hf:{path}", seq_len=64))
 
 
 def test_hf_sizes_and_names_are_checked(configs):

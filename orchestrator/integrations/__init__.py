@@ -23,7 +23,7 @@ from collections.abc import Callable
 log = logging.getLogger(__name__)
 
 
-def per_rank_batch(table, model: str, imgsz: int = 640, *, gpu=None,
+def per_rank_batch(table, model: str, imgsz: int | None = None, *, gpu=None,
                    fraction: float | None = None, world_size: int = 1, data: str | os.PathLike | None = None,
                    **fields) -> int:
     """The batch size one rank of a ``world_size``-rank job trains with, read from ``table`` (a path, or
@@ -53,7 +53,7 @@ def per_rank_batch(table, model: str, imgsz: int = 640, *, gpu=None,
     return answer.batch_size
 
 
-def agreed_batch(table, model: str, imgsz: int = 640, *, reduce_min: Callable[[int], int] | None = None,
+def agreed_batch(table, model: str, imgsz: int | None = None, *, reduce_min: Callable[[int], int] | None = None,
                  **kwargs) -> int:
     """``per_rank_batch`` on every rank, then the smallest over ranks (``reduce_min``: a rank's answer
     to the minimum over all; default ``min_over_ranks``). Every rank takes part even when its own
@@ -71,7 +71,7 @@ def agreed_batch(table, model: str, imgsz: int = 640, *, reduce_min: Callable[[i
     if failed is not None:
         raise failed
     if agreed < 1:
-        at = f"{imgsz} px" if families.family_of(model).size == "imgsz" else ", ".join(
+        at = f"{imgsz or 640} px" if families.family_of(model).size == "imgsz" else ", ".join(
             f"{k} {v}" for k, v in kwargs.items() if k in SIZES)
         raise NoAnswer(f"another rank has no batch size for {model} at {at} in the table (its error names "
                        "what is missing); every rank stops")

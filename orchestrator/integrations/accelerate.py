@@ -19,7 +19,7 @@ from accelerate.utils import find_executable_batch_size as _accelerate_find
 from . import agreed_batch, process_group_size
 
 
-def find_executable_batch_size(table: str | os.PathLike, model: str, imgsz: int = 640, *, gpu=None,
+def find_executable_batch_size(table: str | os.PathLike, model: str, imgsz: int | None = None, *, gpu=None,
                                fraction: float | None = None, **fields):
     """A decorator: accelerate's ``find_executable_batch_size`` with ``starting_batch_size`` read from
     ``table`` when the function is called, after ``Accelerator()`` has set up the device and the

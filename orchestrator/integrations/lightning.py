@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 class TableBatchSize(Callback):
     """Set the ``attr`` (``batch_size``) of the module or datamodule from the table, the minimum over ranks."""
 
-    def __init__(self, table: str | os.PathLike, model: str, imgsz: int = 640, *, gpu=None,
+    def __init__(self, table: str | os.PathLike, model: str, imgsz: int | None = None, *, gpu=None,
                  fraction: float | None = None, attr: str = "batch_size", **fields):
         """``gpu``: None for each rank's current CUDA device (Lightning sets it per rank), or a card of the
         table for every rank. ``model``, ``imgsz``, ``fraction`` and ``fields``: the table's row, as in

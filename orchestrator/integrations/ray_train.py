@@ -15,7 +15,7 @@ import ray.train
 from . import agreed_batch
 
 
-def worker_batch_size(table, model: str, imgsz: int = 640, *, gpu=None,
+def worker_batch_size(table, model: str, imgsz: int | None = None, *, gpu=None,
                       fraction: float | None = None, **fields) -> int:
     """This worker's batch size: the table's answer for its card (``gpu`` None: the current CUDA
     device; or a card of the table; ``table``: a path every worker can read, or the DataFrame

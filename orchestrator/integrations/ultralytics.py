@@ -34,7 +34,7 @@ def model_name(model: str | os.PathLike) -> str:
     return f"ultralytics:{Path(name).stem}.yaml" if name.endswith(".pt") else f"ultralytics:{name}"
 
 
-def table_batch(table: str | os.PathLike, model: str, imgsz: int = 640, *, gpu=None, fraction: float | None = None,
+def table_batch(table: str | os.PathLike, model: str, imgsz: int | None = None, *, gpu=None, fraction: float | None = None,
                 world_size: int = 1, **fields) -> int:
     """ultralytics' ``batch`` for ``model`` at ``imgsz``: the table's per-rank answer x ``world_size``.
 
