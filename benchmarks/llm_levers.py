@@ -1,11 +1,14 @@
-"""Language models' memory levers on simulated cards (issue 24): the largest micro-batch with each lever.
+"""What each language-model lever does to the answer (issue 24), on simulated cards.
 
-For each model and card: full fine-tuning (AdamW, bf16 autocast, sdpa attention as a CUDA card runs it),
-then gradient checkpointing, LoRA (rank 16, every linear layer), both, LoRA on bfloat16 base weights,
-bfloat16 weights and optimizer state, and eager attention (the attention weights kept), at fraction 0.9. Simulated answers: no real GPU checked them.
+Llama 3.2 1B shape at 512, 2048 and 8192 tokens on L4, A10G, A100-80GB and H100-80GB: the largest
+micro-batch at fraction 0.9 for full fine-tuning (AdamW, bf16 autocast over fp32 weights, sdpa attention
+as a CUDA card runs it), gradient checkpointing, LoRA (rank 16, every linear layer but the head), both,
+LoRA on bfloat16 base weights (``bf16-pure``: a model loaded in bfloat16), and eager attention (the
+attention weights kept). Each workload is traced once and replayed on every card. Simulated answers: no
+real GPU checked them.
 
-    python -m benchmarks.llm_levers                   # qwen2.5-0.5b, llama-3.2-1b, llama-3.1-8b at 2048 tokens
-    python -m benchmarks.llm_levers --quick           # gpt2 at 512 tokens on L4
+    python -m benchmarks.llm_levers            # the grid above
+    python -m benchmarks.llm_levers --quick    # gpt2 at 512 tokens on L4
 """
 from __future__ import annotations
 
@@ -14,34 +17,39 @@ import sys
 import time
 from pathlib import Path
 
-from orchestrator import spec
-from orchestrator.engine import autobatch
+from orchestrator import simulated, spec
+from orchestrator.engine import decide_on
+from orchestrator.simdevice import SimulatedBackend
 
 from . import report
 
-MODELS = [("hf:qwen2.5-0.5b", 2048), ("hf:llama-3.2-1b", 2048), ("hf:llama-3.1-8b", 2048)]
-CARDS = ["L4", "A100-80GB"]
+MODELS = [("hf:llama-3.2-1b", 512), ("hf:llama-3.2-1b", 2048), ("hf:llama-3.2-1b", 8192)]
+CARDS = ["L4", "A10G", "A100-80GB", "H100-80GB"]
 LEVERS = {"full": {}, "checkpointing": {"checkpointing": True}, "lora 16": {"lora_rank": 16},
           "lora 16 + checkpointing": {"lora_rank": 16, "checkpointing": True},
-          "bf16 weights + lora 16": {"precision": "bf16-pure", "lora_rank": 16},
-          "bf16 weights": {"precision": "bf16-pure"}, "eager attention": {"attention": "eager"}}
-COLUMNS = ["model", "seq_len", "lever", *CARDS, "seconds"]
+          "lora 16, bf16 weights": {"precision": "bf16-pure", "lora_rank": 16},
+          "lora 16, bf16 weights + checkpointing": {"precision": "bf16-pure", "lora_rank": 16, "checkpointing": True},
+          "eager attention": {"attention": "eager"}}
+FRACTION = 0.9
 
 
-def run(models, cards, fraction: float = 0.9) -> list[dict]:
+def run(models, cards) -> list[dict]:
     rows = []
     for model, seq_len in models:
         for lever, fields in LEVERS.items():
             w = spec.make(model=model, seq_len=seq_len, **fields)
             t0 = time.perf_counter()
+            prof = simulated.profile(w)
+            traced = time.perf_counter() - t0
             row = {"model": model, "seq_len": seq_len, "lever": lever}
             for card in cards:
-                d = autobatch(w, fraction=fraction, gpu=card).decision
+                backend = SimulatedBackend(card)
+                backend.add_profile(prof)
+                d = decide_on(backend, w, FRACTION).decision
                 row[card] = d.batch_size if d.status == "ok" else d.status
-            row["seconds"] = round(time.perf_counter() - t0, 1)
+            row.update(trace_s=round(traced, 1), total_s=round(time.perf_counter() - t0, 1))
             rows.append(row)
-            print(report.markdown_table([row], ["model", "seq_len", "lever", *cards, "seconds"]).splitlines()[-1],
-                  flush=True)
+            print(report.markdown_table([row], list(row)).splitlines()[-1], flush=True)
     return rows
 
 
@@ -54,14 +62,16 @@ def main(argv=None) -> int:
     models, cards = ([("hf:gpt2", 512)], ["L4"]) if args.quick else (MODELS, CARDS)
     rows = run(models, cards)
     command = "python -m benchmarks.llm_levers" + (" --quick" if args.quick else "")
-    columns = ["model", "seq_len", "lever", *cards, "seconds"]
+    columns = ["model", "seq_len", "lever", *cards, "trace_s", "total_s"]
     text = "\n".join([
         "# Language models: the largest micro-batch with each memory lever (simulated)", "",
         f"Run {report.now()} on {report.machine()}; orchestrator {report.revision()}. Command: `{command}`. "
-        "Fraction 0.9; bf16 autocast (fp32 weights), AdamW, full fine-tuning unless the lever says otherwise "
-        "(`bf16 weights`: `precision = \"bf16-pure\"`, the model built in bfloat16, no autocast); attention as a "
-        "CUDA card runs sdpa (flash / memory-efficient) except `eager attention`. LoRA: rank 16, alpha 32, every "
-        "linear layer but the output head (peft's `all-linear`). No real GPU has checked these answers.", "",
+        f"Fraction {FRACTION}; AdamW; bf16 autocast over fp32 weights unless `bf16 weights` (`precision = "
+        "\"bf16-pure\"`: the model built in bfloat16, its gradients and AdamW state too, no autocast); full "
+        "fine-tuning unless LoRA (rank 16, alpha 32, every linear layer but the output head: peft's "
+        "`all-linear`); attention as a CUDA card runs sdpa (flash) unless `eager attention`. `trace_s`: the "
+        "profile (card-independent traces); `total_s`: with the searches on every card. No real GPU has checked "
+        "these answers.", "",
         report.markdown_table(rows, columns)])
     stem = "llm_levers_quick" if args.quick else "llm_levers"
     for path in (report.write_markdown(args.out / f"{stem}.md", text),

@@ -275,7 +275,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
     return {k: v if isinstance(v, list) else [v] for k, v in out.items()}
 
 
-LIST_SEPARATOR = {"alloc_conf": ";"}
+LIST_SEPARATOR = {"alloc_conf": ";", "lora_targets": ";"}
 """``sweep``'s list separator for fields whose values hold commas themselves (``--alloc-conf
 'default;expandable_segments:True,max_split_size_mb:128'``); others are comma-separated."""
 

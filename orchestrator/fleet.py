@@ -20,6 +20,7 @@ actor per card *type*; the count the user asked for is data (the rows' ``gpu_cou
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import sys
 
@@ -36,8 +37,8 @@ log = logging.getLogger(__name__)
 
 def validate_models(sweep) -> None:
     """Build each model once here, before any actor starts: unknown models, factories that
-    raise and sizes that do not suit a model (an image size off its stride) are bad input, not hours-later
-    error rows."""
+    raise, sizes that do not suit a model (an image size off its stride) and family fields it cannot take
+    (LoRA on a model without linear layers) are bad input, not hours-later error rows."""
     from . import models
 
     for g in sweep.grid:
@@ -50,6 +51,9 @@ def validate_models(sweep) -> None:
                 raise SpecError(f"model={m!r}: building it raised {type(e).__name__}: {e}; fix the model source") from None
             for s in g.sizes_of(m):
                 models.check_size(built, m, s)
+            if built.configure is not None:  # family fields (LoRA, attention): set up on a copy (meta: free)
+                for w in {w for w in sweep.workloads() if w.model == m}:
+                    built.configure(copy.deepcopy(built.module), w)
             del built
 
 

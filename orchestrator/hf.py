@@ -145,8 +145,8 @@ _DTYPES = {"bf16-pure": torch.bfloat16}
 
 def _configure(step: "_Step", workload: Workload, source: str, causal: bool) -> "_Step":
     """The workload's weight dtype (``bf16-pure``), attention implementation, gradient checkpointing (non-reentrant, as Trainer's default
-    ``gradient_checkpointing_kwargs`` leave it in recent releases) and LoRA adapters (peft, every linear layer but
-    the output head, ``lora_alpha`` 2 x rank, no dropout: the base weights frozen)."""
+    ``gradient_checkpointing_kwargs`` leave it in recent releases) and LoRA adapters (peft, on ``lora_targets``,
+    ``lora_alpha`` 2 x rank, no dropout: the base weights frozen)."""
     model = step.model
     dtype = _DTYPES.get(workload.precision)
     if dtype is not None and next(model.parameters()).dtype != dtype:  # meta: free; a real module is built in it
@@ -161,9 +161,15 @@ def _configure(step: "_Step", workload: Workload, source: str, causal: bool) -> 
             import peft
         except ImportError as e:
             raise SpecError(f"lora_rank={workload.lora_rank} needs peft: pip install -e '.[hf]'") from e
+        targets = workload.lora_targets
+        targets = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
         config = peft.LoraConfig(r=workload.lora_rank, lora_alpha=2 * workload.lora_rank, lora_dropout=0.0,
-                                 target_modules="all-linear", task_type="CAUSAL_LM" if causal else "SEQ_CLS")
-        step.model = peft.get_peft_model(model, config)
+                                 target_modules=targets, task_type="CAUSAL_LM" if causal else "SEQ_CLS")
+        try:
+            step.model = peft.get_peft_model(model, config)
+        except ValueError as e:  # e.g. no module the targets match
+            raise SpecError(f"lora_rank={workload.lora_rank}: peft cannot adapt {source} ({e}); use lora_rank 0") \
+                from None
     return step
 
 

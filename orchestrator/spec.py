@@ -127,6 +127,9 @@ class Workload:
                                   "weights frozen: no gradients or optimizer state for them (0 = full "
                                   "fine-tuning; language models, needs peft)", minimum=0, maximum=MAX_LORA_RANK,
                           over="a rank above any model's width", families=("hf",))
+    lora_targets: str = knob("all-linear", help="the modules LoRA adapts: all-linear (every linear layer but the "
+                                                "output head) or module names, comma-separated (q_proj,v_proj)",
+                             families=("hf",))
     attention: str = knob("sdpa", help="the attention implementation: sdpa (PyTorch's fused kernels, as a CUDA "
                                        "card picks them) or eager (the attention weights kept; language models)",
                           choices=ATTENTIONS, families=("hf",))

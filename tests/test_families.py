@@ -109,6 +109,15 @@ def test_levers_cut_what_they_should_and_apply_to_language_models_only(configs):
         spec.make(model="torchvision:resnet18", lora_rank=8)
     with pytest.raises(SpecError, match=r"^precision='bf16-pure' builds the weights in bfloat16, which only hf"):
         spec.make(model="torchvision:resnet18", precision="bf16-pure")
+    w = spec.make(model=configs["llama"], seq_len=64, lora_rank=4, lora_targets="q_proj, v_proj")
+    adapted = {n.split(".")[-4] for n, p in __import__("orchestrator.models", fromlist=["build"]).build(w)
+               .module.named_parameters() if p.requires_grad}  # ...q_proj.lora_A.default.weight
+    assert adapted == {"q_proj", "v_proj"}
+    with pytest.raises(SpecError, match=r"^lora_rank=4: peft cannot adapt hf:.*llama.json \(Target modules"):
+        engine.autobatch(configs["llama"], seq_len=64, lora_rank=4, lora_targets="wq", gpu="T4")
+    with pytest.raises(SpecError, match=r"lora_rank=4: peft cannot adapt"):  # a sweep: before any actor starts
+        fleet.validate_models(job.from_dict({"sweep": {"models": [configs["llama"]], "seq_len": [64],
+                                                       "lora_rank": 4, "lora_targets": "wq"}}).sweep)
     j = job.from_dict({"sweep": {"lora_rank": [0, 8], "models": ["tiny_models:tiny", "hf:gpt2"], "imgsz": [32],
                                  "seq_len": [64]}})
     assert sorted((w.model, w.lora_rank) for w in j.sweep.workloads()) == [
