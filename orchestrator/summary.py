@@ -45,7 +45,8 @@ def row_label(key, names: list[str]) -> str:
     """``model @imgsz`` plus the varying keys, e.g. ``torchvision:resnet50 @224 bf16 AdamW no ema``."""
     values = dict(zip(names, key if isinstance(key, tuple) else (key,)))
     extra = [f"fraction {values[n]:g}" if n == "fraction" else spec.show(n, values[n]) or f"default {n}"
-             for n in names if n != "model" and n not in spec.SIZES]  # an empty value (alloc_conf's default) by name
+             for n in names if n != "model" and n not in spec.SIZES  # an empty value (alloc_conf's default) by name
+             and (n == "fraction" or spec.applies(n, values["model"]))]  # not another family's fields
     return " ".join([model_at(values)] + extra)
 
 
