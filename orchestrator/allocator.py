@@ -110,6 +110,15 @@ def _room(block: _Block, size: int) -> bool:
     return total >= size
 
 
+def _absorb(left: "_Block", right: "_Block") -> "_Block":
+    """Merge ``right`` into its neighbour ``left`` (the same segment, adjacent); returns ``left``."""
+    left.size += right.size
+    left.next = right.next
+    if right.next:
+        right.next.prev = left
+    return left
+
+
 class _Block:
     __slots__ = ("seg", "offset", "size", "free", "prev", "next", "mapped")
 
@@ -184,17 +193,7 @@ class CachingAllocator:
         for nb in (block.prev, block.next):
             if nb is not None and nb.free:
                 self._take(nb)
-                if nb is block.prev:
-                    nb.size += block.size
-                    nb.next = block.next
-                    if block.next:
-                        block.next.prev = nb
-                    block = nb
-                else:
-                    block.size += nb.size
-                    block.next = nb.next
-                    if nb.next:
-                        nb.next.prev = block
+                block = _absorb(nb, block) if nb is block.prev else _absorb(block, nb)
         self._give(block)
 
     def release_cache(self) -> None:
@@ -365,18 +364,11 @@ class CachingAllocator:
         prev = block.prev
         if prev is not None and prev.free:
             self._take(prev)
-            prev.size += block.size
-            prev.next = block.next
-            if block.next:
-                block.next.prev = prev
-            block = prev
+            block = _absorb(prev, block)
         nxt = block.next
         if nxt is not None and nxt.free:
             self._take(nxt)
-            block.size += nxt.size
-            block.next = nxt.next
-            if nxt.next:
-                nxt.next.prev = block
+            block = _absorb(block, nxt)
         self._give(block)
         self.stats.reserved += mapped
         self.stats.peak_reserved = max(self.stats.peak_reserved, self.stats.reserved)
@@ -411,18 +403,11 @@ class CachingAllocator:
         prev = block.prev
         if prev is not None and not prev.mapped:
             del unmapped[prev.offset]
-            prev.size += block.size
-            prev.next = block.next
-            if block.next:
-                block.next.prev = prev
-            block = prev
+            block = _absorb(prev, block)
         nxt = block.next
         if nxt is not None and not nxt.mapped:
             del unmapped[nxt.offset]
-            block.size += nxt.size
-            block.next = nxt.next
-            if nxt.next:
-                nxt.next.prev = block
+            block = _absorb(block, nxt)
         unmapped[block.offset] = block
         self.stats.reserved -= end - begin
 
