@@ -81,8 +81,9 @@ FAULTS = (
     Fault("worst-fit", "the allocator model reuses the largest free block (worst fit), not the smallest",
           "orchestrator/allocator.py",
           (("        i = bisect.bisect_left(pool, (size, -1, -1))\n        if i == len(pool):\n            return None\n"
-            "        return self._by_key[pool[i]]\n",
-            "        if not pool or pool[-1][0] < size:\n            return None\n        return self._by_key[pool[-1]]\n"),),
+            "        return self._oversize_rule(size, self._by_key[pool[i]])\n",
+            "        if not pool or pool[-1][0] < size:\n            return None\n"
+            "        return self._oversize_rule(size, self._by_key[pool[-1]])\n"),),
           ("tests/test_allocator.py",)),
     Fault("free-noop", "free() in the allocator model does nothing", "orchestrator/allocator.py",
           (("    def free(self, block: _Block) -> None:\n", "    def free(self, block: _Block) -> None:\n        return\n"),),
