@@ -110,9 +110,9 @@ FAULTS = (
     # ---- issue 22: slips that passed the tests covering their code
     Fault("accumulate-frees-grads", "with accumulation, the first iteration's gradients are freed before the second "
           "forward", "orchestrator/step.py",
-          (("            images = None  # the loader's next batch replaces the last one\n",
-            "            optimizer.zero_grad(set_to_none=True)\n"
-            "            images = None  # the loader's next batch replaces the last one\n"),),
+          (("                inputs = None  # the loader's next batch replaces the last one\n",
+            "                optimizer.zero_grad(set_to_none=True)\n"
+            "                inputs = None  # the loader's next batch replaces the last one\n"),),
           ("tests/test_step.py",)),
     Fault("small-threshold", "the allocator model's small pool takes requests < 1 MiB, not <= 1 MiB",
           "orchestrator/allocator.py", (("        small = size <= SMALL_SIZE\n", "        small = size < SMALL_SIZE\n"),),
