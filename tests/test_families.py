@@ -54,7 +54,7 @@ def test_a_workload_has_its_familys_size_and_no_other():
     assert spec.make(model="hf:gpt2", imgsz=None).imgsz == 0  # None: not given
     assert Workload(model="torchvision:resnet18", objects=100).objects == 100  # tables before families kept it
     assert Workload(**lm.as_dict()) == lm  # a row read back from a table (imgsz 0) is the same workload
-    assert lm.label() == "hf:gpt2@seq_len=512 bf16 AdamW no checkpointing lora_rank 0 sdpa"
+    assert lm.label() == "hf:gpt2@seq_len=512 bf16 AdamW no checkpointing lora_rank 0 all-linear sdpa"
 
 
 def test_family_defaults_apply_where_a_field_is_not_given():
