@@ -119,8 +119,8 @@ FAULTS = (
           ("tests/test_allocator.py",)),
     Fault("ddp-peer-buffers", "the real card's measurer under DDP is not given the other ranks' NCCL buffers",
           "orchestrator/cuda.py",
-          (("    return StepMeasurer(device, workload, counters, extra_outside_bytes=other_ranks_bytes(workload, name, "
-            "total_bytes))\n", "    return StepMeasurer(device, workload, counters)\n"),),
+          (("        m = StepMeasurer(device, workload, counters, extra_outside_bytes=other_ranks_bytes(workload, name, "
+            "total_bytes))\n", "        m = StepMeasurer(device, workload, counters)\n"),),
           ("tests/test_ddp.py", "-k", "other_ranks or measurer")),
     Fault("val-at-1x", "validation runs at 1 x the batch whatever val_scale says", "orchestrator/step.py",
           (("validate(built, workload, batch * workload.val_scale, device, ema, surrogate)",
