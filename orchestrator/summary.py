@@ -25,8 +25,9 @@ def cell(row) -> str:
 def pivot(df: pd.DataFrame) -> pd.DataFrame:
     """Cell text (batch size, ``no-fit``, ``error``, ``-``) per workload row and GPU-type column, by memory.
 
-    Rows are the model and its size (``imgsz``, or its family's axis) plus every other key column the table holds more than one
-    value of; two rows that still share a cell (two device names with one label) are
+    Rows are the model and its size (``imgsz``, or its family's axis) plus every other key column that holds
+    more than one value within one model family (a table of YOLO and language models differs in ``ema`` by
+    the families' defaults alone); two rows that still share a cell (two device names with one label) are
     both shown, joined by ``/``, never one hidden behind the other.
     """
     if df.empty:
@@ -35,7 +36,8 @@ def pivot(df: pd.DataFrame) -> pd.DataFrame:
     df["gpu"] = [gpu_label(r) for _, r in df.iterrows()]
     df["value"] = [cell(r) for _, r in df.iterrows()]
     sizes = [a for a in spec.SIZES if a in df.columns and (df[a] != 0).any()]
-    index = ["model", *sizes] + [c for c in VARYING if df[c].nunique() > 1]
+    family = df["model"].map(lambda m: families.family_of(m).name)  # a family's own defaults do not vary a row
+    index = ["model", *sizes] + [c for c in VARYING if df.groupby(family)[c].nunique().max() > 1]
     out = df.pivot_table(index=index, columns="gpu", values="value", aggfunc="/".join)
     order = df.drop_duplicates("gpu").sort_values("gpu_total_bytes")["gpu"]
     return out[[g for g in order if g in out.columns]].fillna("-")

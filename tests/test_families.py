@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from orchestrator import engine, families, fleet, job, simulated, spec
+from orchestrator import engine, families, fleet, job, simulated, spec, summary
 from orchestrator.answers import lookup
 from orchestrator.errors import NoAnswer, SpecError
 from orchestrator.spec import Workload
@@ -175,6 +175,7 @@ def test_sweep_of_images_and_language_models_reads_back_by_seq_len(ray_session, 
     lm = df[df["model"] == configs["wide"]]
     assert set(lm["imgsz"]) == {0} and set(lm["seq_len"]) == {64, 128}
     assert set(df[df["model"] == "tiny_models:tiny"]["seq_len"]) == {0}
+    assert summary.pivot(df).index.names == ["model", "imgsz", "seq_len"]  # not ema, precision: family defaults
     row = lm[(lm["seq_len"] == 64) & (lm["card"] == "T4")].iloc[0]
     assert lookup(out, configs["wide"], seq_len=64, gpu="T4").batch_size == row["batch_size"]
     short = int(row["batch_size"])
