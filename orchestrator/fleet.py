@@ -41,6 +41,7 @@ def validate_models(sweep) -> None:
     (LoRA on a model without linear layers) are bad input, not hours-later error rows."""
     from . import models
 
+    workloads = sweep.workloads()
     for g in sweep.grid:
         for m in g.models:
             try:
@@ -52,7 +53,7 @@ def validate_models(sweep) -> None:
             for s in g.sizes_of(m):
                 models.check_size(built, m, s)
             if built.configure is not None:  # family fields (LoRA, attention): set up on a copy (meta: free)
-                for w in {w for w in sweep.workloads() if w.model == m}:
+                for w in (w for w in workloads if w.model == m):
                     built.configure(copy.deepcopy(built.module), w)
             del built
 

@@ -14,6 +14,7 @@ classify the sequence into ``classes`` labels (default 2). ``use_cache`` is off.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -119,11 +120,12 @@ FAKE_SDPA = "orchestrator_sdpa"
 """sdpa for fake traces: Hugging Face's own sdpa attention, with the mask a real run of our inputs gets."""
 
 
+@functools.cache
 def _register_fake_sdpa() -> None:
     """Fake tensors make transformers assume packed sequences (``is_tracing``) and build an explicit
     ``batch x 1 x seq x seq`` mask; on a card, our unpadded, unpacked inputs get none (causal LMs run
     ``is_causal``, encoders attend to every token) and grouped-query heads go to the kernel unrepeated.
-    ``FAKE_SDPA`` is sdpa with that mask: none."""
+    ``FAKE_SDPA`` is sdpa with that mask: none. Registered once per process."""
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 

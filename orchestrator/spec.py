@@ -145,8 +145,7 @@ class Workload:
             if name != axis:
                 value = getattr(self, name)
                 if value != 0 and value != DEFAULTS[name]:
-                    raise SpecError(f"{name}={value!r} does not size {self.model}: its samples are sized by "
-                                    f"{axis}; give {axis} instead")
+                    raise _not_its_size(name, value, self.model)
                 object.__setattr__(self, name, 0)
         for f in fields(self):  # numpy scalars (a row read from the table) become Python values
             if not (f.metadata["size"] and f.name != axis):
@@ -155,11 +154,11 @@ class Workload:
         if self.precision in PURE and family != PURE[self.precision]:
             raise SpecError(f"precision={self.precision!r} builds the weights in bfloat16, which only "
                             f"{PURE[self.precision]} models do; use bf16 (autocast) for {self.model}")
-        for f in FIELDS:  # a field of other families only: at its default (or what old tables recorded)
-            owners, value = f.metadata["families"], getattr(self, f.name)
-            if owners and f.metadata["strict"] and family not in owners and value != f.default:
+        for f in FIELDS:  # a field of other families only: at its default
+            value = getattr(self, f.name)
+            if not applies(f.name, self.model) and value != f.default:
                 raise SpecError(f"{f.name}={value!r} does not apply to {self.model}: only to "
-                                f"{', '.join(owners)} models; leave it out")
+                                f"{', '.join(f.metadata['families'])} models; leave it out")
 
     @property
     def size_axis(self) -> str:
@@ -286,9 +285,15 @@ def make(where: str = "", **values) -> Workload:
     axis = families.family_of(model).size
     for name in SIZES:
         if name != axis and values.get(name, 0) != 0:
-            raise SpecError(f"{where}{name}={values[name]!r} does not size {model}: its samples are sized by "
-                            f"{axis}; give {axis} instead")
+            raise _not_its_size(name, values[name], model, where)
     return Workload(**families.defaults_of(model) | values)
+
+
+def _not_its_size(name: str, value, model: str, where: str = "") -> SpecError:
+    """The error for a size axis given to a model of another family."""
+    axis = families.family_of(model).size
+    return SpecError(f"{where}{name}={value!r} does not size {model}: its samples are sized by {axis}; "
+                     f"give {axis} instead")
 
 
 def default(name: str, model: str):

@@ -61,7 +61,7 @@ def agreed_batch(table, model: str, imgsz: int | None = None, *, reduce_min: Cal
     raises, the one without a row its own ``NoAnswer``, the others one saying another rank had none."""
     from .. import families  # noqa: PLC0415
     from ..answers import NoAnswer  # noqa: PLC0415
-    from ..spec import SIZES, SpecError  # noqa: PLC0415
+    from ..spec import DEFAULTS, SIZES, SpecError  # noqa: PLC0415
 
     try:
         mine, failed = per_rank_batch(table, model, imgsz, **kwargs), None
@@ -71,7 +71,7 @@ def agreed_batch(table, model: str, imgsz: int | None = None, *, reduce_min: Cal
     if failed is not None:
         raise failed
     if agreed < 1:
-        at = f"{imgsz or 640} px" if families.family_of(model).size == "imgsz" else ", ".join(
+        at = f"{imgsz or DEFAULTS['imgsz']} px" if families.family_of(model).size == "imgsz" else ", ".join(
             f"{k} {v}" for k, v in kwargs.items() if k in SIZES)
         raise NoAnswer(f"another rank has no batch size for {model} at {at} in the table (its error names "
                        "what is missing); every rank stops")
